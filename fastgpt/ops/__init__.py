@@ -1,0 +1,18 @@
+"""fastgpt's dispatch layer: the public op functions and the backend registry.
+
+Every op has a plain-PyTorch reference backend; fast backends register themselves on import
+below. See fastgpt/ops/registry.py for how a backend is chosen.
+"""
+
+from fastgpt.ops.registry import available_backends, backend_names, use_backends
+from fastgpt.ops.attention import causal_attention
+from fastgpt.ops.cross_entropy import cross_entropy
+from fastgpt.ops.linear_cross_entropy import linear_cross_entropy
+from fastgpt.ops.embedding import embedding
+
+# --- fast backends: each module registers its backends and default order on import ---
+# (one line per module; keep this block)
+# --- end fast backends ---
+
+__all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",
+           "available_backends", "backend_names", "use_backends"]

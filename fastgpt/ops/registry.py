@@ -1,0 +1,173 @@
+"""Backend registry and the dispatch rules every op shares.
+
+Each op (``attention``, ``cross_entropy``, ``linear_cross_entropy``, ``embedding``) has named
+backends. A backend is a function plus two metadata-only predicates:
+
+* ``available()`` -> None or a reason string (e.g. "triton is not installed");
+* ``supports(*args, **kwargs)`` -> None or a reason string, looking only at device, dtype and
+  shapes, never at tensor data, so dispatch stays traceable by ``torch.compile(fullgraph=True)``.
+
+Precedence when choosing: explicit ``backend=`` > ``use_backends(...)`` context > the model's
+config > env ``FASTGPT_BACKENDS`` (``attention=tril,embedding=torch``) > the default order for the
+tensor's device. Anything the user named must run or raise a FastGPTError saying why; only the
+default order falls back quietly (logged once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from fastgpt.errors import FastGPTError
+
+log = logging.getLogger("fastgpt.ops")
+
+ENV_VAR = "FASTGPT_BACKENDS"
+OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding")
+# Spellings accepted from users; the registry key is always the snake_case one.
+_OP_ALIASES = {"cross-entropy": "cross_entropy", "linear-cross-entropy": "linear_cross_entropy",
+               "causal_attention": "attention"}
+
+
+def _always(*args, **kwargs) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    op: str
+    name: str
+    fn: Callable
+    supports: Callable[..., Optional[str]] = _always
+    available: Callable[[], Optional[str]] = _always
+
+
+_BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+# Default order per op and device type; the first backend that is available and supports the
+# inputs wins. Later issues' backends insert themselves by name here.
+_DEFAULT_ORDER: dict[str, dict[str, list[str]]] = {op: {} for op in OPS}
+_CONTEXT: list[dict[str, str]] = []   # stack of use_backends(...) overrides
+_LOGGED: set = set()
+
+
+def canonical_op(op: str) -> str:
+    op = _OP_ALIASES.get(op, op)
+    if op not in OPS:
+        raise FastGPTError(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
+    return op
+
+
+def register(op: str, name: str, fn: Callable, *, supports: Callable = _always,
+             available: Callable = _always) -> Backend:
+    op = canonical_op(op)
+    backend = Backend(op, name, fn, supports, available)
+    _BACKENDS[op][name] = backend
+    return backend
+
+
+def set_default_order(op: str, device_type: str, names: list[str]) -> None:
+    _DEFAULT_ORDER[canonical_op(op)][device_type] = list(names)
+
+
+def backend_names(op: str) -> list[str]:
+    """Every registered backend of ``op``, runnable here or not."""
+    return list(_BACKENDS[canonical_op(op)])
+
+
+def available_backends(op: str) -> list[str]:
+    """Backends of ``op`` that can run in this process (installed, built, a device present)."""
+    return [n for n, b in _BACKENDS[canonical_op(op)].items() if b.available() is None]
+
+
+def get(op: str, name: str) -> Backend:
+    op = canonical_op(op)
+    try:
+        return _BACKENDS[op][name]
+    except KeyError:
+        raise FastGPTError(
+            f"unknown {op} backend {name!r}; known backends: {', '.join(_BACKENDS[op])}") from None
+
+
+def parse_backend_spec(spec: str) -> dict[str, str]:
+    """Parse ``attention=tril,embedding=torch`` (the FASTGPT_BACKENDS format)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise FastGPTError(f"bad {ENV_VAR} entry {item!r}: expected op=backend, "
+                               f"e.g. attention=tril,embedding=torch")
+        op, name = (s.strip() for s in item.split("=", 1))
+        op = canonical_op(op)
+        get(op, name)  # validates the name
+        out[op] = name
+    return out
+
+
+@contextlib.contextmanager
+def use_backends(**by_op: Optional[str]):
+    """Within this block, ops use the named backends: ``use_backends(attention="tril")``."""
+    override = {}
+    for op, name in by_op.items():
+        if name is not None:
+            op = canonical_op(op)
+            get(op, name)
+            override[op] = name
+    _CONTEXT.append(override)
+    try:
+        yield
+    finally:
+        _CONTEXT.pop()
+
+
+def _requested(op: str, backend: Optional[str], preferred: Optional[str]) -> Optional[tuple[str, str]]:
+    if backend is not None:
+        return backend, "backend= argument"
+    for override in reversed(_CONTEXT):
+        if op in override:
+            return override[op], "use_backends()"
+    if preferred is not None:
+        return preferred, "model config"
+    spec = os.environ.get(ENV_VAR, "")
+    if spec:
+        env = parse_backend_spec(spec)
+        if op in env:
+            return env[op], ENV_VAR
+    return None
+
+
+def _log_once(key, msg: str) -> None:
+    if key not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add(key)
+        log.warning(msg)
+
+
+def choose(op: str, device_type: str, args: tuple, kwargs: dict, *,
+           backend: Optional[str] = None, preferred: Optional[str] = None) -> Backend:
+    """Pick the backend for one call, following the precedence in the module docstring."""
+    requested = _requested(op, backend, preferred)
+    if requested is not None:
+        name, source = requested
+        chosen = get(op, name)
+        reason = chosen.available() or chosen.supports(*args, **kwargs)
+        if reason is not None:
+            raise FastGPTError(f"{op} backend {name!r} (from {source}) cannot run here: {reason}. "
+                               f"Available {op} backends: {', '.join(available_backends(op))}")
+        return chosen
+    order = _DEFAULT_ORDER[op].get(device_type) or _DEFAULT_ORDER[op].get("default", [])
+    skipped = []
+    for name in order:
+        candidate = _BACKENDS[op].get(name)
+        if candidate is None:
+            continue
+        reason = candidate.available() or candidate.supports(*args, **kwargs)
+        if reason is None:
+            if skipped:
+                _log_once((op, device_type, name, tuple(skipped)),
+                          f"fastgpt: {op} uses backend {name!r}; skipped " + "; ".join(skipped))
+            return candidate
+        skipped.append(f"{name} ({reason})")
+    raise FastGPTError(f"no {op} backend can run these inputs on {device_type}: " + "; ".join(skipped))
