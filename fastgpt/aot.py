@@ -1,0 +1,163 @@
+"""Ahead-of-time compilation of Triton kernels for real GPUs, on a machine without one.
+
+``compile_for_arch`` runs Triton's full pipeline (TTIR -> TTGIR -> LLIR -> PTX -> cubin) for a
+target such as sm_80 or sm_90 and reports what the kernel costs the hardware: registers per
+thread, bytes spilled to local memory and shared memory per block. ``occupancy_warps_per_sm``
+turns that into resident warps per SM. Both feed the tests (zero spills, shared memory within
+the limit) and ``fastgpt compile-report``.
+
+Resource figures come from the ptxas log (``-v``: registers, spill stores/loads), which Triton
+prints when ``knobs.nvidia.dump_ptxas_log`` is on; we capture it with Triton's cache bypassed so
+ptxas really runs. Shared memory is Triton's own figure (``metadata.shared``: the dynamic shared
+memory the launch asks for).
+
+Convention for kernel modules: a module in ``fastgpt.kernels`` that can be compiled ahead of time
+exports ``aot_configs() -> list[AOTConfig]`` (an ``AOTConfig`` is
+``(kernel_fn, signature, constexprs, num_warps, num_stages)``): ``signature`` maps every argument
+name of the ``@triton.jit`` function to a Triton type string (``"*fp16"``, ``"i32"``, ``"fp32"``,
+or ``"constexpr"``), and ``constexprs`` gives the value of each constexpr argument. The
+configs listed are the ones the launchers ship on GPU.
+
+This must run in a process where TRITON_INTERPRET is not set (the interpreter replaces
+``@triton.jit`` functions with Python ones that cannot be compiled). Tests therefore call it in a
+subprocess: ``python -m fastgpt.aot fastgpt.kernels.attention --arch 80 90`` prints one line per
+config and exits non-zero if any config spills or overflows shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, NamedTuple
+
+# Per-SM and per-block limits by compute capability (CUDA programming guide, "Technical
+# specifications per compute capability"): registers per SM, shared memory per SM and the most
+# one block may opt into, and resident warps per SM.
+ARCH_LIMITS = {
+    80: dict(regs_per_sm=65536, smem_per_sm=164 * 1024, smem_per_block=163 * 1024,
+             max_warps_per_sm=64, max_regs_per_thread=255),
+    90: dict(regs_per_sm=65536, smem_per_sm=228 * 1024, smem_per_block=227 * 1024,
+             max_warps_per_sm=64, max_regs_per_thread=255),
+}
+
+
+class AOTConfig(NamedTuple):
+    """One shippable launch of one kernel: what ``aot_configs()`` of a kernel module lists."""
+    kernel: Any                   # the @triton.jit function
+    signature: dict[str, str]     # argument name -> "*fp16" | "i32" | "fp32" | "constexpr" ...
+    constexprs: dict[str, Any]    # constexpr argument name -> value
+    num_warps: int
+    num_stages: int
+
+
+@dataclass
+class KernelResources:
+    kernel: str
+    arch: int
+    config: dict = field(default_factory=dict)   # constexprs + num_warps + num_stages
+    registers: int = 0          # per thread
+    spill_bytes: int = 0        # spill stores + spill loads reported by ptxas
+    shared_bytes: int = 0       # dynamic shared memory per block
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas_log(log: str) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v`` output; raises if the log has no figures."""
+    regs, spills = _REGS.findall(log), _SPILL.findall(log)
+    if not regs or not spills:
+        raise RuntimeError(f"could not read registers/spills from the ptxas log:\n{log}")
+    return max(int(r) for r in regs), max(int(a) + int(b) for a, b in spills)
+
+
+def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, arch: int,
+                     num_warps: int, num_stages: int) -> KernelResources:
+    """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("fastgpt.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
+                           "be compiled. Run `python -m fastgpt.aot ...` in a clean environment.")
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    target = GPUTarget("cuda", arch, 32)
+    log = io.StringIO()
+    # Bypass the cache so ptxas runs and prints its -v log, which Triton sends to stdout.
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(src, target=target,
+                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers, spills = parse_ptxas_log(log.getvalue())
+    config = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
+    return KernelResources(kernel=fn.__name__, arch=arch, config=config, registers=registers,
+                           spill_bytes=spills, shared_bytes=int(compiled.metadata.shared))
+
+
+def occupancy_warps_per_sm(res: KernelResources, arch: int) -> int:
+    """Resident warps per SM for a launch of ``res`` (0 if one block does not fit at all)."""
+    lim = ARCH_LIMITS[arch]
+    warps = res.config.get("num_warps", 4)
+    if res.shared_bytes > lim["smem_per_block"] or res.registers > lim["max_regs_per_thread"]:
+        return 0
+    # registers are allocated per warp in units of 256 (8 per thread, rounded up)
+    regs_per_warp = -(-max(res.registers, 1) * 32 // 256) * 256
+    blocks_by_regs = lim["regs_per_sm"] // (regs_per_warp * warps)
+    blocks_by_smem = lim["smem_per_sm"] // res.shared_bytes if res.shared_bytes else 10 ** 9
+    blocks_by_warps = lim["max_warps_per_sm"] // warps
+    return min(blocks_by_regs, blocks_by_smem, blocks_by_warps) * warps
+
+
+def check(res: KernelResources) -> list[str]:
+    """The problems that make a config unshippable: spills, too much shared memory."""
+    lim = ARCH_LIMITS[res.arch]
+    problems = []
+    if res.spill_bytes:
+        problems.append(f"spills {res.spill_bytes} bytes")
+    if res.shared_bytes > lim["smem_per_block"]:
+        problems.append(f"needs {res.shared_bytes} bytes of shared memory, sm_{res.arch} allows "
+                        f"{lim['smem_per_block']} per block")
+    return problems
+
+
+def compile_module(module: str, archs: list[int]) -> list[KernelResources]:
+    """Compile every config a kernel module's ``aot_configs()`` lists, for every arch."""
+    configs = importlib.import_module(module).aot_configs()
+    return [compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
+            for arch in archs for c in configs]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastgpt.aot", description=__doc__.split("\n")[0])
+    p.add_argument("modules", nargs="+", help="kernel modules, e.g. fastgpt.kernels.attention")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCH_LIMITS))
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = p.parse_args(argv)
+    bad = 0
+    for module in args.modules:
+        for res in compile_module(module, args.arch):
+            problems = check(res)
+            bad += bool(problems)
+            occ = occupancy_warps_per_sm(res, res.arch)
+            if args.json:
+                print(json.dumps(dict(asdict(res), warps_per_sm=occ, problems=problems)))
+            else:
+                cfg = " ".join(f"{k}={v}" for k, v in res.config.items())
+                print(f"sm_{res.arch} {res.kernel:<24} {cfg:<60} regs={res.registers:<4} "
+                      f"spill={res.spill_bytes:<5} smem={res.shared_bytes:<7} warps/SM={occ:<3}"
+                      + (f"  PROBLEM: {'; '.join(problems)}" if problems else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
