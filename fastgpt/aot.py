@@ -13,10 +13,13 @@ memory the launch asks for).
 
 Convention for kernel modules: a module in ``fastgpt.kernels`` that can be compiled ahead of time
 exports ``aot_configs() -> list[AOTConfig]`` (an ``AOTConfig`` is
-``(kernel_fn, signature, constexprs, num_warps, num_stages)``): ``signature`` maps every argument
-name of the ``@triton.jit`` function to a Triton type string (``"*fp16"``, ``"i32"``, ``"fp32"``,
-or ``"constexpr"``), and ``constexprs`` gives the value of each constexpr argument. The
-configs listed are the ones the launchers ship on GPU.
+``(kernel_fn, signature, constexprs, num_warps, num_stages)``, a plain tuple is fine):
+``signature`` maps every argument name of the ``@triton.jit`` function to a Triton type string
+(``"*fp16"``, ``"i32"``, ``"fp32"``, or ``"constexpr"``), and ``constexprs`` gives the value of each
+constexpr argument. As in Triton's ``tools/compile.py``, a type may carry the specialisation the
+JIT would make at run time: ``"*fp16:16"`` (16-byte aligned pointer), ``"i32:16"`` (multiple of 16),
+``"i32:1"`` (equal to 1, e.g. a unit stride, compiled as a constant). The configs listed are the
+ones the launchers ship on GPU; kernel modules do not import this module (layering).
 
 This must run in a process where TRITON_INTERPRET is not set (the interpreter replaces
 ``@triton.jit`` functions with Python ones that cannot be compiled). Tests therefore call it in a
@@ -79,6 +82,22 @@ def parse_ptxas_log(log: str) -> tuple[int, int]:
     return max(int(r) for r in regs), max(int(a) + int(b) for a, b in spills)
 
 
+def _apply_hints(fn, signature: dict[str, str], constexprs: dict):
+    """Split ``"type:hint"`` entries into plain types, constants (hint 1) and divisibility attrs."""
+    plain, consts, attrs = {}, dict(constexprs), {}
+    for name, ty in signature.items():
+        ty, _, hint = ty.partition(":")
+        if hint == "1":
+            plain[name], consts[name] = "constexpr", 1
+        else:
+            plain[name] = ty
+            if hint == "16":
+                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+            elif hint:
+                raise ValueError(f"signature hint {hint!r} for {name}: only 1 and 16 are valid")
+    return plain, consts, attrs
+
+
 def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, arch: int,
                      num_warps: int, num_stages: int) -> KernelResources:
     """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
@@ -89,7 +108,8 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
     from triton import knobs
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    plain, consts, attrs = _apply_hints(fn, signature, constexprs)
+    src = triton.compiler.ASTSource(fn=fn, signature=plain, constexprs=consts, attrs=attrs)
     target = GPUTarget("cuda", arch, 32)
     log = io.StringIO()
     # Bypass the cache so ptxas runs and prints its -v log, which Triton sends to stdout.
@@ -132,7 +152,7 @@ def check(res: KernelResources) -> list[str]:
 
 def compile_module(module: str, archs: list[int]) -> list[KernelResources]:
     """Compile every config a kernel module's ``aot_configs()`` lists, for every arch."""
-    configs = importlib.import_module(module).aot_configs()
+    configs = [AOTConfig(*c) for c in importlib.import_module(module).aot_configs()]
     return [compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
             for arch in archs for c in configs]
 

@@ -1,7 +1,16 @@
 """Cross-entropy over logits (N, V) and targets (N,): the plain PyTorch reference and dispatch.
 
-Reductions: "mean" over non-ignored targets, "sum", "none" (per row, 0 where ignored).
-A batch whose targets are all ignored gives loss 0 (not NaN) under "mean".
+Per row, with z = logits or z = softcap * tanh(logits / softcap) and lse = logsumexp(z):
+
+    loss = (1 - eps) * (lse - z[target]) + eps * (lse - mean(z)) + z_loss * lse**2
+
+(eps = label_smoothing; the same formula as F.cross_entropy's label smoothing; z-loss as in
+PaLM). Rows whose target is ``ignore_index`` count 0. Reductions: "mean" over non-ignored rows,
+"sum", "none" (per row). A batch whose targets are all ignored gives loss 0 and zero gradients.
+The mean divides by a device tensor, so nothing here synchronises with the host.
+
+With ``return_z_loss=True`` the result is ``(loss, z_loss_part)``: the z-loss term, reduced
+like the loss and already included in it, returned detached for logging (Liger's convention).
 """
 
 from __future__ import annotations
@@ -17,25 +26,87 @@ from fastgpt.ops import registry
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean"):
-    per_row = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
+def reduce_rows(rows: torch.Tensor, z_rows: Optional[torch.Tensor], valid: torch.Tensor,
+                reduction: str, return_z_loss: bool, dtype: torch.dtype):
+    """Apply ``reduction`` to per-row losses (z-loss included in ``rows``) and package the result."""
     if reduction == "none":
-        return per_row
-    total = per_row.sum()
-    if reduction == "sum":
-        return total
-    # mean over counted rows; dividing by a tensor keeps this free of host synchronisation
-    count = (targets != ignore_index).sum().clamp_min(1).to(total.dtype)
-    return total / count
+        loss, z = rows, z_rows
+    elif reduction == "sum":
+        loss, z = rows.sum(), (None if z_rows is None else z_rows.sum())
+    else:
+        # dividing by a device tensor keeps the mean free of host synchronisation
+        count = valid.sum().clamp_min(1).to(rows.dtype)
+        loss, z = rows.sum() / count, (None if z_rows is None else z_rows.sum() / count)
+    loss = loss.to(dtype)
+    if not return_z_loss:
+        return loss
+    z = torch.zeros_like(loss) if z is None else z.to(dtype)
+    return loss, z.detach()
+
+
+def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
+                        label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    valid = targets != ignore_index
+    if not (z_loss or softcap or return_z_loss):
+        # F.cross_entropy already does smoothing and ignore_index in one fused call
+        rows = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+                               label_smoothing=label_smoothing)
+        return reduce_rows(rows, None, valid, reduction, False, logits.dtype)
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(z, dim=-1)                                       # (N,)
+    z_t = z.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
+    rows = lse - z_t
+    if label_smoothing:
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+    z_rows = None
+    if z_loss or return_z_loss:
+        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
+        rows = rows + z_rows
+    rows = torch.where(valid, rows, 0.0)
+    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss, logits.dtype)
 
 
 registry.register("cross_entropy", "torch", cross_entropy_torch)
+registry.set_default_order("cross_entropy", "cpu", ["torch"])
+registry.set_default_order("cross_entropy", "cuda", ["triton", "torch"])
 registry.set_default_order("cross_entropy", "default", ["torch"])
+
+
+def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Targets must be ``ignore_index`` or in [0, V).
+
+    On CPU (eager) a bad target raises FastGPTError at once. On GPUs and under torch.compile
+    the check is ``torch._assert_async``: it fails on the device without stalling the host (the
+    Triton kernels also write NaN for such rows, so a bad target can never pass unnoticed).
+    """
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if targets.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise FastGPTError(f"target {int(targets[i])} at position {i} is out of range: targets "
+                               f"must be in [0, {V}) or equal ignore_index ({ignore_index})")
+        return
+    torch._assert_async(~bad.any(), f"fastgpt: a target is outside [0, {V}) and is not "
+                                    f"ignore_index ({ignore_index})")
+
+
+def check_options(reduction: str, label_smoothing: float, z_loss: float,
+                  softcap: Optional[float]) -> None:
+    if reduction not in REDUCTIONS:
+        raise FastGPTError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise FastGPTError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
+    if z_loss < 0.0:
+        raise FastGPTError(f"z_loss must be >= 0; got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise FastGPTError(f"softcap must be None or > 0; got {softcap}")
 
 
 def check_ce_args(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> None:
     if logits.dim() != 2:
         raise FastGPTError(f"cross_entropy expects logits of shape (N, V); got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise FastGPTError(f"cross_entropy expects floating-point logits; got {logits.dtype}")
     if targets.shape != logits.shape[:1]:
         raise FastGPTError(f"cross_entropy expects targets of shape ({logits.shape[0]},); got "
                            f"{tuple(targets.shape)}")
@@ -46,11 +117,20 @@ def check_ce_args(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
-                  reduction: str = "mean", backend: Optional[str] = None,
-                  preferred: Optional[str] = None) -> torch.Tensor:
-    """Softmax cross-entropy of ``logits`` (N, V) against integer ``targets`` (N,)."""
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  backend: Optional[str] = None, preferred: Optional[str] = None):
+    """Softmax cross-entropy of ``logits`` (N, V) against integer ``targets`` (N,).
+
+    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True`` (see module doc).
+    """
     check_ce_args(logits, targets, reduction)
-    kwargs = {"ignore_index": ignore_index, "reduction": reduction}
+    check_options(reduction, label_smoothing, z_loss, softcap)
+    check_targets(targets, logits.shape[1], ignore_index)
+    kwargs = {"ignore_index": ignore_index, "reduction": reduction,
+              "label_smoothing": float(label_smoothing), "z_loss": float(z_loss),
+              "softcap": None if softcap is None else float(softcap),
+              "return_z_loss": return_z_loss}
     chosen = registry.choose("cross_entropy", logits.device.type, (logits, targets), kwargs,
                              backend=backend, preferred=preferred)
     return chosen.fn(logits, targets.long(), **kwargs)

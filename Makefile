@@ -1,0 +1,33 @@
+# Quick start:  make train   (set up .venv, train the default model on tiny Shakespeare, sample)
+#               make test    (set up .venv, run the test suite)
+# CPU machines get the pinned CPU torch; on a GPU machine pass a CUDA torch instead, e.g.
+#   make train TORCH_SPEC="torch==2.14.1 triton==3.8.0"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0 triton==3.8.0
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.fastgpt-installed
+BIN := $(VENV)/bin
+
+.PHONY: setup train test clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet "setuptools>=64" wheel numpy tqdm matplotlib pytest pytest-benchmark
+	# torch C++ extensions build against the installed torch: no build isolation
+	$(BIN)/pip install --quiet --no-build-isolation -e .
+	touch $@
+
+train: $(STAMP)
+	$(BIN)/fastgpt train --overwrite $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info out

@@ -1,0 +1,7 @@
+"""`python -m fastgpt ...` is the `fastgpt` command."""
+
+import sys
+
+from fastgpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The `fastgpt` command: train, sample.
+
+Errors meant for the user (FastGPTError) print as one line without a traceback and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+from fastgpt import config as cfgmod
+from fastgpt.errors import FastGPTError
+
+# CLI flag -> GPTConfig field holding the backend preference
+BACKEND_FLAGS = {"attention": "attention", "cross-entropy": "cross_entropy", "embedding": "embedding"}
+
+
+def _field_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per preset field (--n-layer, --learning-rate, ...), default None = preset's."""
+    group = parser.add_argument_group("preset fields (override the preset)")
+    for f in dataclasses.fields(cfgmod.GPTConfig) + dataclasses.fields(cfgmod.TrainConfig):
+        if f.name in BACKEND_FLAGS.values() or f.name == "vocab_size":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model (default: the baby GPT on tiny Shakespeare)",
+                       description="Train a character-level model. With no arguments: the `baby` "
+                                   "preset on CPU, `shakespeare-char` on CUDA, on the bundled text.")
+    p.add_argument("--model", default="gpt", choices=["gpt", "bigram"])
+    p.add_argument("--preset", default=None, help=f"one of: {', '.join(cfgmod.PRESETS)}")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: bundled tiny Shakespeare)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    for flag in BACKEND_FLAGS:
+        p.add_argument(f"--{flag}", default=None, metavar="BACKEND",
+                       help=f"{flag} backend (see fastgpt.ops.available_backends)")
+    p.add_argument("--out-dir", default="out")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if --out-dir already holds a checkpoint")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--sample-chars", type=int, default=300,
+                   help="characters to sample at the end (0: none)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    _field_flags(p)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from fastgpt.train import RunOptions, train
+
+    field_names = cfgmod.MODEL_FIELDS + cfgmod.TRAIN_FIELDS
+    overrides = {name: getattr(args, name) for name in field_names
+                 if hasattr(args, name) and getattr(args, name) is not None}
+    for flag, name in BACKEND_FLAGS.items():
+        overrides[name] = getattr(args, name)
+    opts = RunOptions(model=args.model, preset=args.preset, data=args.data, device=args.device,
+                      dtype=args.dtype, compile=args.compile, out_dir=args.out_dir,
+                      resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+                      sample_chars=args.sample_chars, progress=args.progress, overrides=overrides)
+    result = train(opts)
+    if result.sample:
+        print("\n--- sample ---")
+        print(result.sample)
+        print("--------------")
+    print(f"done: iter {result.iter_num}, train loss {result.train_loss:.4f}, val loss "
+          f"{result.val_loss:.4f} (best {result.best_val_loss:.4f}), wall time "
+          f"{result.wall_time:.1f} s; checkpoint, metrics.jsonl and loss.png in {result.out_dir}")
+    return 0
+
+
+def _sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a trained checkpoint")
+    p.add_argument("--out-dir", default="out", help="the run directory holding ckpt.pt")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=_run_sample)
+
+
+def _run_sample(args) -> int:
+    from fastgpt.data import read_text
+    from fastgpt.sample import SampleOptions, sample_from_checkpoint
+
+    prompt = read_text(args.prompt_file) if args.prompt_file else (args.prompt or "\n")
+    samples = sample_from_checkpoint(SampleOptions(
+        out_dir=args.out_dir, prompt=prompt, num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        seed=args.seed, device=args.device))
+    for i, text in enumerate(samples):
+        if i:
+            print("---------------")
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgpt", description="Train and sample character-level "
+                                     "GPTs with fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _sample_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FastGPTError as e:
+        print(f"fastgpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastgpt: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

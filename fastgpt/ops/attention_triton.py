@@ -1,0 +1,244 @@
+"""The ``triton`` and ``compile`` attention backends.
+
+``triton``: fastgpt.kernels.attention (flash-attention-2 forward and backward, in-kernel dropout)
+registered as two custom ops, ``fastgpt::attention_fwd(q, k, v, seed, scale, dropout_p) ->
+(out, lse)`` and ``fastgpt::attention_bwd(dout, q, k, v, out, lse, seed, scale, dropout_p) ->
+(dq, dk, dv)``, tied together with ``register_autograd``. ``torch.library.triton_op`` lets
+torch.compile see the kernels (``fullgraph=True`` traces straight through).
+
+It runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
+(``TRITON_INTERPRET=1`` before the kernels are first used; read at call time). Kernels are
+imported on first use, so importing fastgpt does not define them.
+
+``compile``: the plain ``torch`` reference wrapped in ``torch.compile`` (compiled once, cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastgpt.errors import FastGPTError
+from fastgpt.ops import registry
+from fastgpt.ops.attention import attention_torch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNELS = "fastgpt.kernels.attention"
+
+
+def interpreting() -> bool:
+    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _kernels():
+    return importlib.import_module(_KERNELS)
+
+
+def _kernels_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels().attn_fwd, InterpretedFunction)
+
+
+def _available() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _supports(q: Tensor, k: Tensor, v: Tensor, scale=None, dropout_p: float = 0.0) -> Optional[str]:
+    dev = q.device.type
+    if dev == "cpu":
+        if not interpreting():
+            return ("triton kernels need a CUDA device; on CPU they run only under the Triton "
+                    "interpreter (set TRITON_INTERPRET=1 before starting Python)")
+        if _KERNELS in sys.modules and not _kernels_interpreted():
+            return ("TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it "
+                    "before starting Python")
+    elif dev != "cuda":
+        return f"triton runs on cuda (or cpu under TRITON_INTERPRET=1), not {dev}"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32"
+    D, T = q.shape[-1], q.shape[-2]
+    if not 1 <= D <= 128:
+        return f"head dim {D} is not supported; the triton kernel takes head dims up to 128"
+    if dropout_p > 0.0 and T > 46340:
+        return f"dropout needs T <= 46340 (32-bit dropout counter); got T={T}"
+    return None
+
+
+def _check_runnable(q: Tensor, dropout_p: float) -> None:
+    reason = _available() or _supports(q, q, q, dropout_p=dropout_p)
+    if reason is not None:
+        raise FastGPTError(f"triton attention cannot run these inputs: {reason}")
+
+
+# --- launchers ---
+
+def _flags(dtype: torch.dtype) -> dict:
+    """Constexprs that depend on dtype and environment, not on shape."""
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return dict(UPCAST=interpreting() and dtype == torch.bfloat16,
+                DOT_PRECISION="tf32" if tf32 and not interpreting() else "ieee")
+
+
+@functools.cache
+def _launcher(name: str, block_d: int):
+    """The kernel to launch: autotuned over its GPU configs, or as is under the interpreter."""
+    import triton
+    from triton.runtime import Autotuner
+    from torch.library import wrap_triton
+    kernels = _kernels()
+    kernel = getattr(kernels, name)
+    if interpreting():
+        return wrap_triton(kernel)
+    if name == "attn_fwd":
+        configs = [(bm, bn, w, s) for bm, bn, w, s in kernels.FWD_CONFIGS[block_d]]
+    elif name == "attn_bwd_dkdv":
+        configs = [(bm, bn, w, s) for bm, bn, w, s in kernels.BWD_CONFIGS[block_d]]
+    else:  # dq streams key blocks past a query block: the dK/dV shape swapped
+        configs = [(bn, bm, w, s) for bm, bn, w, s in kernels.BWD_CONFIGS[block_d]]
+    tuned = triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+         for bm, bn, w, s in configs],
+        key=["T_BUCKET", "DROPOUT"])(kernel)
+    assert isinstance(tuned, Autotuner)
+    return wrap_triton(tuned)
+
+
+def _blocks(name: str) -> dict:
+    """Explicit block sizes under the interpreter (one config); the autotuner picks on GPU."""
+    if not interpreting():
+        return {}
+    bm, bn, _, _ = _kernels().INTERPRET_BWD if name.startswith("attn_bwd_dkdv") else (
+        _kernels().INTERPRET_FWD)
+    return dict(BLOCK_M=bm, BLOCK_N=bn)
+
+
+def _empty_bhtd(like: Tensor) -> Tensor:
+    """(B, H, T, D) viewed from (B, T, H, D) memory: the model's reshape back is then free."""
+    B, H, T, D = like.shape
+    return like.new_empty((B, T, H, D)).transpose(1, 2)
+
+
+def _block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _bucket(T: int) -> int:
+    return 1 << max(T - 1, 0).bit_length()
+
+
+@torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
+                  dropout_p: float) -> tuple[Tensor, Tensor]:
+    B, H, T, D = q.shape
+    out = _empty_bhtd(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    block_d = _block_d(D)
+    _launcher("attn_fwd", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, T, _bucket(T), scale, dropout_p,
+        HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype),
+        **_blocks("attn_fwd"))
+    return out, lse
+
+
+@torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  seed: Tensor, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    from torch.library import wrap_triton
+    B, H, T, D = q.shape
+    block_d = _block_d(D)
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    pre_m = 64
+    wrap_triton(_kernels().attn_bwd_preprocess)[(triton_cdiv(T, pre_m), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, T,
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m)
+    dq, dk, dv = _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
+    common = (H, T, _bucket(T), scale, dropout_p)
+    consts = dict(HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    _launcher("attn_bwd_dkdv", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_N"]), B * H)](
+        q, k, v, dout, lse, delta, dk, dv, seed, *strides, *dk.stride(), *common,
+        **consts, **_blocks("attn_bwd_dkdv"))
+    _launcher("attn_bwd_dq", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, seed, *strides, *dq.stride(), *common,
+        **consts, **_blocks("attn_bwd_dq"))
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, scale, dropout_p = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, seed, ctx.scale,
+                                                 ctx.dropout_p)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _seed_tensor(device: torch.device, dropout_p: float, seed: Optional[int]) -> Tensor:
+    if dropout_p == 0.0:
+        return torch.zeros(1, dtype=torch.int64, device=device)     # never read by the kernels
+    if seed is None:   # drawn from torch's generator, so torch.manual_seed reproduces a run
+        return torch.randint(0, 2 ** 62, (1,), dtype=torch.int64, device=device)
+    return torch.full((1,), seed, dtype=torch.int64, device=device)
+
+
+def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                     dropout_p: float = 0.0, seed: Optional[int] = None) -> Tensor:
+    """Fused causal attention on (B, H, T, D); ``seed`` fixes the dropout mask (tests)."""
+    if not torch.compiler.is_compiling():
+        _check_runnable(q, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, _seed_tensor(q.device, dropout_p, seed),
+                                             scale, float(dropout_p))
+    return out
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float,
+                      device="cpu") -> Tensor:
+    """The (B, H, T, T) bool mask of scores the kernels keep for this seed (for tests)."""
+    keep = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
+    seed_t = torch.full((1,), seed, dtype=torch.int64, device=device)
+    block = 16
+    _kernels().dropout_keep_mask[(triton_cdiv(T, block), B * H)](
+        keep, seed_t, T, dropout_p, BLOCK_M=block, BLOCK_N=block)
+    return keep.bool()
+
+
+# --- the `compile` backend ---
+
+@functools.cache
+def _compiled_torch():
+    return torch.compile(attention_torch)
+
+
+def attention_compile(q, k, v, *, scale=None, dropout_p=0.0):
+    return _compiled_torch()(q, k, v, scale=scale, dropout_p=dropout_p)
+
+
+registry.register("attention", "triton", attention_triton, supports=_supports,
+                  available=_available)
+registry.register("attention", "compile", attention_compile)

@@ -1,0 +1,160 @@
+"""The ``triton`` backend of cross_entropy: fastgpt::cross_entropy_fwd/bwd as torch.library triton_ops.
+
+``cross_entropy_fwd(logits, targets, ...) -> (rows, lse)`` gives per-row losses without z-loss
+(0 where ignored) and per-row log-sum-exp. Both outputs are differentiable: z-loss, reductions and
+ignore masks are O(N) PyTorch on top, and whatever flows into ``lse`` (z-loss) becomes the
+softmax coefficient of the backward kernel. Kernels: fastgpt/kernels/cross_entropy.py.
+
+The launchers (``launch_fwd``/``launch_bwd``) are shared with the fused linear+cross-entropy,
+which runs them on chunks of logits it owns and overwrites each chunk with its gradient.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fastgpt.ops import registry
+from fastgpt.ops.cross_entropy import reduce_rows
+
+try:
+    import triton  # noqa: F401
+    from torch.library import triton_op, wrap_triton
+
+    from fastgpt.kernels import cross_entropy as kernels
+    _IMPORT_ERROR = None
+except ImportError as e:  # the backend reports itself unavailable
+    _IMPORT_ERROR = f"triton is not importable ({e})"
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_unavailable() -> Optional[str]:
+    return _IMPORT_ERROR
+
+
+def triton_device_reason(t: torch.Tensor) -> Optional[str]:
+    """None when Triton can run on ``t``'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
+    if t.device.type == "cuda":
+        return None
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got device {t.device.type}"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    # float64 (CPU interpreter only: gradcheck) computes in float64, everything else in fp32
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_args(V: int, label_smoothing: float, softcap: float, dtype: torch.dtype):
+    import triton.language as tl
+    block = kernels.block_v(V)
+    return dict(HAS_SOFTCAP=softcap > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block,
+                ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                num_warps=kernels.num_warps_for(block))
+
+
+def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softcap: float):
+    N, V = logits.shape
+    rows = torch.empty(N, dtype=_acc(logits.dtype), device=logits.device)
+    lse = torch.empty_like(rows)
+    if N:
+        wrap_triton(kernels.cross_entropy_fwd_kernel)[(N,)](
+            logits, logits.stride(0), logits.stride(1), targets, rows, lse,
+            V, ignore_index, label_smoothing, softcap,
+            **_launch_args(V, label_smoothing, softcap, logits.dtype))
+    return rows, lse
+
+
+def launch_bwd(logits, targets, lse, a, b, label_smoothing: float, softcap: float, out):
+    """Write the gradient into ``out`` (which may be ``logits`` itself)."""
+    N, V = logits.shape
+    if N:
+        wrap_triton(kernels.cross_entropy_bwd_kernel)[(N,)](
+            logits, logits.stride(0), logits.stride(1), targets, lse, a, b,
+            out, out.stride(0), out.stride(1), V, label_smoothing, softcap,
+            **_launch_args(V, label_smoothing, softcap, logits.dtype))
+    return out
+
+
+def define_op(name: str, fn, fake):
+    """A triton_op (torch.compile traces into its kernels), except under TRITON_INTERPRET=1.
+
+    The interpreter turns @triton.jit functions into plain Python that ``wrap_triton`` cannot
+    trace, so there the op is an opaque custom_op with an explicit fake (shape-only) kernel.
+    """
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return triton_op(name, fn, mutates_args=())
+
+
+if _IMPORT_ERROR is None:
+    def _fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+             label_smoothing: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-row loss without z-loss, 0 where ignored; per-row logsumexp). softcap 0 = off."""
+        return launch_fwd(logits, targets, ignore_index, label_smoothing, softcap)
+
+    def _fwd_fake(logits, targets, ignore_index, label_smoothing, softcap):
+        rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
+        return rows, torch.empty_like(rows)
+
+    def _bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, a: torch.Tensor,
+             b: torch.Tensor, label_smoothing: float, softcap: float) -> torch.Tensor:
+        """dlogits = (a * softmax - b * smoothed one-hot) * dsoftcap, row-wise coefficients a, b."""
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        return launch_bwd(logits, targets, lse, a, b, label_smoothing, softcap, out)
+
+    def _bwd_fake(logits, targets, lse, a, b, label_smoothing, softcap):
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    cross_entropy_fwd = define_op("fastgpt::cross_entropy_fwd", _fwd, _fwd_fake)
+    cross_entropy_bwd = define_op("fastgpt::cross_entropy_bwd", _bwd, _bwd_fake)
+
+    def _setup_context(ctx, inputs, output):
+        logits, targets, ignore_index, label_smoothing, softcap = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.opts = (ignore_index, label_smoothing, softcap)
+
+    def _backward(ctx, g_rows, g_lse):
+        logits, targets, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, softcap = ctx.opts
+        g_rows = torch.zeros_like(lse) if g_rows is None else g_rows.to(lse.dtype)
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype)
+        b = torch.where(targets != ignore_index, g_rows, 0.0)   # ignored rows have constant loss
+        a = b + g_lse
+        dlogits = torch.ops.fastgpt.cross_entropy_bwd(logits, targets, lse, a, b,
+                                                      label_smoothing, softcap)
+        return dlogits, None, None, None, None
+
+    cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_entropy_triton(logits, targets, *, ignore_index=-100, reduction="mean",
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    rows, lse = torch.ops.fastgpt.cross_entropy_fwd(logits, targets, ignore_index,
+                                                    label_smoothing, softcap or 0.0)
+    valid = targets != ignore_index
+    z_rows = None
+    if z_loss or return_z_loss:
+        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
+        rows = rows + z_rows
+    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss, logits.dtype)
+
+
+def _supports(logits, targets, **kwargs) -> Optional[str]:
+    reason = triton_device_reason(logits)
+    if reason:
+        return reason
+    ok = DTYPES + ((torch.float64,) if logits.device.type == "cpu" else ())
+    if logits.dtype not in ok:
+        return f"logits dtype {logits.dtype} is not one of {', '.join(map(str, ok))}"
+    return None
+
+
+registry.register("cross_entropy", "triton", cross_entropy_triton, supports=_supports,
+                  available=triton_unavailable)

@@ -1,0 +1,317 @@
+"""The training loop: nanoGPT's recipe (AdamW, warmup + cosine schedule, gradient clipping,
+periodic train/val estimates) with safe checkpoints, exact resume and mixed precision.
+
+Iteration ``it`` runs 0..max_iters: the loss is estimated at every eval_interval (and at the
+last iteration), a checkpoint is written after each estimate, then one optimizer step is taken;
+the run ends after the estimate at ``max_iters``. A checkpoint therefore holds the state at the
+start of iteration ``iter_num``, and ``resume`` continues from there bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fastgpt import config as cfgmod
+from fastgpt import ops
+from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fastgpt.data import CharTokenizer, TextDataset, read_text
+from fastgpt.errors import FastGPTError
+from fastgpt.model import build_model, make_optimizer
+from fastgpt.precision import autocast, grad_scaler, parse_dtype
+
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss.png"
+
+
+@dataclass
+class RunOptions:
+    """Everything `fastgpt train` takes besides the preset's model/training fields."""
+    model: str = "gpt"
+    preset: Optional[str] = None           # None: baby on CPU, shakespeare-char on CUDA
+    data: Optional[str] = None             # None: the bundled tiny Shakespeare
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = False
+    out_dir: str = "out"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 1337
+    sample_chars: int = 300
+    progress: bool = True
+    overrides: dict = field(default_factory=dict)   # preset fields, e.g. {"max_iters": 100}
+
+
+@dataclass
+class RunResult:
+    iter_num: int
+    train_loss: float
+    val_loss: float
+    best_val_loss: float
+    wall_time: float
+    out_dir: str
+    sample: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise FastGPTError(f"unknown device {name!r}; devices are: auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FastGPTError(f"device {name!r} requested but this torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def lr_at(it: int, t: cfgmod.TrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    if it < t.warmup_iters:
+        return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
+    if it > t.lr_decay_iters:
+        return t.min_lr
+    ratio = (it - t.warmup_iters) / max(1, t.lr_decay_iters - t.warmup_iters)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
+
+
+def check_backends(model_kind: str, m: cfgmod.GPTConfig) -> None:
+    """Fail before training starts when a named backend does not exist."""
+    loss_op = "linear_cross_entropy" if model_kind == "gpt" else "cross_entropy"
+    for op, name in (("attention", m.attention), (loss_op, m.cross_entropy),
+                     ("embedding", m.embedding)):
+        if name is not None:
+            ops.registry.get(op, name)
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FastGPTError(f"out dir {str(out_dir)!r} is not writable: {e.strerror}") from None
+    ckpt = out_dir / CHECKPOINT_NAME
+    if resume and not ckpt.exists():
+        raise FastGPTError(f"--resume given but {str(ckpt)!r} does not exist; train without "
+                           f"--resume first")
+    if not resume and ckpt.exists() and not overwrite:
+        raise FastGPTError(f"{str(ckpt)!r} already exists; pass --resume to continue that run, "
+                           f"--overwrite to start over, or a different --out-dir")
+
+
+class MetricsLog:
+    """Appends one JSON object per line, flushed at once so a killed run keeps its rows."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        if fresh:
+            path.write_text("")
+
+    def write(self, **row) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["iter"] for r in steps], [r["train_loss"] for r in steps], lw=0.8, alpha=0.5,
+            label="train (batch)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (est.)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val (est.)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _rng_state(device: torch.device, batch_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device, batch_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    batch_gen.set_state(state["batch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(opts: RunOptions) -> RunResult:
+    """Train a model as ``opts`` says; returns the final losses. Raises FastGPTError on bad input."""
+    t_start = time.perf_counter()
+    device = resolve_device(opts.device)
+    dtype = parse_dtype(opts.dtype, device.type)
+    out_dir = Path(opts.out_dir)
+    prepare_out_dir(out_dir, opts.resume, opts.overwrite)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    resumed = load_checkpoint(ckpt_path) if opts.resume else None
+
+    text = read_text(opts.data)
+    tokenizer = CharTokenizer.from_text(text)
+    preset_name = opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby")
+    if resumed is not None:
+        # the run continues with its own configuration; flags given now may only extend max_iters
+        if resumed["vocab"] != tokenizer.chars:
+            raise FastGPTError(f"the data's vocabulary ({tokenizer.vocab_size} characters) differs "
+                               f"from the checkpoint's ({len(resumed['vocab'])}); resume with the "
+                               f"same --data")
+        mcfg = cfgmod.GPTConfig(**resumed["model_args"])
+        tcfg = cfgmod.TrainConfig(**{**resumed["train_args"],
+                                     **{k: v for k, v in opts.overrides.items()
+                                        if k in cfgmod.TRAIN_FIELDS and v is not None}})
+        model_kind = resumed["model_kind"]
+    else:
+        mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
+        mcfg.vocab_size = tokenizer.vocab_size
+        model_kind = opts.model
+    check_backends(model_kind, mcfg)
+    dataset = TextDataset(text, tokenizer, mcfg.block_size,
+                          source=f"data file {opts.data!r}" if opts.data else "the bundled text")
+
+    torch.manual_seed(opts.seed)
+    batch_gen = torch.Generator().manual_seed(opts.seed)
+    model = build_model(model_kind, mcfg).to(device)
+    optimizer = make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay,
+                               (tcfg.beta1, tcfg.beta2))
+    scaler = grad_scaler(device.type, dtype)
+    start_iter, best_val = 0, float("inf")
+    losses = {"train": float("nan"), "val": float("nan")}
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed.get("scaler", {}))
+        _set_rng_state(resumed["rng"], device, batch_gen)
+        start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
+        losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
+    step_model = torch.compile(model) if opts.compile else model
+    metrics = MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None)
+    ctx = autocast(device.type, dtype)
+    tokens_per_iter = tcfg.batch_size * mcfg.block_size * tcfg.gradient_accumulation_steps
+    eval_gen = torch.Generator()
+
+    @torch.no_grad()
+    def estimate_loss() -> dict[str, float]:
+        # the same eval batches at every estimate: curves compare like with like
+        eval_gen.manual_seed(opts.seed + 1)
+        model.eval()
+        out = {}
+        for split in ("train", "val"):
+            total = torch.zeros((), device=device)
+            for _ in range(tcfg.eval_iters):
+                x, y = dataset.batch(split, tcfg.batch_size, eval_gen, device)
+                with ctx:
+                    _, loss = step_model(x, y)
+                total += loss.float()
+            out[split] = (total / tcfg.eval_iters).item()
+        model.train()
+        return out
+
+    def checkpoint(it: int, losses: dict) -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
+            "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
+            "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": opts.dtype,
+            "seed": opts.seed, "rng": _rng_state(device, batch_gen),
+        })
+
+    from tqdm import tqdm
+    bar = tqdm(total=tcfg.max_iters, initial=start_iter, disable=not opts.progress,
+               dynamic_ncols=True, unit="it")
+    pending: list[tuple[int, torch.Tensor]] = []   # recent losses, read at log time (no per-step sync)
+    last_ckpt_iter = start_iter if resumed is not None else None
+    t_log, tokens_since_log, tok_per_s = time.perf_counter(), 0, 0.0
+    model.train()
+    try:
+        for it in range(start_iter, tcfg.max_iters + 1):
+            lr = lr_at(it, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            is_eval = it % tcfg.eval_interval == 0 or it == tcfg.max_iters
+            if is_eval and not (resumed is not None and it == start_iter):
+                losses = estimate_loss()
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise FastGPTError(_diverged_message(it, losses["val"], last_ckpt_iter, ckpt_path))
+                best_val = min(best_val, losses["val"])
+                metrics.write(kind="eval", iter=it, train_loss=losses["train"],
+                              val_loss=losses["val"], lr=lr, tokens_per_s=tok_per_s,
+                              wall_time=time.perf_counter() - t_start)
+                bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                checkpoint(it, losses)
+                last_ckpt_iter = it
+            if it == tcfg.max_iters:
+                break
+
+            for micro in range(tcfg.gradient_accumulation_steps):
+                x, y = dataset.batch("train", tcfg.batch_size, batch_gen, device)
+                with ctx:
+                    _, loss = step_model(x, y)
+                scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
+            if tcfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append((it, loss.detach()))
+            tokens_since_log += tokens_per_iter
+            bar.update(1)
+
+            if len(pending) >= tcfg.log_interval or it + 1 == tcfg.max_iters:
+                values = torch.stack([l for _, l in pending]).float().cpu()   # one sync
+                bad = (~torch.isfinite(values)).nonzero()
+                if len(bad):
+                    first = int(bad[0])
+                    raise FastGPTError(_diverged_message(pending[first][0], values[first].item(),
+                                                         last_ckpt_iter, ckpt_path))
+                now = time.perf_counter()
+                tok_per_s = tokens_since_log / (now - t_log)
+                t_log, tokens_since_log = now, 0
+                metrics.write(kind="train", iter=it, train_loss=values[-1].item(), val_loss=None,
+                              lr=lr, tokens_per_s=tok_per_s, wall_time=now - t_start)
+                bar.set_postfix(loss=f"{values[-1].item():.4f}", tok_s=f"{tok_per_s:,.0f}")
+                pending.clear()
+    finally:
+        bar.close()
+        if (out_dir / METRICS_NAME).exists() and (out_dir / METRICS_NAME).stat().st_size:
+            plot_losses(out_dir / METRICS_NAME, out_dir / PLOT_NAME)
+
+    sample = ""
+    if opts.sample_chars > 0:
+        from fastgpt.sample import generate
+        start = torch.tensor([[tokenizer.stoi.get("\n", 0)]], device=device)
+        gen = torch.Generator(device=device).manual_seed(opts.seed)
+        model.eval()
+        with ctx:
+            ids = generate(model, start, opts.sample_chars, generator=gen)
+        sample = tokenizer.decode(ids[0].tolist())
+    return RunResult(iter_num=tcfg.max_iters, train_loss=losses["train"], val_loss=losses["val"],
+                     best_val_loss=best_val, wall_time=time.perf_counter() - t_start,
+                     out_dir=str(out_dir), sample=sample)
+
+
+def _diverged_message(it, value, last_ckpt_iter, ckpt_path) -> str:
+    kept = (f"the last good checkpoint ({str(ckpt_path)!r}, iteration {last_ckpt_iter}) is kept"
+            if last_ckpt_iter is not None else "no checkpoint had been written yet")
+    return (f"loss became {value} at iteration {it}; training stopped and {kept}. Try a lower "
+            f"--learning-rate, --grad-clip 1.0, or --dtype float32")
