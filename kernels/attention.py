@@ -1,0 +1,367 @@
+"""Fused causal attention in Triton: flash-attention-2's forward and backward, with dropout.
+
+Algorithm (Dao, "FlashAttention-2", 2023):
+* forward - one program per (query block, batch*head). It streams key/value blocks through an
+  online softmax (running max ``m``, running sum ``l``), so the (T x T) score matrix never exists.
+  Causal block skipping: key blocks above the diagonal are never loaded and only the blocks on the
+  diagonal are masked. Scores are kept in base 2 (``exp2`` with log2(e) folded into the scale).
+  The per-row log-sum-exp (natural log) is saved for backward.
+* backward - ``attn_bwd_preprocess`` computes delta = rowsum(dO * O); ``attn_bwd_dkdv`` gives each
+  program one key block and accumulates dK, dV over the query blocks at or below the diagonal;
+  ``attn_bwd_dq`` gives each program one query block and accumulates dQ over key blocks. Both
+  rebuild the probabilities from the saved log-sum-exp. No atomics, no stored probabilities.
+* dropout - counter-based: the keep decision for score (row, col) of head ``bh`` is Philox(seed;
+  counters row*T + col, bh), so backward regenerates exactly the forward's mask. The normaliser
+  sums the probabilities before dropout (as ``F.dropout(softmax(s)) @ v`` does).
+
+Limits: any T >= 1 (boundary blocks masked); head dim D <= 128, padded to the next power of two
+(BLOCK_D) with masked loads and stores; q/k/v/o/dO/dq/dk/dv take arbitrary strides; with dropout
+T <= 46340 (the row*T + col counter is 32-bit).
+
+Precision: fp32 accumulation and softmax statistics for every input dtype. fp16/bf16 feed
+``tl.dot`` natively on GPU; fp32 uses ``DOT_PRECISION`` ("ieee", or "tf32" when the user opts in).
+Under the Triton interpreter bf16 arithmetic is unreliable, so ``UPCAST`` turns every loaded tile
+into fp32 right after ``tl.load``.
+
+Launch configs: ``FWD_CONFIGS`` / ``BWD_CONFIGS`` are what the launchers autotune over on GPU;
+``INTERPRET_*`` is the single config used under the interpreter. ``aot_configs()`` lists what
+fastgpt.aot compiles for sm_80/sm_90 (see its docstring).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_DROPOUT_T = 46340          # largest T with T*T < 2**31 (dropout counter)
+MAX_HEAD_DIM = 128
+
+# GPU launch configs, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# Forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0, so that the
+# diagonal of the causal mask falls on whole inner blocks.
+FWD_CONFIGS = {
+    16: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    32: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    64: [(128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+}
+# Backward: (BLOCK_M, BLOCK_N, num_warps, num_stages); dK/dV uses them as given (small query
+# blocks streamed past a large key block), dQ uses them swapped (BLOCK_N, BLOCK_M).
+BWD_CONFIGS = {
+    16: [(32, 128, 4, 3), (32, 64, 4, 3)],
+    32: [(32, 128, 4, 3), (32, 64, 4, 3)],
+    64: [(32, 128, 8, 3), (32, 64, 4, 3)],
+    128: [(32, 64, 8, 2), (16, 64, 4, 2)],
+}
+INTERPRET_FWD = (32, 16, 4, 1)
+INTERPRET_BWD = (16, 32, 4, 1)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
+    """True where score (rows, cols) of head bh survives dropout (broadcasts rows against cols)."""
+    counter = rows * T + cols
+    r, _, _, _ = tl.philox(seed, counter, tl.zeros_like(counter) + bh, 0, 0)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr):
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n, dmask_kT, dmask_v,
+               bh, T, lo, hi, qk_scale, dropout_p, seed,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        in_bounds = cols < T
+        kT = _load(k_ptr + cols[None, :] * skt, dmask_kT & in_bounds[None, :], UPCAST)  # (D, N)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale                   # (M, N)
+        if MASKED:
+            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = _load(v_ptr + cols[:, None] * svt, dmask_v & in_bounds[:, None], UPCAST)    # (N, D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attn_fwd(Q, K, V, O, LSE, SEED,
+             sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+             H, T, T_BUCKET, sm_scale, dropout_p,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """out (B, H, T, D) and lse (B*H, T) for one BLOCK_M rows of one head; T_BUCKET: autotune key."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    row_ok = rows < T
+
+    q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
+              row_ok[:, None] & dmask[None, :], UPCAST)                                  # (M, D)
+    k_ptr = K + b * skb + h * skh + offs_d[:, None] * skd
+    v_ptr = V + b * svb + h * svh + offs_d[None, :] * svd
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    qk_scale = sm_scale * 1.4426950408889634   # log2(e): softmax in base 2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # key blocks wholly below the diagonal: no mask
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n,
+                               dmask[:, None], dmask[None, :], bh, T, 0, start_m, qk_scale,
+                               dropout_p, seed, BLOCK_N, False, DROPOUT, UPCAST, DOT_PRECISION)
+    # key blocks on the diagonal: causal mask (blocks above it are skipped)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n,
+                               dmask[:, None], dmask[None, :], bh, T, start_m,
+                               tl.minimum(start_m + BLOCK_M, T), qk_scale, dropout_p, seed,
+                               BLOCK_N, True, DROPOUT, UPCAST, DOT_PRECISION)
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
+    tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+
+
+@triton.jit
+def attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H, T,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[bh, t] = sum_d dO * O, in fp32."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, cols, offs_m,
+                    dmask_qT, dmask_do, bh, T, lo, hi, qk_scale, dropout_p, seed,
+                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < T
+        qT = _load(q_ptr + rows[None, :] * sqt, dmask_qT & row_ok[None, :], UPCAST)     # (D, M)
+        do = _load(do_ptr + rows[:, None] * sdt, dmask_do & row_ok[:, None], UPCAST)    # (M, D)
+        # rows past T get lse = +inf, hence probability 0
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale                    # (N, M)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASKED:
+            pT = tl.where(rows[None, :] >= cols[:, None], pT, 0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)                    # (N, M)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[None, :], cols[:, None], T, dropout_p)
+            pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+        else:
+            pdT = pT
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
+                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                  sdb, sdh, sdt, sdd, sgb, sgh, sgt, sgd,
+                  H, T, T_BUCKET, sm_scale, dropout_p,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """dK, dV for one block of BLOCK_N keys; sg*: strides of DK and DV (same layout)."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    tile_mask = (cols < T)[:, None] & dmask[None, :]
+    k = _load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, tile_mask,
+              UPCAST)                                                                   # (N, D)
+    v = _load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, tile_mask,
+              UPCAST)
+    q_ptr = Q + b * sqb + h * sqh + offs_d[:, None] * sqd
+    do_ptr = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
+    lse_ptr = LSE + bh.to(tl.int64) * T
+    delta_ptr = DELTA + bh.to(tl.int64) * T
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # query blocks on the diagonal, masked; then every query block below it
+    diag_end = tl.minimum(start_n + BLOCK_N, T)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, cols,
+                             offs_m, dmask[:, None], dmask[None, :], bh, T, start_n, diag_end,
+                             qk_scale, dropout_p, seed, BLOCK_M, True, DROPOUT, UPCAST,
+                             DOT_PRECISION)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, cols,
+                             offs_m, dmask[:, None], dmask[None, :], bh, T, diag_end, T,
+                             qk_scale, dropout_p, seed, BLOCK_M, False, DROPOUT, UPCAST,
+                             DOT_PRECISION)
+    out = b * sgb + h * sgh + cols[:, None] * sgt + offs_d[None, :] * sgd
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=tile_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n, dmask_T,
+                  bh, T, lo, hi, qk_scale, dropout_p, seed,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        in_bounds = (cols < T)[None, :]
+        kT = _load(k_ptr + cols[None, :] * skt, dmask_T & in_bounds, UPCAST)             # (D, N)
+        vT = _load(v_ptr + cols[None, :] * svt, dmask_T & in_bounds, UPCAST)             # (D, N)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale                     # (M, N)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)                               # (M, N)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEED,
+                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                sdb, sdh, sdt, sdd, sgb, sgh, sgt, sgd,
+                H, T, T_BUCKET, sm_scale, dropout_p,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """dQ for one block of BLOCK_M queries; sg*: strides of DQ."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < HEAD_DIM
+    row_ok = rows < T
+    tile_mask = row_ok[:, None] & dmask[None, :]
+    q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, tile_mask,
+              UPCAST)                                                                   # (M, D)
+    do = _load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, tile_mask,
+               UPCAST)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok,
+                   other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    k_ptr = K + b * skb + h * skh + offs_d[:, None] * skd
+    v_ptr = V + b * svb + h * svh + offs_d[:, None] * svd
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n,
+                       dmask[:, None], bh, T, 0, start_m, qk_scale, dropout_p, seed,
+                       BLOCK_N, False, DROPOUT, UPCAST, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n,
+                       dmask[:, None], bh, T, start_m, tl.minimum(start_m + BLOCK_M, T),
+                       qk_scale, dropout_p, seed, BLOCK_N, True, DROPOUT, UPCAST,
+                       DOT_PRECISION)
+    tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgt + offs_d[None, :] * sgd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def dropout_keep_mask(KEEP, SEED, T, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KEEP (B*H, T, T) int8: the keep decisions the attention kernels make (for tests)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    seed = tl.load(SEED)
+    for start_n in range(0, T, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
+        tl.store(KEEP + bh.to(tl.int64) * T * T + rows[:, None] * T + cols[None, :],
+                 keep.to(tl.int8), mask=(rows < T)[:, None] & (cols < T)[None, :])
+
+
+# --- ahead-of-time compilation (fastgpt.aot) ---
+
+def _signature(kernel, dtype: str) -> dict:
+    """Triton types for every argument, with the specialisations the JIT makes for contiguous
+    fp16/bf16 inputs whose head dim is a multiple of 16: aligned pointers, unit head-dim strides,
+    other strides multiples of 16."""
+    pointers = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")
+    sig = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            sig[name] = f"*{dtype}:16"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32:16"
+        elif name == "SEED":
+            sig[name] = "*i64:16"
+        elif name in ("sm_scale", "dropout_p"):
+            sig[name] = "fp32"
+        elif name in ("H", "T", "T_BUCKET"):
+            sig[name] = "i32"
+        elif name.startswith("s"):                          # strides: (b, h, t, d)
+            sig[name] = "i32:1" if name.endswith("d") else "i32:16"
+        else:
+            sig[name] = "constexpr"
+    return sig
+
+
+def aot_configs(dtypes=("fp16", "bf16"), dropout=(False, True)) -> list:
+    """(kernel, signature, constexprs, num_warps, num_stages) for every GPU launch config of the
+    forward and backward kernels; the convention is fastgpt.aot's."""
+    out = []
+    for dt in dtypes:
+        for block_d, configs in FWD_CONFIGS.items():
+            for drop in dropout:
+                const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=drop, UPCAST=False,
+                             DOT_PRECISION="ieee")
+                for bm, bn, warps, stages in configs:
+                    out.append((attn_fwd, _signature(attn_fwd, dt),
+                                dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+                for bm, bn, warps, stages in BWD_CONFIGS[block_d]:
+                    out.append((attn_bwd_dkdv, _signature(attn_bwd_dkdv, dt),
+                                dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+                    out.append((attn_bwd_dq, _signature(attn_bwd_dq, dt),
+                                dict(const, BLOCK_M=bn, BLOCK_N=bm), warps, stages))
+    return out
