@@ -1,0 +1,150 @@
+"""Softmax cross-entropy over rows of logits: one Triton program per row.
+
+Forward (``cross_entropy_fwd_kernel``): one pass over the row in blocks of BLOCK_V columns keeps a
+running maximum ``m`` and a running sum ``s`` of exp(z - m) (the online log-sum-exp), so any
+vocabulary size works with a fixed block. It writes, per row, in fp32:
+
+    lse  = log sum_j exp(z_j)
+    loss = (1 - eps) * (lse - z_t) + eps * (lse - mean_j z_j)     (eps = label smoothing)
+
+where z = x, or z = cap * tanh(x / cap) with soft-capping. Rows whose target equals
+``ignore_index`` get loss 0; a target outside [0, V) that is not ignored gets NaN, so a bad target
+is never silently used (the dispatch layer also reports it, see fastgpt.ops.cross_entropy).
+
+Backward (``cross_entropy_bwd_kernel``): one pass that re-reads the row and writes
+
+    dx_j = (a * softmax_j - b * ((1 - eps) * [j == t] + eps / V)) * dz/dx
+
+with per-row coefficients ``a`` and ``b`` computed by the caller: b is the gradient of the row's
+loss (0 for ignored rows) and a adds whatever flows into lse (z-loss, or the lse output of the
+op). Keeping the reduction and z-loss outside the kernel keeps the kernel small; they cost O(N).
+``dx`` may alias ``x`` (each element is read, then written, by the same program), which is how
+the fused linear+cross-entropy turns a chunk of logits into its gradient without a new buffer.
+
+Precision: every load is upcast to fp32 at once (also the interpreter's bf16 workaround), all
+arithmetic is fp32, the gradient is rounded once to the output dtype on store. Float64 logits
+compute in float64 (ACC), which lets gradcheck run on the op; GPUs are only sent fp32/fp16/bf16.
+Limits: V < 2**31; logits may be strided (row and column strides are arguments).
+tanh is written as 2 * sigmoid(2y) - 1, which Triton and its interpreter both provide.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, tanh(x / cap)) with soft-capping, else (x, unused)."""
+    if HAS_SOFTCAP:
+        th = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+        return softcap * th, th
+    else:
+        return x, x
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    x_ptr, stride_xn, stride_xv,        # logits (N, V), any dtype
+    t_ptr,                              # targets (N,), int64
+    loss_ptr, lse_ptr,                  # outputs (N,), in ACC
+    V, ignore_index, label_smoothing, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,                  # tl.float32, or tl.float64 for float64 logits
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xn
+    t = tl.load(t_ptr + row)
+
+    # running max (finite after the first block, which always has a column), running sum of
+    # exp(z - max), and the sum of z for label smoothing
+    m = tl.full([], float("-inf"), ACC)
+    s = tl.full([], 0.0, ACC)
+    zsum = tl.full([], 0.0, ACC)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols * stride_xv, mask=mask, other=0.0).to(ACC)
+        z, _ = _cap(x, softcap, HAS_SOFTCAP)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m = m_new
+        if HAS_SMOOTHING:
+            zsum += tl.sum(tl.where(mask, z, 0.0), 0)
+    lse = m + tl.log(s)
+
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    x_t = tl.load(x_row + tl.where(in_range, t, 0) * stride_xv).to(ACC)
+    z_t, _ = _cap(x_t, softcap, HAS_SOFTCAP)
+    loss = lse - z_t
+    if HAS_SMOOTHING:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - zsum / V)
+    loss = tl.where(in_range, loss, float("nan"))
+    loss = tl.where(ignored, 0.0, loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    x_ptr, stride_xn, stride_xv,        # logits (N, V)
+    t_ptr, lse_ptr, a_ptr, b_ptr,       # (N,) each; lse, a, b in ACC
+    dx_ptr, stride_dn, stride_dv,       # gradient (N, V); may alias x
+    V, label_smoothing, softcap,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xn
+    dx_row = dx_ptr + row * stride_dn
+    t = tl.load(t_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    a = tl.load(a_ptr + row)
+    b = tl.load(b_ptr + row)
+    b_hit = b * (1.0 - label_smoothing)   # weight of the one-hot target
+    b_all = b * label_smoothing / V       # weight of the uniform smoothing target
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols * stride_xv, mask=mask, other=0.0).to(ACC)
+        z, th = _cap(x, softcap, HAS_SOFTCAP)
+        dz = a * tl.exp(z - lse) - tl.where(cols == t, b_hit, 0.0)
+        if HAS_SMOOTHING:
+            dz -= b_all
+        if HAS_SOFTCAP:
+            dz *= 1.0 - th * th
+        tl.store(dx_row + cols * stride_dv, dz.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def block_v(V: int, max_block: int = 4096) -> int:
+    """Columns per block: the whole row when it is short, else ``max_block``."""
+    return min(triton.next_power_of_2(V), max_block)
+
+
+def num_warps_for(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+def aot_configs():
+    """The launches shipped on GPU (see fastgpt.aot): fp32/bf16/fp16 logits, the large-vocab block
+    and the small (V=65 -> 128) block, with and without soft-capping and smoothing."""
+    from fastgpt.aot import AOTConfig
+
+    configs = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        for block in (128, 4096):
+            for cap, smooth in ((False, False), (True, True)):
+                flags = {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": smooth, "BLOCK_V": block,
+                         "ACC": tl.float32}
+                fwd = {"x_ptr": f"*{dtype}", "stride_xn": "i32", "stride_xv": "i32",
+                       "t_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32",
+                       "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32"}
+                bwd = {"x_ptr": f"*{dtype}", "stride_xn": "i32", "stride_xv": "i32",
+                       "t_ptr": "*i64", "lse_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                       "dx_ptr": f"*{dtype}", "stride_dn": "i32", "stride_dv": "i32", "V": "i32",
+                       "label_smoothing": "fp32", "softcap": "fp32"}
+                for kernel, sig in ((cross_entropy_fwd_kernel, fwd), (cross_entropy_bwd_kernel, bwd)):
+                    sig = {**sig, **{k: "constexpr" for k in flags}}
+                    configs.append(AOTConfig(kernel, sig, dict(flags), num_warps_for(block), 1))
+    return configs
