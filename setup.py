@@ -2,9 +2,56 @@
 
 The top-level ``kernels/`` folder (Triton kernels) installs as ``fastgpt.kernels``: a top-level
 ``kernels`` import name would clash with an existing PyPI package.
+
+The C++/CUDA extension ``fastgpt._C`` (csrc/) is built against the installed torch, so install
+with ``pip install --no-build-isolation -e .`` (build isolation would fetch a different torch).
+It is a CUDAExtension when that torch has CUDA and nvcc is found (TORCH_CUDA_ARCH_LIST defaults
+to "8.0;9.0"), otherwise a CppExtension; ``FASTGPT_SKIP_EXT=1`` skips it, and fastgpt then
+falls back to plain PyTorch for the embedding. ``FASTGPT_PTXAS_VERBOSE=1`` adds ``-Xptxas -v``.
 """
 
+import os
+
 from setuptools import setup
+
+CSRC = "csrc"
+
+
+def _extension():
+    """(ext_modules, cmdclass) for fastgpt._C, or ([], {}) when it is skipped."""
+    if os.environ.get("FASTGPT_SKIP_EXT", "0") == "1":
+        print("fastgpt: FASTGPT_SKIP_EXT=1, not building fastgpt._C")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("fastgpt: torch is not importable at build time (use --no-build-isolation); "
+              "not building fastgpt._C")
+        return [], {}
+
+    # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
+    # Linking libgomp resolves to the copy torch has already loaded (same soname).
+    cxx = ["-O3", "-fopenmp"]
+    sources = [os.path.join(CSRC, f) for f in ("embedding.cpp", "embedding_cpu.cpp")]
+    kwargs = dict(extra_link_args=["-fopenmp"])
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        nvcc = ["-O3", "-lineinfo"]
+        if os.environ.get("FASTGPT_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")
+        sources.append(os.path.join(CSRC, "embedding_cuda.cu"))
+        ext = cpp_extension.CUDAExtension("fastgpt._C", sources,
+                                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("fastgpt._C", sources,
+                                         extra_compile_args={"cxx": cxx}, **kwargs)
+    print(f"fastgpt: building fastgpt._C as a {'CUDA' if with_cuda else 'C++'} extension")
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extension()
 
 setup(
     name="fastgpt",
@@ -17,4 +64,6 @@ setup(
     install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastgpt = fastgpt.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

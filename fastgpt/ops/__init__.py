@@ -13,6 +13,7 @@ from fastgpt.ops.embedding import embedding
 # --- fast backends: each module registers its backends and default order on import ---
 # (one line per module; keep this block)
 from fastgpt.ops import attention_triton  # noqa: F401  (triton, compile)
+from fastgpt.ops import embedding_ext  # noqa: F401  (ext)
 # --- end fast backends ---
 
 __all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",

@@ -11,22 +11,36 @@ from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
 
 
-def embedding_torch(indices, weight):
-    return F.embedding(indices, weight)
+def embedding_torch(indices, weight, padding_idx=None):
+    return F.embedding(indices, weight, padding_idx=padding_idx)
 
 
 registry.register("embedding", "torch", embedding_torch)
 registry.set_default_order("embedding", "default", ["torch"])
 
 
-def embedding(indices: torch.Tensor, weight: torch.Tensor, *, backend: Optional[str] = None,
-              preferred: Optional[str] = None) -> torch.Tensor:
-    """``weight[indices]`` with a gradient for ``weight``; output shape indices.shape + (C,)."""
+def embedding(indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: Optional[int] = None,
+              backend: Optional[str] = None, preferred: Optional[str] = None) -> torch.Tensor:
+    """``weight[indices]`` with a gradient for ``weight``; output shape indices.shape + (C,).
+
+    ``padding_idx`` is nn.Embedding's: that row gets no gradient; negative values count from the
+    end (-1 is the last row); None means no padding row.
+    """
     if weight.dim() != 2:
         raise FastGPTError(f"embedding weight must be 2-D (num_embeddings, dim); got shape "
                            f"{tuple(weight.shape)}")
     if indices.dtype not in (torch.int64, torch.int32):
         raise FastGPTError(f"embedding indices must be int64 or int32; got {indices.dtype}")
-    chosen = registry.choose("embedding", weight.device.type, (indices, weight), {},
+    if indices.device != weight.device:
+        raise FastGPTError(f"embedding indices are on {indices.device} but weight is on "
+                           f"{weight.device}; move them to one device")
+    if padding_idx is not None:
+        V = weight.shape[0]
+        if not -V <= padding_idx < V:
+            raise FastGPTError(f"padding_idx must be in [-{V}, {V}) for {V} embeddings; got "
+                               f"{padding_idx}")
+        padding_idx = padding_idx % V
+    kwargs = {"padding_idx": padding_idx}
+    chosen = registry.choose("embedding", weight.device.type, (indices, weight), kwargs,
                              backend=backend, preferred=preferred)
-    return chosen.fn(indices, weight)
+    return chosen.fn(indices, weight, **kwargs)

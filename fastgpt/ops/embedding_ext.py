@@ -1,0 +1,122 @@
+"""The ``ext`` embedding backend: fastgpt._C's C++/CUDA kernels as torch custom ops.
+
+The ops ``fastgpt::embedding_forward`` and ``fastgpt::embedding_backward`` are declared and
+implemented in csrc/ (one TORCH_LIBRARY block, CPU and CUDA kernels). This module adds what
+PyTorch needs around them: fake (meta) kernels so torch.compile can trace them, and autograd
+for the forward. The extension is imported lazily, on the first availability check, so
+``import fastgpt`` works (and falls back to the ``torch`` backend) when it was not built.
+
+padding_idx: None or a row in [0, V) here (fastgpt.ops.embedding normalises nn.Embedding's
+negative values); the ops take -1 for "none", like aten::embedding.
+Backward: deterministic by default (bitwise reproducible, fp32 accumulation); pass
+``deterministic=False`` to let the CUDA kernel use fp32 atomics instead (CPU ignores it).
+Bounds: every index is checked on CPU and on CUDA; the CUDA kernels raise a flag instead of a
+device-side assert, and reading it back costs one device-to-host sync per call (so these ops
+cannot be captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastgpt.ops import registry
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_UNTRIED = object()
+_state: dict = {"reason": _UNTRIED, "cuda": False}
+
+
+def _load() -> Optional[str]:
+    try:
+        import fastgpt._C  # noqa: F401  (loading it registers torch.ops.fastgpt.embedding_*)
+    except ImportError as e:
+        return f"fastgpt._C is not built (FASTGPT_SKIP_EXT=1 or no compiler at install time): {e}"
+    _register_fake_and_autograd()
+    _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastgpt::embedding_forward", "CUDA")
+    return None
+
+
+@torch.compiler.assume_constant_result
+def available() -> Optional[str]:
+    """None when fastgpt._C loads, else why not. Imports the extension on first call."""
+    if _state["reason"] is _UNTRIED:
+        _state["reason"] = _load()
+    return _state["reason"]
+
+
+def supports(indices: torch.Tensor, weight: torch.Tensor, padding_idx=None) -> Optional[str]:
+    dev = weight.device.type
+    if dev not in ("cpu", "cuda"):
+        return f"fastgpt._C has kernels for cpu and cuda only; got {dev}"
+    if dev == "cuda" and not _state["cuda"]:
+        return "fastgpt._C was built without CUDA (torch had no CUDA or nvcc was not found)"
+    if weight.dtype not in _DTYPES:
+        return f"weight dtype {weight.dtype} is not float32, float16 or bfloat16"
+    if indices.device != weight.device:
+        return f"indices on {indices.device} but weight on {weight.device}"
+    return None
+
+
+def embedding_ext(indices: torch.Tensor, weight: torch.Tensor, padding_idx: Optional[int] = None,
+                  deterministic: bool = True) -> torch.Tensor:
+    """``weight[indices]`` through fastgpt._C; output shape indices.shape + (C,)."""
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    pad = -1 if padding_idx is None else padding_idx
+    if deterministic:
+        return torch.ops.fastgpt.embedding_forward(weight, indices, pad)
+    return _NonDeterministic.apply(weight, indices, pad)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, indices, padding_idx = inputs
+    ctx.save_for_backward(indices)
+    ctx.num_weights = weight.shape[0]
+    ctx.padding_idx = padding_idx
+    ctx.deterministic = True
+
+
+def _backward(ctx, grad_out):
+    (indices,) = ctx.saved_tensors
+    grad_weight = torch.ops.fastgpt.embedding_backward(
+        grad_out, indices, ctx.num_weights, ctx.padding_idx, ctx.deterministic)
+    return grad_weight, None, None
+
+
+class _NonDeterministic(torch.autograd.Function):
+    """The forward op with the atomics backward (deterministic=False); eager use only."""
+
+    @staticmethod
+    def forward(weight, indices, padding_idx):
+        return torch.ops.fastgpt.embedding_forward(weight, indices, padding_idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.deterministic = False
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
+
+
+def _register_fake_and_autograd() -> None:
+    @torch.library.register_fake("fastgpt::embedding_forward")
+    def _forward_fake(weight, indices, padding_idx):
+        return weight.new_empty((*indices.shape, weight.shape[1]))
+
+    @torch.library.register_fake("fastgpt::embedding_backward")
+    def _backward_fake(grad_out, indices, num_weights, padding_idx, deterministic):
+        return grad_out.new_empty((num_weights, grad_out.shape[-1]))
+
+    torch.library.register_autograd("fastgpt::embedding_forward", _backward,
+                                    setup_context=_setup_context)
+
+
+registry.register("embedding", "ext", embedding_ext, supports=supports, available=available)
+registry.set_default_order("embedding", "cpu", ["ext", "torch"])
+registry.set_default_order("embedding", "cuda", ["ext", "torch"])
