@@ -1,7 +1,9 @@
 """Linear layer followed by cross-entropy: loss(hidden @ weight.T + bias, targets).
 
-The ``torch`` backend is the naive one: it materialises the (N, V) logits. Backends that never
-hold all the logits at once register themselves from their own modules.
+The ``torch`` backend is the naive one (and, in float64, the reference): it materialises the
+(N, V) logits. Backends that never hold all the logits at once (``chunked``, ``compile``,
+``triton``) live in fastgpt/ops/linear_cross_entropy_chunked.py. Options and return value are
+those of fastgpt.ops.cross_entropy.
 """
 
 from __future__ import annotations
@@ -13,34 +15,51 @@ import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
-from fastgpt.ops.cross_entropy import REDUCTIONS, cross_entropy_torch
+from fastgpt.ops.cross_entropy import check_options, check_targets, cross_entropy_torch
 
 
 def linear_cross_entropy_torch(hidden, weight, targets, *, bias=None, ignore_index=-100,
-                               reduction="mean"):
+                               reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                               return_z_loss=False):
     logits = F.linear(hidden, weight, bias)   # (N, V)
-    return cross_entropy_torch(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    return cross_entropy_torch(logits, targets, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                               return_z_loss=return_z_loss)
 
 
 registry.register("linear_cross_entropy", "torch", linear_cross_entropy_torch)
-registry.set_default_order("linear_cross_entropy", "default", ["torch"])
+registry.set_default_order("linear_cross_entropy", "cpu", ["chunked", "torch"])
+registry.set_default_order("linear_cross_entropy", "cuda", ["triton", "chunked", "torch"])
+registry.set_default_order("linear_cross_entropy", "default", ["chunked", "torch"])
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                         reduction: str = "mean", backend: Optional[str] = None,
-                         preferred: Optional[str] = None) -> torch.Tensor:
-    """Cross-entropy of ``hidden`` (N, C) projected by ``weight`` (V, C) against ``targets`` (N,)."""
+                         reduction: str = "mean", label_smoothing: float = 0.0,
+                         z_loss: float = 0.0, softcap: Optional[float] = None,
+                         return_z_loss: bool = False, backend: Optional[str] = None,
+                         preferred: Optional[str] = None):
+    """Cross-entropy of ``hidden`` (N, C) projected by ``weight`` (V, C) against ``targets`` (N,).
+
+    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True``.
+    """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise FastGPTError(f"linear_cross_entropy expects hidden (N, C) and weight (V, C); got "
                            f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if not hidden.is_floating_point():
+        raise FastGPTError(f"linear_cross_entropy expects floating-point hidden; got {hidden.dtype}")
     if targets.shape != hidden.shape[:1]:
         raise FastGPTError(f"targets must have shape ({hidden.shape[0]},); got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise FastGPTError(f"targets must be int64 or int32; got {targets.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise FastGPTError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
-    if reduction not in REDUCTIONS:
-        raise FastGPTError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    kwargs = {"bias": bias, "ignore_index": ignore_index, "reduction": reduction}
+    check_options(reduction, label_smoothing, z_loss, softcap)
+    check_targets(targets, weight.shape[0], ignore_index)
+    kwargs = {"bias": bias, "ignore_index": ignore_index, "reduction": reduction,
+              "label_smoothing": float(label_smoothing), "z_loss": float(z_loss),
+              "softcap": None if softcap is None else float(softcap),
+              "return_z_loss": return_z_loss}
     chosen = registry.choose("linear_cross_entropy", hidden.device.type, (hidden, weight, targets),
                              kwargs, backend=backend, preferred=preferred)
     return chosen.fn(hidden, weight, targets.long(), **kwargs)

@@ -1,0 +1,322 @@
+"""Linear+cross-entropy that never holds the full (N, V) logits: backends chunked, compile, triton.
+
+Tokens are processed in chunks of R rows. For each chunk: logits = hidden[rows] @ W.T + b, then a
+"step" turns the chunk into per-row losses, lse, and (when gradients are wanted) the gradient of
+the loss with respect to the chunk's logits, written over the chunk. That gradient is used at once:
+
+    dhidden[rows] = dlogits @ W        dW += dlogits.T @ hidden[rows]        db += dlogits.sum(0)
+
+with dW, db, dhidden kept in fp32. So the forward pass does all three matmuls and the logits of
+at most one chunk are alive at a time (Liger-Kernel's approach). For "mean"/"sum" the per-row
+gradient weights (1/count or 1, 0 where ignored) are known up front; backward only multiplies
+the stored gradients by grad_output, a scalar. For "none" grad_output is a vector known only in
+backward, so backward recomputes the chunks with it (one extra matmul per chunk).
+
+Chunk size: one chunk when N*V is small (the char-level presets: no loop, no copies); otherwise
+R = max(N*C, 2**22) // V rows, so a chunk of logits is about the size of the hidden states
+(GPT-2 small, N=8192, C=768, V=50304: R=125, 66 chunks of 25 MB in fp32). Chunking over the
+vocabulary as well is not needed: R shrinks as V grows, so a chunk stays small for any V.
+
+Steps (the three backends share everything else):
+* ``chunked`` - eager PyTorch, in place over the chunk to keep one chunk-sized buffer;
+* ``compile`` - the same math, functional, through torch.compile (fused elementwise);
+* ``triton``  - the Triton cross-entropy kernels of fastgpt/kernels/cross_entropy.py, the
+                gradient written over the chunk in place.
+
+The chunk loop is the custom op ``fastgpt::linear_cross_entropy_chunked`` (opaque to
+torch.compile; autograd via register_autograd). The z-loss part returned with
+``return_z_loss=True`` is detached, as in fastgpt.ops.cross_entropy.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt.ops import registry
+from fastgpt.ops.cross_entropy import reduce_rows
+from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
+                                              triton_unavailable)
+
+STEPS = ("chunked", "compile", "triton")
+SINGLE_CHUNK_ELEMENTS = 1 << 22
+
+
+def auto_chunk_rows(N: int, C: int, V: int) -> int:
+    if N * V <= SINGLE_CHUNK_ELEMENTS:
+        return max(N, 1)
+    return max(1, max(N * C, SINGLE_CHUNK_ELEMENTS) // V)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- steps: logits chunk (n, V) -> (rows, lse, dlogits or None); rows include z-loss, 0 if ignored
+
+def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoothing: float,
+               z_loss: float, softcap: float):
+    """In place over ``x`` where the dtypes allow, so a chunk costs about one extra buffer."""
+    valid = t != ignore_index
+    z = x.to(_acc(x.dtype))                       # x itself when it is already fp32/fp64
+    th = None
+    if softcap:
+        th = z.div_(softcap).tanh_()
+        z = th * softcap if coef is not None else th.mul_(softcap)
+    lse = torch.logsumexp(z, dim=-1)              # (n,)
+    t_safe = t.masked_fill(~valid, 0)
+    rows = lse - z.gather(1, t_safe.unsqueeze(1)).squeeze(1)
+    if label_smoothing:
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+    if z_loss:
+        rows = rows + z_loss * lse.square()
+    rows = torch.where(valid, rows, 0.0)
+    if coef is None:
+        return rows, lse, None
+    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
+    dz = z.sub_(lse.unsqueeze(1)).exp_().mul_(a.unsqueeze(1))    # a * softmax, over z's buffer
+    dz.scatter_add_(1, t_safe.unsqueeze(1), (coef * -(1.0 - label_smoothing)).unsqueeze(1))
+    if label_smoothing:
+        dz.sub_((coef * (label_smoothing / z.shape[1])).unsqueeze(1))
+    if th is not None:
+        dz.mul_(th.square_().neg_().add_(1.0))    # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+    return rows, lse, dz.to(x.dtype)
+
+
+def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
+                     label_smoothing: float, z_loss: float, softcap: float):
+    valid = t != ignore_index
+    z = x.to(_acc(x.dtype))
+    if softcap:
+        th = torch.tanh(z / softcap)
+        z = th * softcap
+    lse = torch.logsumexp(z, dim=-1)
+    t_safe = t.masked_fill(~valid, 0)
+    rows = lse - z.gather(1, t_safe.unsqueeze(1)).squeeze(1)
+    if label_smoothing:
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+    if z_loss:
+        rows = rows + z_loss * lse.square()
+    rows = torch.where(valid, rows, 0.0)
+    if coef is None:
+        return rows, lse, None
+    a = coef * (1.0 + 2.0 * z_loss * lse)
+    V = z.shape[1]
+    hit = torch.arange(V, device=z.device) == t_safe.unsqueeze(1)
+    target = torch.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V
+    dz = torch.exp(z - lse.unsqueeze(1)) * a.unsqueeze(1) - target * coef.unsqueeze(1)
+    if softcap:
+        dz = dz * (1.0 - th * th)
+    return rows, lse, dz.to(x.dtype)
+
+
+@functools.cache
+def _compiled_step():
+    return torch.compile(_step_functional, dynamic=None)
+
+
+def step_compile(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
+    return _compiled_step()(x, t, ignore_index, coef, label_smoothing, z_loss, softcap)
+
+
+def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
+    rows, lse = launch_fwd(x, t, ignore_index, label_smoothing, softcap)
+    if z_loss:
+        rows = rows + torch.where(t != ignore_index, z_loss * lse.square(), 0.0)
+    if coef is None:
+        return rows, lse, None
+    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
+    return rows, lse, launch_bwd(x, t, lse, a, coef, label_smoothing, softcap, out=x)
+
+
+_STEP_FNS = {"chunked": step_eager, "compile": step_compile, "triton": step_triton}
+
+
+def chunk_loop(hidden, weight, bias, targets, coef, ignore_index, label_smoothing, z_loss,
+               softcap, step, chunk_rows, grad_hidden, grad_weight, grad_bias):
+    """Per-row losses and lse (N,), and, when ``coef`` (N,) is given, the fp32 gradients
+    sum_i coef_i * d row_i / d(hidden, weight, bias) for the requested inputs."""
+    N, C = hidden.shape
+    V = weight.shape[0]
+    acc = _acc(hidden.dtype)
+    fn = _STEP_FNS[step]
+    R = chunk_rows if chunk_rows > 0 else auto_chunk_rows(N, C, V)
+    if N <= R:   # one chunk: no per-row buffers, no copies
+        rows, lse, dx = fn(F.linear(hidden, weight, bias), targets, ignore_index, coef,
+                           label_smoothing, z_loss, softcap)
+        if dx is None:
+            return rows, lse, None, None, None
+        dh = (dx @ weight).to(acc) if grad_hidden else None
+        dW = (dx.t() @ hidden).to(acc) if grad_weight else None
+        db = dx.sum(0, dtype=acc) if grad_bias else None
+        return rows, lse, dh, dW, db
+    want = coef is not None
+    dh = hidden.new_empty((N, C), dtype=acc) if want and grad_hidden else None
+    dW = weight.new_zeros((V, C), dtype=acc) if want and grad_weight else None
+    db = weight.new_zeros((V,), dtype=acc) if want and grad_bias else None
+    rows = hidden.new_empty((N,), dtype=acc)
+    lse = torch.empty_like(rows)
+    for s in range(0, N, R):
+        e = min(s + R, N)
+        r, l, dx = fn(F.linear(hidden[s:e], weight, bias), targets[s:e], ignore_index,
+                      None if coef is None else coef[s:e], label_smoothing, z_loss, softcap)
+        rows[s:e], lse[s:e] = r, l
+        if dx is not None:
+            _accumulate(dx, hidden[s:e], weight, dh, dW, db, s, e)
+        del r, l, dx   # free this chunk before the next one is computed
+    return rows, lse, dh, dW, db
+
+
+def _accumulate(dx, h, weight, dh, dW, db, s, e):
+    if dh is not None:
+        dh[s:e] = dx @ weight                      # (n, C)
+    if dW is not None:
+        if dx.dtype == dW.dtype:
+            dW.addmm_(dx.t(), h)                   # (V, C) += (V, n) @ (n, C)
+        else:
+            dW += dx.t() @ h
+    if db is not None:
+        db += dx.sum(0, dtype=db.dtype)
+
+
+def _row_weights(targets, ignore_index: int, reduction: str, acc: torch.dtype):
+    valid = (targets != ignore_index).to(acc)
+    return valid / valid.sum().clamp_min(1) if reduction == "mean" else valid
+
+
+@torch.library.custom_op("fastgpt::linear_cross_entropy_chunked", mutates_args=())
+def _lce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+         targets: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+         z_loss: float, softcap: float, step: str, chunk_rows: int, grad_hidden: bool,
+         grad_weight: bool, grad_bias: bool
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, z-loss part, dhidden, dweight, dbias): reduced as asked, gradients in fp32 for
+    grad_output = 1 ("mean"/"sum" only; empty tensors otherwise or when not asked for)."""
+    acc = _acc(hidden.dtype)
+    grads = reduction != "none" and (grad_hidden or grad_weight or grad_bias)
+    coef = _row_weights(targets, ignore_index, reduction, acc) if grads else None
+    rows, lse, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
+                                       label_smoothing, z_loss, softcap, step, chunk_rows,
+                                       grad_hidden, grad_weight, grad_bias)
+    valid = targets != ignore_index
+    z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
+    loss, z = reduce_rows(rows, z_rows, valid, reduction, True, acc)
+    return (loss, z, *(hidden.new_empty((0,), dtype=acc) if g is None else g for g in (dh, dW, db)))
+
+
+@_lce.register_fake
+def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      step, chunk_rows, grad_hidden, grad_weight, grad_bias):
+    acc = _acc(hidden.dtype)
+    shape = (hidden.shape[0],) if reduction == "none" else ()
+    grads = reduction != "none"
+    N, C = hidden.shape
+    V = weight.shape[0]
+
+    def out(want, size):
+        return hidden.new_empty(size if grads and want else (0,), dtype=acc)
+    return (hidden.new_empty(shape, dtype=acc), hidden.new_empty(shape, dtype=acc),
+            out(grad_hidden, (N, C)), out(grad_weight, (V, C)), out(grad_bias, (V,)))
+
+
+@torch.library.custom_op("fastgpt::linear_cross_entropy_chunked_bwd", mutates_args=())
+def _lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             targets: torch.Tensor, grad_rows: torch.Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, softcap: float, step: str, chunk_rows: int,
+             grad_hidden: bool, grad_weight: bool, grad_bias: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients for reduction="none": recompute each chunk with the row weights grad_rows."""
+    acc = _acc(hidden.dtype)
+    coef = torch.where(targets != ignore_index, grad_rows.to(acc), 0.0)
+    _, _, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
+                                  label_smoothing, z_loss, softcap, step, chunk_rows,
+                                  grad_hidden, grad_weight, grad_bias)
+    return tuple(hidden.new_empty((0,), dtype=acc) if g is None else g for g in (dh, dW, db))
+
+
+@_lce_bwd.register_fake
+def _(hidden, weight, bias, targets, grad_rows, ignore_index, label_smoothing, z_loss, softcap,
+      step, chunk_rows, grad_hidden, grad_weight, grad_bias):
+    acc = _acc(hidden.dtype)
+    N, C = hidden.shape
+    V = weight.shape[0]
+
+    def out(want, size):
+        return hidden.new_empty(size if want else (0,), dtype=acc)
+    return out(grad_hidden, (N, C)), out(grad_weight, (V, C)), out(grad_bias, (V,))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     step, chunk_rows, grad_hidden, grad_weight, grad_bias) = inputs
+    ctx.reduction = reduction
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "none":   # backward recomputes the chunks with the per-row grad_output
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, step, chunk_rows,
+                    grad_hidden, grad_weight, grad_bias)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _backward(ctx, g_loss, g_z, g_dh, g_dW, g_db):
+    if ctx.reduction == "none":
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grads = torch.ops.fastgpt.linear_cross_entropy_chunked_bwd(
+            hidden, weight, bias, targets, g_loss, ctx.opts[0], *ctx.opts[1:])
+    else:
+        grads = [g * g_loss if g.numel() else g for g in ctx.saved_tensors]
+    out = [g.to(dt) if dt is not None and g.numel() else None for g, dt in zip(grads, ctx.dtypes)]
+    return (*out, None, None, None, None, None, None, None, None, None, None, None)
+
+
+_lce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _make_backend(step: str):
+    def linear_cross_entropy_chunked(hidden, weight, targets, *, bias=None, ignore_index=-100,
+                                     reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                                     softcap=None, return_z_loss=False, chunk_rows=0):
+        if torch.is_autocast_enabled(hidden.device.type):
+            # what autocast would do to F.linear (it does not reach inside custom ops)
+            dt = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dt), weight.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        grad = torch.is_grad_enabled()
+        loss, z, *_ = torch.ops.fastgpt.linear_cross_entropy_chunked(
+            hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
+            softcap or 0.0, step, chunk_rows, grad and hidden.requires_grad,
+            grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+        loss = loss.to(hidden.dtype)
+        return (loss, z.detach().to(hidden.dtype)) if return_z_loss else loss
+    linear_cross_entropy_chunked.__name__ = f"linear_cross_entropy_{step}"
+    return linear_cross_entropy_chunked
+
+
+def _same_dtypes(hidden, weight, targets, bias=None, **kwargs) -> Optional[str]:
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        return (f"needs hidden, weight and bias of one dtype; got {hidden.dtype}, {weight.dtype}"
+                f"{'' if bias is None else ', ' + str(bias.dtype)}")
+    return None
+
+
+def _triton_supports(hidden, weight, targets, bias=None, **kwargs) -> Optional[str]:
+    reason = triton_device_reason(hidden)
+    if reason is None and hidden.device.type == "cuda" and hidden.dtype == torch.float64:
+        reason = "float64 is not supported on GPU"
+    return reason or _same_dtypes(hidden, weight, targets, bias)
+
+
+linear_cross_entropy_chunked = _make_backend("chunked")
+linear_cross_entropy_compile = _make_backend("compile")
+linear_cross_entropy_triton = _make_backend("triton")
+
+registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked,
+                  supports=_same_dtypes)
+registry.register("linear_cross_entropy", "compile", linear_cross_entropy_compile,
+                  supports=_same_dtypes)
+registry.register("linear_cross_entropy", "triton", linear_cross_entropy_triton,
+                  supports=_triton_supports, available=triton_unavailable)
