@@ -14,6 +14,8 @@ from fastgpt.ops.embedding import embedding
 # (one line per module; keep this block)
 from fastgpt.ops import attention_triton  # noqa: F401  (triton, compile)
 from fastgpt.ops import embedding_ext  # noqa: F401  (ext)
+from fastgpt.ops import cross_entropy_triton  # noqa: F401  (triton)
+from fastgpt.ops import linear_cross_entropy_chunked  # noqa: F401  (chunked, compile, triton)
 # --- end fast backends ---
 
 __all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",
