@@ -1,0 +1,108 @@
+"""Training runs: exact resume, surviving SIGKILL, stopping on a NaN loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastgpt import ops
+from fastgpt.checkpoint import load_checkpoint
+from fastgpt.errors import FastGPTError
+from fastgpt.ops import registry
+from fastgpt.train import RunOptions, train
+
+TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
+            eval_interval=4, log_interval=1, warmup_iters=2, lr_decay_iters=30, dropout=0.1)
+
+
+def run(out_dir, **kw):
+    overrides = {**TINY, **kw.pop("overrides", {})}
+    opts = RunOptions(out_dir=str(out_dir), preset="baby", progress=False, sample_chars=0,
+                      overrides=overrides, **kw)
+    return train(opts)
+
+
+def step_losses(out_dir):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["train_loss"] for r in rows if r["kind"] == "train"}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = run(tmp_path / "full", overrides={"max_iters": 12})
+    run(tmp_path / "part", overrides={"max_iters": 6})
+    resumed = run(tmp_path / "part", resume=True, overrides={"max_iters": 12})
+    assert step_losses(tmp_path / "part") == step_losses(tmp_path / "full")   # bitwise
+    assert resumed.val_loss == full.val_loss
+    a = load_checkpoint(tmp_path / "full")["model"]
+    b = load_checkpoint(tmp_path / "part")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 0
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "fastgpt", "train", "--preset", "baby", "--out-dir", str(out),
+            "--no-progress", "--sample-chars", "0", "--max-iters", "400"]
+    for k, v in TINY.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "ckpt.pt"
+    seen_iters = set()
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and len(seen_iters) < 3 and proc.poll() is None:
+            if ckpt.exists():
+                seen_iters.add(load_checkpoint(ckpt)["iter_num"])   # always loadable mid-run
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(seen_iters) >= 2, proc.stderr.read().decode()
+    last = load_checkpoint(ckpt)["iter_num"]
+    assert last > 0
+    resumed = run(out, resume=True, overrides={"max_iters": last + 8})
+    full = run(tmp_path / "full", overrides={"max_iters": last + 8})
+    losses, expected = step_losses(out), step_losses(tmp_path / "full")
+    assert {i: losses[i] for i in expected if i >= last} == {i: v for i, v in expected.items() if i >= last}
+    assert resumed.val_loss == full.val_loss
+
+
+@pytest.fixture
+def nan_backend():
+    """A linear_cross_entropy backend whose loss turns NaN from its 14th call on."""
+    calls = []
+
+    def fn(hidden, weight, targets, **kw):
+        calls.append(1)
+        loss = ops.linear_cross_entropy(hidden, weight, targets, backend="torch", **kw)
+        return loss * float("nan") if len(calls) >= 14 else loss
+
+    registry.register("linear_cross_entropy", "nan_after_13", fn)
+    yield "nan_after_13"
+    del registry._BACKENDS["linear_cross_entropy"]["nan_after_13"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_backend):
+    # calls 1-4: eval at 0; 5-8: steps 0-3; 9-12: eval at 4; 13: step 4; 14: step 5 -> NaN
+    with pytest.raises(FastGPTError, match=r"loss became nan at iteration 5.*iteration 4\) is kept"):
+        run(tmp_path, overrides={"max_iters": 20, "cross_entropy": nan_backend, "dropout": 0.0})
+    state = load_checkpoint(tmp_path)
+    assert state["iter_num"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_resume_and_fresh_run_guards(tmp_path):
+    with pytest.raises(FastGPTError, match="--resume given but .* does not exist"):
+        run(tmp_path, resume=True)
+    run(tmp_path, overrides={"max_iters": 2})
+    with pytest.raises(FastGPTError, match="already exists; pass --resume"):
+        run(tmp_path, overrides={"max_iters": 2})
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(FastGPTError, match="truncated or corrupt"):
+        run(tmp_path, resume=True)
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"garbage"    # a failed run overwrites nothing
