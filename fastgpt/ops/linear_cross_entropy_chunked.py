@@ -12,7 +12,8 @@ gradient weights (1/count or 1, 0 where ignored) are known up front; backward on
 the stored gradients by grad_output, a scalar. For "none" grad_output is a vector known only in
 backward, so backward recomputes the chunks with it (one extra matmul per chunk).
 
-Chunk size: one chunk when N*V is small (the char-level presets: no loop, no copies); otherwise
+Chunk size: one chunk when N*V <= 2**22 (the char-level presets), where ``chunked`` simply runs
+the plain PyTorch graph (nothing to save, and it is the fastest eager path); otherwise
 R = max(N*C, 2**22) // V rows, so a chunk of logits is about the size of the hidden states
 (GPT-2 small, N=8192, C=768, V=50304: R=125, 66 chunks of 25 MB in fp32). Chunking over the
 vocabulary as well is not needed: R shrinks as V grows, so a chunk stays small for any V.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from fastgpt.ops import registry
 from fastgpt.ops.cross_entropy import reduce_rows
+from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
 
@@ -55,35 +57,46 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# --- steps: logits chunk (n, V) -> (rows, lse, dlogits or None); rows include z-loss, 0 if ignored
+# --- steps: logits chunk (n, V) -> (rows, z_rows or None, dlogits or None); rows are per-row
+# losses with the z-loss part (z_rows) included, 0 where ignored; dlogits is the gradient of
+# sum_i coef_i * rows_i, or None when coef is None
 
 def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoothing: float,
                z_loss: float, softcap: float):
-    """In place over ``x`` where the dtypes allow, so a chunk costs about one extra buffer."""
+    """Plain PyTorch, in place where it can: about two chunk-sized buffers alive at a time."""
     valid = t != ignore_index
+    t_safe = t.masked_fill(~valid, 0).unsqueeze(1)
+    out_dtype = x.dtype
     z = x.to(_acc(x.dtype))                       # x itself when it is already fp32/fp64
+    del x
     th = None
     if softcap:
         th = z.div_(softcap).tanh_()
         z = th * softcap if coef is not None else th.mul_(softcap)
-    lse = torch.logsumexp(z, dim=-1)              # (n,)
-    t_safe = t.masked_fill(~valid, 0)
-    rows = lse - z.gather(1, t_safe.unsqueeze(1)).squeeze(1)
-    if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+    logp = torch.log_softmax(z, dim=-1)           # (n, V), one fused pass
+    z_rows = lse = None
     if z_loss:
-        rows = rows + z_loss * lse.square()
-    rows = torch.where(valid, rows, 0.0)
-    if coef is None:
-        return rows, lse, None
-    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    dz = z.sub_(lse.unsqueeze(1)).exp_().mul_(a.unsqueeze(1))    # a * softmax, over z's buffer
-    dz.scatter_add_(1, t_safe.unsqueeze(1), (coef * -(1.0 - label_smoothing)).unsqueeze(1))
+        # lse from the row's largest logit, whose log-probability is small: no cancellation
+        zmax, imax = z.max(dim=-1)
+        lse = zmax - logp.gather(1, imax.unsqueeze(1)).squeeze(1)
+        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
+    del z
+    rows = logp.gather(1, t_safe).squeeze(1).neg_()
     if label_smoothing:
-        dz.sub_((coef * (label_smoothing / z.shape[1])).unsqueeze(1))
+        rows = (1.0 - label_smoothing) * rows - label_smoothing * logp.mean(dim=-1)
+    rows = torch.where(valid, rows, 0.0)
+    if z_rows is not None:
+        rows = rows + z_rows
+    if coef is None:
+        return rows, z_rows, None
+    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
+    dz = logp.exp_().mul_(a.unsqueeze(1))         # a * softmax, over logp's buffer
+    dz.scatter_add_(1, t_safe, (coef * -(1.0 - label_smoothing)).unsqueeze(1))
+    if label_smoothing:
+        dz.sub_((coef * (label_smoothing / dz.shape[1])).unsqueeze(1))
     if th is not None:
         dz.mul_(th.square_().neg_().add_(1.0))    # d(cap * tanh(x / cap))/dx = 1 - tanh^2
-    return rows, lse, dz.to(x.dtype)
+    return rows, z_rows, dz.to(out_dtype)
 
 
 def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
@@ -98,11 +111,12 @@ def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
     rows = lse - z.gather(1, t_safe.unsqueeze(1)).squeeze(1)
     if label_smoothing:
         rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
-    if z_loss:
-        rows = rows + z_loss * lse.square()
+    z_rows = torch.where(valid, z_loss * lse.square(), 0.0) if z_loss else None
     rows = torch.where(valid, rows, 0.0)
+    if z_rows is not None:
+        rows = rows + z_rows
     if coef is None:
-        return rows, lse, None
+        return rows, z_rows, None
     a = coef * (1.0 + 2.0 * z_loss * lse)
     V = z.shape[1]
     hit = torch.arange(V, device=z.device) == t_safe.unsqueeze(1)
@@ -110,7 +124,7 @@ def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
     dz = torch.exp(z - lse.unsqueeze(1)) * a.unsqueeze(1) - target * coef.unsqueeze(1)
     if softcap:
         dz = dz * (1.0 - th * th)
-    return rows, lse, dz.to(x.dtype)
+    return rows, z_rows, dz.to(x.dtype)
 
 
 @functools.cache
@@ -124,12 +138,14 @@ def step_compile(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
 
 def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
     rows, lse = launch_fwd(x, t, ignore_index, label_smoothing, softcap)
+    z_rows = None
     if z_loss:
-        rows = rows + torch.where(t != ignore_index, z_loss * lse.square(), 0.0)
+        z_rows = torch.where(t != ignore_index, z_loss * lse.square(), 0.0)
+        rows = rows + z_rows
     if coef is None:
-        return rows, lse, None
+        return rows, z_rows, None
     a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    return rows, lse, launch_bwd(x, t, lse, a, coef, label_smoothing, softcap, out=x)
+    return rows, z_rows, launch_bwd(x, t, lse, a, coef, label_smoothing, softcap, out=x)
 
 
 _STEP_FNS = {"chunked": step_eager, "compile": step_compile, "triton": step_triton}
@@ -137,37 +153,39 @@ _STEP_FNS = {"chunked": step_eager, "compile": step_compile, "triton": step_trit
 
 def chunk_loop(hidden, weight, bias, targets, coef, ignore_index, label_smoothing, z_loss,
                softcap, step, chunk_rows, grad_hidden, grad_weight, grad_bias):
-    """Per-row losses and lse (N,), and, when ``coef`` (N,) is given, the fp32 gradients
-    sum_i coef_i * d row_i / d(hidden, weight, bias) for the requested inputs."""
+    """Per-row losses and z-loss parts (N,) (None without z-loss) and, when ``coef`` (N,) is
+    given, the gradients of sum_i coef_i * loss_i for the inputs asked for (None for others)."""
     N, C = hidden.shape
     V = weight.shape[0]
     acc = _acc(hidden.dtype)
     fn = _STEP_FNS[step]
     R = chunk_rows if chunk_rows > 0 else auto_chunk_rows(N, C, V)
     if N <= R:   # one chunk: no per-row buffers, no copies
-        rows, lse, dx = fn(F.linear(hidden, weight, bias), targets, ignore_index, coef,
-                           label_smoothing, z_loss, softcap)
+        rows, z_rows, dx = fn(F.linear(hidden, weight, bias), targets, ignore_index, coef,
+                              label_smoothing, z_loss, softcap)
         if dx is None:
-            return rows, lse, None, None, None
+            return rows, z_rows, None, None, None
         dh = (dx @ weight).to(acc) if grad_hidden else None
         dW = (dx.t() @ hidden).to(acc) if grad_weight else None
         db = dx.sum(0, dtype=acc) if grad_bias else None
-        return rows, lse, dh, dW, db
+        return rows, z_rows, dh, dW, db
     want = coef is not None
     dh = hidden.new_empty((N, C), dtype=acc) if want and grad_hidden else None
     dW = weight.new_zeros((V, C), dtype=acc) if want and grad_weight else None
     db = weight.new_zeros((V,), dtype=acc) if want and grad_bias else None
     rows = hidden.new_empty((N,), dtype=acc)
-    lse = torch.empty_like(rows)
+    z_rows = torch.empty_like(rows) if z_loss else None
     for s in range(0, N, R):
         e = min(s + R, N)
-        r, l, dx = fn(F.linear(hidden[s:e], weight, bias), targets[s:e], ignore_index,
-                      None if coef is None else coef[s:e], label_smoothing, z_loss, softcap)
-        rows[s:e], lse[s:e] = r, l
+        r, zr, dx = fn(F.linear(hidden[s:e], weight, bias), targets[s:e], ignore_index,
+                       None if coef is None else coef[s:e], label_smoothing, z_loss, softcap)
+        rows[s:e] = r
+        if zr is not None:
+            z_rows[s:e] = zr
         if dx is not None:
             _accumulate(dx, hidden[s:e], weight, dh, dW, db, s, e)
-        del r, l, dx   # free this chunk before the next one is computed
-    return rows, lse, dh, dW, db
+        del r, zr, dx   # free this chunk before the next one is computed
+    return rows, z_rows, dh, dW, db
 
 
 def _accumulate(dx, h, weight, dh, dW, db, s, e):
@@ -187,24 +205,76 @@ def _row_weights(targets, ignore_index: int, reduction: str, acc: torch.dtype):
     return valid / valid.sum().clamp_min(1) if reduction == "mean" else valid
 
 
+def _forward(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
+             softcap, step, chunk_rows, grad_hidden, grad_weight, grad_bias):
+    """(loss, z-loss part) reduced as asked, and for "mean"/"sum" the fp32 gradients for
+    grad_output = 1 of the inputs asked for (None otherwise)."""
+    acc = _acc(hidden.dtype)
+    grads = reduction != "none" and (grad_hidden or grad_weight or grad_bias)
+    coef = _row_weights(targets, ignore_index, reduction, acc) if grads else None
+    rows, z_rows, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
+                                          label_smoothing, z_loss, softcap, step, chunk_rows,
+                                          grad_hidden, grad_weight, grad_bias)
+    loss, z = reduce_rows(rows, z_rows, targets != ignore_index, reduction, True, acc)
+    return loss, z, dh, dW, db
+
+
+def _save(ctx, inputs, grads):
+    (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap,
+     step, chunk_rows, grad_hidden, grad_weight, grad_bias) = inputs
+    ctx.reduction = reduction
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "none":   # backward recomputes the chunks with the per-row grad_output
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, step, chunk_rows,
+                    grad_hidden, grad_weight, grad_bias)
+    else:
+        ctx.save_for_backward(*(g if g is not None and g.numel() else None for g in grads))
+
+
+def _backward(ctx, g_loss):
+    if ctx.reduction == "none":
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grads = torch.ops.fastgpt.linear_cross_entropy_chunked_bwd(
+            hidden, weight, bias, targets, g_loss, *ctx.opts)
+        grads = [g if g.numel() else None for g in grads]
+    else:
+        grads = [None if g is None else g * g_loss for g in ctx.saved_tensors]
+    out = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+    return (*out, None, None, None, None, None, None, None, None, None, None, None)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Eager entry point: the same forward/backward as the custom op below, without its
+    per-call dispatch cost (tens of microseconds, which the char-level presets notice)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        loss, z, *grads = _forward(*inputs)
+        _save(ctx, inputs, grads)
+        ctx.mark_non_differentiable(z)
+        return loss, z
+
+    @staticmethod
+    def backward(ctx, g_loss, g_z):
+        return _backward(ctx, g_loss)
+
+
+def _empty_if_none(grads, like, dtype):
+    return tuple(like.new_empty((0,), dtype=dtype) if g is None else g for g in grads)
+
+
 @torch.library.custom_op("fastgpt::linear_cross_entropy_chunked", mutates_args=())
 def _lce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
          targets: torch.Tensor, ignore_index: int, reduction: str, label_smoothing: float,
          z_loss: float, softcap: float, step: str, chunk_rows: int, grad_hidden: bool,
          grad_weight: bool, grad_bias: bool
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z-loss part, dhidden, dweight, dbias): reduced as asked, gradients in fp32 for
-    grad_output = 1 ("mean"/"sum" only; empty tensors otherwise or when not asked for)."""
-    acc = _acc(hidden.dtype)
-    grads = reduction != "none" and (grad_hidden or grad_weight or grad_bias)
-    coef = _row_weights(targets, ignore_index, reduction, acc) if grads else None
-    rows, lse, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
-                                       label_smoothing, z_loss, softcap, step, chunk_rows,
-                                       grad_hidden, grad_weight, grad_bias)
-    valid = targets != ignore_index
-    z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
-    loss, z = reduce_rows(rows, z_rows, valid, reduction, True, acc)
-    return (loss, z, *(hidden.new_empty((0,), dtype=acc) if g is None else g for g in (dh, dW, db)))
+    """(loss, z-loss part, dhidden, dweight, dbias); gradients empty when not computed."""
+    loss, z, *grads = _forward(hidden, weight, bias, targets, ignore_index, reduction,
+                               label_smoothing, z_loss, softcap, step, chunk_rows, grad_hidden,
+                               grad_weight, grad_bias)
+    return (loss, z, *_empty_if_none(grads, hidden, _acc(hidden.dtype)))
 
 
 @_lce.register_fake
@@ -231,10 +301,10 @@ def _lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """Gradients for reduction="none": recompute each chunk with the row weights grad_rows."""
     acc = _acc(hidden.dtype)
     coef = torch.where(targets != ignore_index, grad_rows.to(acc), 0.0)
-    _, _, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
-                                  label_smoothing, z_loss, softcap, step, chunk_rows,
-                                  grad_hidden, grad_weight, grad_bias)
-    return tuple(hidden.new_empty((0,), dtype=acc) if g is None else g for g in (dh, dW, db))
+    _, _, *grads = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
+                              label_smoothing, z_loss, softcap, step, chunk_rows,
+                              grad_hidden, grad_weight, grad_bias)
+    return _empty_if_none(grads, hidden, acc)
 
 
 @_lce_bwd.register_fake
@@ -250,46 +320,38 @@ def _(hidden, weight, bias, targets, grad_rows, ignore_index, label_smoothing, z
 
 
 def _setup_context(ctx, inputs, output):
-    (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap,
-     step, chunk_rows, grad_hidden, grad_weight, grad_bias) = inputs
-    ctx.reduction = reduction
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    if reduction == "none":   # backward recomputes the chunks with the per-row grad_output
-        ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, step, chunk_rows,
-                    grad_hidden, grad_weight, grad_bias)
-    else:
-        ctx.save_for_backward(*output[2:])
+    _save(ctx, inputs, output[2:])
 
 
-def _backward(ctx, g_loss, g_z, g_dh, g_dW, g_db):
-    if ctx.reduction == "none":
-        hidden, weight, bias, targets = ctx.saved_tensors
-        grads = torch.ops.fastgpt.linear_cross_entropy_chunked_bwd(
-            hidden, weight, bias, targets, g_loss, ctx.opts[0], *ctx.opts[1:])
-    else:
-        grads = [g * g_loss if g.numel() else g for g in ctx.saved_tensors]
-    out = [g.to(dt) if dt is not None and g.numel() else None for g, dt in zip(grads, ctx.dtypes)]
-    return (*out, None, None, None, None, None, None, None, None, None, None, None)
-
-
-_lce.register_autograd(_backward, setup_context=_setup_context)
+_lce.register_autograd(lambda ctx, g_loss, *unused: _backward(ctx, g_loss),
+                       setup_context=_setup_context)
 
 
 def _make_backend(step: str):
     def linear_cross_entropy_chunked(hidden, weight, targets, *, bias=None, ignore_index=-100,
                                      reduction="mean", label_smoothing=0.0, z_loss=0.0,
                                      softcap=None, return_z_loss=False, chunk_rows=0):
+        if step == "chunked" and chunk_rows <= 0 and \
+                hidden.shape[0] * weight.shape[0] <= SINGLE_CHUNK_ELEMENTS:
+            # all logits fit in one chunk: nothing to save, and autograd's fused log_softmax
+            # backward is the fastest eager path (the char-level presets land here)
+            return linear_cross_entropy_torch(
+                hidden, weight, targets, bias=bias, ignore_index=ignore_index,
+                reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap, return_z_loss=return_z_loss)
         if torch.is_autocast_enabled(hidden.device.type):
             # what autocast would do to F.linear (it does not reach inside custom ops)
             dt = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
         grad = torch.is_grad_enabled()
-        loss, z, *_ = torch.ops.fastgpt.linear_cross_entropy_chunked(
-            hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
-            softcap or 0.0, step, chunk_rows, grad and hidden.requires_grad,
-            grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+        args = (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
+                softcap or 0.0, step, chunk_rows, grad and hidden.requires_grad,
+                grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+        if torch.compiler.is_compiling():
+            loss, z = torch.ops.fastgpt.linear_cross_entropy_chunked(*args)[:2]
+        else:
+            loss, z = _LinearCrossEntropy.apply(*args)
         loss = loss.to(hidden.dtype)
         return (loss, z.detach().to(hidden.dtype)) if return_z_loss else loss
     linear_cross_entropy_chunked.__name__ = f"linear_cross_entropy_{step}"
