@@ -74,21 +74,22 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 
 @pytest.fixture
 def nan_backend():
-    """A linear_cross_entropy backend whose loss turns NaN from its 14th call on."""
+    """A linear_cross_entropy backend whose loss turns NaN from its 10th call on."""
     calls = []
 
     def fn(hidden, weight, targets, **kw):
         calls.append(1)
         loss = ops.linear_cross_entropy(hidden, weight, targets, backend="torch", **kw)
-        return loss * float("nan") if len(calls) >= 14 else loss
+        return loss * float("nan") if len(calls) >= 10 else loss
 
-    registry.register("linear_cross_entropy", "nan_after_13", fn)
-    yield "nan_after_13"
-    del registry._BACKENDS["linear_cross_entropy"]["nan_after_13"]
+    registry.register("linear_cross_entropy", "nan_after_9", fn)
+    yield "nan_after_9"
+    del registry._BACKENDS["linear_cross_entropy"]["nan_after_9"]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_backend):
-    # calls 1-4: eval at 0; 5-8: steps 0-3; 9-12: eval at 4; 13: step 4; 14: step 5 -> NaN
+    # one call per split per eval: calls 1-2 eval at 0; 3-6 steps 0-3; 7-8 eval at 4;
+    # 9 step 4; 10 step 5 -> NaN
     with pytest.raises(FastGPTError, match=r"loss became nan at iteration 5.*iteration 4\) is kept"):
         run(tmp_path, overrides={"max_iters": 20, "cross_entropy": nan_backend, "dropout": 0.0})
     state = load_checkpoint(tmp_path)
