@@ -43,9 +43,10 @@ def _kernels():
     return importlib.import_module(_KERNELS)
 
 
-def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kernels().attn_fwd, InterpretedFunction)
+def _kernels_compiled_for_gpu() -> bool:
+    """True when the kernels were loaded (defined) while TRITON_INTERPRET was off."""
+    module = sys.modules.get(_KERNELS)
+    return module is not None and type(module.attn_fwd).__name__ != "InterpretedFunction"
 
 
 def _available() -> Optional[str]:
@@ -60,7 +61,7 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, scale=None, dropout_p: float = 0.
         if not interpreting():
             return ("triton kernels need a CUDA device; on CPU they run only under the Triton "
                     "interpreter (set TRITON_INTERPRET=1 before starting Python)")
-        if _KERNELS in sys.modules and not _kernels_interpreted():
+        if not torch.compiler.is_compiling() and _kernels_compiled_for_gpu():
             return ("TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it "
                     "before starting Python")
     elif dev != "cuda":
@@ -123,10 +124,16 @@ def _blocks(name: str) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn)
 
 
-def _empty_bhtd(like: Tensor) -> Tensor:
+def _empty_bhtd(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """(B, H, T, D) viewed from (B, T, H, D) memory: the model's reshape back is then free."""
     B, H, T, D = like.shape
-    return like.new_empty((B, T, H, D)).transpose(1, 2)
+    return like.new_empty((B, T, H, D), dtype=dtype or like.dtype).transpose(1, 2)
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The interpreter converts fp32 to bf16 by truncation, a bias that builds up in backward:
+    there the kernels store fp32 and torch rounds to bf16 (to nearest, as GPUs do)."""
+    return torch.float32 if _flags(dtype)["UPCAST"] else dtype
 
 
 def _block_d(D: int) -> int:
@@ -137,47 +144,83 @@ def _bucket(T: int) -> int:
     return 1 << max(T - 1, 0).bit_length()
 
 
-@torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
-                  dropout_p: float) -> tuple[Tensor, Tensor]:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
+         dropout_p: float) -> tuple[Tensor, Tensor]:
     B, H, T, D = q.shape
-    out = _empty_bhtd(q)
+    out = _empty_bhtd(q, _store_dtype(q.dtype))
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
-    _launcher("attn_fwd", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)](
+    _launcher("attn_fwd", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, _bucket(T), scale, dropout_p,
         HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype),
         **_blocks("attn_fwd"))
-    return out, lse
+    return out.to(q.dtype), lse
 
 
-@torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  seed: Tensor, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+         scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
     B, H, T, D = q.shape
     block_d = _block_d(D)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     pre_m = 64
-    wrap_triton(_kernels().attn_bwd_preprocess)[(triton_cdiv(T, pre_m), B * H)](
+    wrap_triton(_kernels().attn_bwd_preprocess)[(_cdiv(T, pre_m), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m)
-    dq, dk, dv = _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
+    dq, dk, dv = (_empty_bhtd(q, _store_dtype(q.dtype)) for _ in range(3))
     common = (H, T, _bucket(T), scale, dropout_p)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _launcher("attn_bwd_dkdv", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_N"]), B * H)](
+    _launcher("attn_bwd_dkdv", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, seed, *strides, *dk.stride(), *common,
         **consts, **_blocks("attn_bwd_dkdv"))
-    _launcher("attn_bwd_dq", block_d)[lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)](
+    _launcher("attn_bwd_dq", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, seed, *strides, *dq.stride(), *common,
         **consts, **_blocks("attn_bwd_dq"))
-    return dq, dk, dv
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# The public ops. On GPU their bodies launch the kernels through wrap_triton, which lets
+# torch.compile trace into them. Interpreted kernels cannot be traced with fake tensors, so under
+# TRITON_INTERPRET the bodies call opaque twins (custom_op + register_fake) instead.
+
+@torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
+                  dropout_p: float) -> tuple[Tensor, Tensor]:
+    if interpreting():
+        return torch.ops.fastgpt._attention_fwd_interpreted(q, k, v, seed, scale, dropout_p)
+    return _fwd(q, k, v, seed, scale, dropout_p)
+
+
+@torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  seed: Tensor, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    if interpreting():
+        return torch.ops.fastgpt._attention_bwd_interpreted(dout, q, k, v, out, lse, seed, scale,
+                                                            dropout_p)
+    return _bwd(dout, q, k, v, out, lse, seed, scale, dropout_p)
+
+
+_fwd_interpreted = torch.library.custom_op("fastgpt::_attention_fwd_interpreted",
+                                           mutates_args=())(_fwd)
+_bwd_interpreted = torch.library.custom_op("fastgpt::_attention_bwd_interpreted",
+                                           mutates_args=())(_bwd)
+
+
+@_fwd_interpreted.register_fake
+def _(q, k, v, seed, scale, dropout_p):
+    B, H, T, D = q.shape
+    return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@_bwd_interpreted.register_fake
+def _(dout, q, k, v, out, lse, seed, scale, dropout_p):
+    return _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
 
 
 def _setup_context(ctx, inputs, output):
@@ -223,7 +266,7 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float,
     keep = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
     seed_t = torch.full((1,), seed, dtype=torch.int64, device=device)
     block = 16
-    _kernels().dropout_keep_mask[(triton_cdiv(T, block), B * H)](
+    _kernels().dropout_keep_mask[(_cdiv(T, block), B * H)](
         keep, seed_t, T, dropout_p, BLOCK_M=block, BLOCK_N=block)
     return keep.bool()
 

@@ -1,0 +1,105 @@
+"""Ahead-of-time compilation for real GPUs (fastgpt.aot), no GPU needed.
+
+The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it for this
+process, and interpreted kernels cannot be compiled).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastgpt.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
+from fastgpt.kernels import attention as attn
+
+# Every shipped GPU config of the attention kernels, in its register-heaviest variant (dropout
+# on; Philox dominates register pressure), fp16. `python -m fastgpt.aot fastgpt.kernels.attention`
+# compiles every dtype and variant.
+_SCRIPT = """
+import json, sys
+from fastgpt.aot import AOTConfig, check, compile_for_arch, occupancy_warps_per_sm
+from fastgpt.kernels.attention import aot_configs
+arch = int(sys.argv[1])
+for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=("fp16",), dropout=(True,))):
+    r = compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
+    print(json.dumps(dict(kernel=r.kernel, config=r.config, registers=r.registers,
+                          spill_bytes=r.spill_bytes, shared_bytes=r.shared_bytes,
+                          warps_per_sm=occupancy_warps_per_sm(r, arch), problems=check(r))),
+          flush=True)
+"""
+
+
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return env
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Both architectures compile in parallel (one process each)."""
+    procs = {arch: subprocess.Popen([sys.executable, "-c", _SCRIPT, str(arch)], env=_clean_env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in (80, 90)}
+    out = {}
+    for arch, p in procs.items():
+        stdout, stderr = p.communicate(timeout=900)
+        assert p.returncode == 0, f"sm_{arch} AOT compile failed:\n{stderr[-4000:]}"
+        out[arch] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return out
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_shipped_attention_config_compiles_without_spills(compiled, arch):
+    rows = compiled[arch]
+    assert len(rows) == len(attn.aot_configs(dtypes=("fp16",), dropout=(True,)))
+    for r in rows:
+        print(f"sm_{arch} {r['kernel']} {r['config']} regs={r['registers']} "
+              f"spill={r['spill_bytes']} smem={r['shared_bytes']} warps/SM={r['warps_per_sm']}")
+    bad = [r for r in rows if r["problems"]]
+    assert not bad, "\n".join(f"{r['kernel']} {r['config']}: {r['problems']}" for r in bad)
+    assert all(r["shared_bytes"] <= ARCH_LIMITS[arch]["smem_per_block"] for r in rows)
+    assert all(r["warps_per_sm"] > 0 for r in rows)
+
+
+def test_config_lists_keep_the_diagonal_on_whole_blocks():
+    for block_d, configs in attn.FWD_CONFIGS.items():
+        for bm, bn, _, _ in configs:
+            assert bm % bn == 0, (block_d, bm, bn)
+    for block_d, configs in attn.BWD_CONFIGS.items():
+        for bm, bn, _, _ in configs:
+            assert bn % bm == 0, (block_d, bm, bn)     # dK/dV; dQ uses the swap
+    assert set(attn.FWD_CONFIGS) == set(attn.BWD_CONFIGS) == {16, 32, 64, 128}
+    bm, bn, _, _ = attn.INTERPRET_FWD
+    assert bm % bn == 0
+    bm, bn, _, _ = attn.INTERPRET_BWD
+    assert bn % bm == 0
+
+
+def test_parse_ptxas_log():
+    log = ("ptxas info    : Compiling entry function 'attn_fwd' for 'sm_80'\n"
+           "ptxas info    : Function properties for attn_fwd\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 168 registers, used 1 barriers, 380 bytes cmem[0]\n")
+    assert parse_ptxas_log(log) == (168, 8)
+    with pytest.raises(RuntimeError):
+        parse_ptxas_log("nothing here")
+
+
+def test_occupancy():
+    res = KernelResources("k", 80, dict(num_warps=4), registers=128, shared_bytes=48 * 1024)
+    # registers: 128*32 = 4096 per warp -> 16 warps' worth -> 4 blocks; smem: 164/48 -> 3 blocks
+    assert occupancy_warps_per_sm(res, 80) == 12
+    assert occupancy_warps_per_sm(res, 90) == 16       # 228/48 -> 4 blocks
+    tiny = KernelResources("k", 90, dict(num_warps=8), registers=16, shared_bytes=0)
+    assert occupancy_warps_per_sm(tiny, 90) == 64
+    huge = KernelResources("k", 80, dict(num_warps=4), registers=64, shared_bytes=200 * 1024)
+    assert occupancy_warps_per_sm(huge, 80) == 0
+
+
+def test_refuses_to_run_under_the_interpreter(monkeypatch):
+    from fastgpt.aot import compile_for_arch
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        compile_for_arch(attn.attn_fwd, {}, {}, 80, 4, 3)

@@ -1,0 +1,185 @@
+"""The `triton` and `compile` attention backends against the float64 reference.
+
+Triton kernels run through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1).
+q, k, v are always strided views of one (B, T, 3, H, D) tensor, as the model makes them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgpt.ops as ops
+from fastgpt.config import GPTConfig
+from fastgpt.errors import FastGPTError
+from fastgpt.model import GPT
+from fastgpt.ops.attention import attention_torch
+from fastgpt.ops.attention_triton import attention_triton, dropout_keep_mask
+from fastgpt.testing import assert_matches_reference
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+
+# (B, H, T, D, dtype): every T in {1, 7, 64, 97, 256}, every D in {16, 32, 48, 64, 80, 96, 128},
+# every dtype; the large-T cases kept few and narrow.
+CASES = [
+    (2, 3, 1, 16, F32), (2, 2, 7, 48, F16), (1, 2, 7, 128, BF16), (2, 2, 64, 16, F16),
+    (1, 2, 64, 64, BF16), (1, 2, 97, 48, BF16), (1, 2, 97, 128, F32), (1, 3, 97, 64, F16),
+    (1, 2, 33, 80, F16), (2, 1, 20, 96, F32), (1, 2, 40, 32, BF16), (1, 1, 256, 64, F16),
+    (1, 1, 256, 16, BF16),
+]
+
+
+def qkv(B, H, T, D, dtype, requires_grad=True):
+    """q, k, v of shape (B, H, T, D): non-contiguous slices of one (B, T, 3, H, D) tensor."""
+    x = torch.randn(B, T, 3, H, D, dtype=dtype)
+    return [t.transpose(1, 2).requires_grad_(requires_grad) for t in x.unbind(2)]
+
+
+def run(fn, q, k, v, dout, dtype=None):
+    """Output and input gradients of fn, run on copies of q, k, v cast to ``dtype``."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_all(fast, base, ref, label):
+    for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
+                             [base[0], *base[1]], [ref[0], *ref[1]]):
+        assert_matches_reference(f, b, r, f"{label} {name}")
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype", CASES,
+                         ids=[f"B{c[0]}H{c[1]}T{c[2]}D{c[3]}-{str(c[4])[6:]}" for c in CASES])
+def test_forward_backward_match_reference(B, H, T, D, dtype):
+    q, k, v = qkv(B, H, T, D, dtype)
+    dout = torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2)   # random and strided
+    fast = run(attention_triton, q, k, v, dout)
+    base = run(attention_torch, q, k, v, dout)
+    ref = run(attention_torch, q, k, v, dout, torch.float64)
+    assert fast[0].dtype == dtype and all(g.dtype == dtype for g in fast[1])
+    check_all(fast, base, ref, f"triton {dtype}")
+
+
+def test_scale_argument():
+    q, k, v = qkv(1, 2, 19, 32, F32, requires_grad=False)
+    out = attention_triton(q, k, v, scale=0.3)
+    ref = attention_torch(q.double(), k.double(), v.double(), scale=0.3)
+    assert_matches_reference(out, attention_torch(q, k, v, scale=0.3), ref, "scale=0.3")
+
+
+def masked_reference(mask, p, scale=None):
+    """The reference with the kernel's dropout mask applied: softmax, mask, rescale, @ v."""
+    def fn(q, k, v):
+        T = q.shape[-2]
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        s = (q @ k.transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)
+        probs = s.masked_fill(future, float("-inf")).softmax(-1)
+        return (probs * mask.to(probs.dtype) / (1 - p)) @ v
+    return fn
+
+
+@pytest.mark.parametrize("T,D,dtype", [(97, 48, F32), (40, 64, BF16), (7, 16, F16)])
+def test_dropout_matches_reference_with_the_same_mask(T, D, dtype):
+    B, H, p, seed = 1, 2, 0.3, 1234
+    q, k, v = qkv(B, H, T, D, dtype)
+    dout = torch.randn(B, H, T, D, dtype=dtype)
+    mask = dropout_keep_mask(seed, B, H, T, p)
+    keep = mask[..., torch.ones(T, T, dtype=torch.bool).tril()].float().mean().item()
+    assert abs(keep - (1 - p)) < 0.1, keep
+    fast = run(lambda q, k, v: attention_triton(q, k, v, dropout_p=p, seed=seed), q, k, v, dout)
+    base = run(masked_reference(mask, p), q, k, v, dout)
+    ref = run(masked_reference(mask, p), q, k, v, dout, torch.float64)
+    check_all(fast, base, ref, f"dropout {dtype}")
+
+
+def test_dropout_same_seed_same_result():
+    q, k, v = qkv(1, 2, 33, 32, F32, requires_grad=False)
+    a = attention_triton(q, k, v, dropout_p=0.2, seed=7)
+    assert torch.equal(a, attention_triton(q, k, v, dropout_p=0.2, seed=7))
+    assert not torch.equal(a, attention_triton(q, k, v, dropout_p=0.2, seed=8))
+    torch.manual_seed(3)
+    b = attention_triton(q, k, v, dropout_p=0.2)       # seed drawn from torch's generator
+    torch.manual_seed(3)
+    assert torch.equal(b, attention_triton(q, k, v, dropout_p=0.2))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_opcheck(dropout_p):
+    q, k, v = qkv(1, 2, 9, 16, F32)
+    seed = torch.tensor([11], dtype=torch.int64)
+    torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, (q, k, v, seed, 0.25, dropout_p))
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, seed, 0.25, dropout_p)
+    dout = torch.randn_like(out)
+    args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, seed, 0.25, dropout_p)
+    torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, args)
+
+
+def test_lse_is_the_log_sum_exp_of_scaled_scores():
+    q, k, v = qkv(1, 2, 23, 16, F32, requires_grad=False)
+    _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, torch.zeros(1, dtype=torch.int64), 0.25, 0.0)
+    s = (q.double() @ k.double().transpose(-2, -1)) * 0.25
+    s = s.masked_fill(torch.ones(23, 23, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "compile"])
+def test_torch_compile_fullgraph(backend):
+    q, k, v = qkv(2, 2, 13, 16, F32)
+    dout = torch.randn(2, 2, 13, 16)
+    compiled = torch.compile(lambda q, k, v: ops.causal_attention(q, k, v, backend=backend),
+                             fullgraph=True)
+    fast = run(compiled, q, k, v, dout)
+    base = run(attention_torch, q, k, v, dout)
+    ref = run(attention_torch, q, k, v, dout, torch.float64)
+    check_all(fast, base, ref, f"compiled {backend}")
+
+
+def test_compile_backend_matches_reference():
+    q, k, v = qkv(1, 2, 21, 48, F32)
+    dout = torch.randn(1, 2, 21, 48)
+    fast = run(lambda q, k, v: ops.causal_attention(q, k, v, backend="compile"), q, k, v, dout)
+    base = run(attention_torch, q, k, v, dout)
+    ref = run(attention_torch, q, k, v, dout, torch.float64)
+    check_all(fast, base, ref, "compile")
+
+
+def test_tiny_gpt_trains_like_sdpa():
+    def losses(attention):
+        torch.manual_seed(0)
+        cfg = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
+                        attention=attention)
+        model = GPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        data = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
+        out = []
+        for _ in range(4):
+            _, loss = model(data[:, :-1], data[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+    triton_losses, sdpa_losses = losses("triton"), losses("sdpa")
+    assert triton_losses == pytest.approx(sdpa_losses, rel=1e-4, abs=1e-5)
+    assert triton_losses[-1] < triton_losses[0]
+
+
+def test_explicit_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = qkv(1, 1, 4, 16, F32, requires_grad=False)
+    with pytest.raises(FastGPTError, match="TRITON_INTERPRET"):
+        ops.causal_attention(q, k, v, backend="triton")
+    with pytest.raises(FastGPTError, match="TRITON_INTERPRET"):
+        attention_triton(q, k, v)
+    # the automatic choice on CPU is sdpa, quietly
+    torch.testing.assert_close(ops.causal_attention(q, k, v),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_unsupported_inputs_say_why():
+    q, k, v = qkv(1, 1, 4, 256, F32, requires_grad=False)
+    with pytest.raises(FastGPTError, match="head dim 256"):
+        ops.causal_attention(q, k, v, backend="triton")
+    q, k, v = qkv(1, 1, 4, 16, torch.float64, requires_grad=False)
+    with pytest.raises(FastGPTError, match="float64"):
+        ops.causal_attention(q, k, v, backend="triton")
