@@ -71,15 +71,17 @@ def cross_entropy_fwd_kernel(
         m = m_new
         if HAS_SMOOTHING:
             zsum += tl.sum(tl.where(mask, z, 0.0), 0)
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
+    lse = m + log_s
 
     ignored = t == ignore_index
     in_range = (t >= 0) & (t < V)
     x_t = tl.load(x_row + tl.where(in_range, t, 0) * stride_xv).to(ACC)
     z_t, _ = _cap(x_t, softcap, HAS_SOFTCAP)
-    loss = lse - z_t
+    # (m - z) first, then log(s): at |logits| ~ 1e4 this keeps the digits that m + log(s) loses
+    loss = (m - z_t) + log_s
     if HAS_SMOOTHING:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - zsum / V)
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * ((m - zsum / V) + log_s)
     loss = tl.where(in_range, loss, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(loss_ptr + row, loss)
@@ -107,7 +109,8 @@ def cross_entropy_bwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = tl.load(x_row + cols * stride_xv, mask=mask, other=0.0).to(ACC)
+        # masked columns read -inf so that their exp is 0, not an overflow
+        x = tl.load(x_row + cols * stride_xv, mask=mask, other=float("-inf")).to(ACC)
         z, th = _cap(x, softcap, HAS_SOFTCAP)
         dz = a * tl.exp(z - lse) - tl.where(cols == t, b_hit, 0.0)
         if HAS_SMOOTHING:

@@ -1,0 +1,189 @@
+"""fastgpt.ops.cross_entropy: the torch reference's options and the Triton backend (interpreted).
+
+Every case compares against the float64 ``torch`` backend, forward and backward with a random
+grad_output, under the 2x-same-dtype-error rule (fastgpt.testing).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgpt.ops as ops
+from fastgpt.errors import FastGPTError
+from fastgpt.ops.cross_entropy import cross_entropy_torch
+from fastgpt.ops.cross_entropy_triton import cross_entropy_triton
+from fastgpt.testing import assert_matches_reference
+
+ALL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+OPTIONS = {"plain": {}, "smooth": dict(label_smoothing=0.2), "zloss": dict(z_loss=1e-2),
+           "softcap": dict(softcap=5.0), "all": ALL}
+
+
+def make(N, V, dtype, scale=3.0, ignore=(), ignore_index=-100):
+    logits = (torch.randn(N, V, dtype=torch.float64) * scale).to(dtype)
+    targets = torch.randint(0, V, (N,))
+    for i in ignore:
+        targets[i] = ignore_index
+    return logits, targets
+
+
+def run(fn, logits, targets, g, **opts):
+    x = logits.detach().clone().requires_grad_()
+    out = fn(x, targets, **opts)
+    loss = out[0] if isinstance(out, tuple) else out
+    (grad,) = torch.autograd.grad((loss * g.to(loss.dtype)).sum(), x)
+    return out, grad
+
+
+def check(logits, targets, name="", **opts):
+    """The Triton backend vs plain PyTorch in the same dtype, both against float64."""
+    reduction = opts.get("reduction", "mean")
+    g = torch.randn(targets.shape if reduction == "none" else (), dtype=torch.float64)
+    out, grad = run(cross_entropy_triton, logits, targets, g, **opts)
+    base, base_grad = run(cross_entropy_torch, logits, targets, g, **opts)
+    ref, ref_grad = run(cross_entropy_torch, logits.double(), targets, g, **opts)
+    if opts.get("return_z_loss"):
+        assert_matches_reference(out[1], base[1], ref[1], f"{name} z_loss")
+        out, base, ref = out[0], base[0], ref[0]
+    assert out.dtype == logits.dtype
+    assert_matches_reference(out, base, ref, f"{name} loss")
+    assert_matches_reference(grad, base_grad, ref_grad, f"{name} grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("V", [65, 123])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_triton_matches_reference(dtype, V, option):
+    logits, targets = make(7, V, dtype, ignore=(2,))
+    check(logits, targets, f"{dtype} V={V} {option}", **OPTIONS[option])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("N", [1, 33])
+def test_triton_reductions(reduction, option, N):
+    logits, targets = make(N, 65, torch.float32, ignore=(0,) if N > 1 else ())
+    check(logits, targets, f"{reduction} {option} N={N}", reduction=reduction, **OPTIONS[option])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpt2_vocab(dtype):
+    # V=50257 spans several blocks of the online log-sum-exp; N small for the interpreter
+    logits, targets = make(3, 50257, dtype, ignore=(1,))
+    check(logits, targets, "V=50257", **ALL)
+    check(logits, targets, "V=50257 none", reduction="none")
+
+
+def test_triton_return_z_loss_and_ignore_index():
+    logits, targets = make(9, 65, torch.float32, ignore=(1, 4), ignore_index=7)
+    check(logits, targets, "z", ignore_index=7, z_loss=1e-2, return_z_loss=True)
+    loss, z = cross_entropy_triton(logits.requires_grad_(), targets, ignore_index=7,
+                                   z_loss=1e-2, return_z_loss=True)
+    assert not z.requires_grad and loss.requires_grad
+    lse = torch.logsumexp(logits.detach().double(), -1)
+    keep = targets != 7
+    torch.testing.assert_close(z.double(), 1e-2 * lse[keep].square().mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_is_zero_with_zero_grads(backend, reduction):
+    logits = torch.randn(5, 65, requires_grad=True)
+    targets = torch.full((5,), -100)
+    loss = ops.cross_entropy(logits, targets, reduction=reduction, label_smoothing=0.1,
+                             softcap=5.0, backend=backend)
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    assert torch.all(logits.grad == 0)
+
+
+# the interpreter's numpy sigmoid overflows to exactly 0 or 1 for such inputs, as it should
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_extreme_logits(option):
+    logits, targets = make(6, 123, torch.float32, scale=1.0, ignore=(5,))
+    logits[:, ::3] = 1e4
+    logits[:, 1::3] = -1e4
+    logits[0] = -1e4
+    logits[1, targets[1]] = 1e4
+    check(logits, targets, f"extreme {option}", **OPTIONS[option])
+
+
+def test_non_contiguous_logits():
+    base, targets = make(11, 130, torch.float32)
+    targets = targets % 65
+    check(base[:, ::2], targets, "strided columns", **ALL)        # (11, 65), column stride 2
+    wide, _ = make(65, 11, torch.float32)
+    check(wide.t(), targets, "transposed")                       # (11, 65), column-major
+
+
+def test_float64_gradcheck():
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, 2, -100, 8, 0])
+    for opts in ({}, ALL, dict(reduction="none", z_loss=0.1, softcap=3.0)):
+        assert torch.autograd.gradcheck(lambda x: cross_entropy_triton(x, t, **opts), (x,))
+    # both outputs of the op are differentiable (lse carries the z-loss gradient)
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.fastgpt.cross_entropy_fwd(x, t, -100, 0.2, 3.0), (x,))
+
+
+def test_opcheck():
+    x = torch.randn(7, 65, requires_grad=True)
+    t = torch.randint(0, 65, (7,))
+    t[3] = -100
+    torch.library.opcheck(torch.ops.fastgpt.cross_entropy_fwd.default, (x, t, -100, 0.1, 5.0))
+    torch.library.opcheck(torch.ops.fastgpt.cross_entropy_fwd.default, (x, t, -100, 0.0, 0.0))
+    lse, a, b = torch.randn(7), torch.randn(7), torch.randn(7)
+    torch.library.opcheck(torch.ops.fastgpt.cross_entropy_bwd.default,
+                          (x.detach(), t, lse, a, b, 0.1, 5.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_fullgraph(backend):
+    logits, targets = make(7, 65, torch.float32, ignore=(3,))
+    g = torch.randn(())
+    fn = torch.compile(lambda x, t: ops.cross_entropy(x, t, backend=backend, **ALL),
+                       fullgraph=True)
+    out, grad = run(fn, logits, targets, g)
+    ref, ref_grad = run(lambda x, t: ops.cross_entropy(x, t, backend=backend, **ALL),
+                        logits, targets, g)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_torch_reference_options_agree_with_functional():
+    # the explicit formula (taken whenever z-loss/softcap/return_z_loss is on) and
+    # F.cross_entropy's label smoothing are the same function
+    logits, targets = make(9, 65, torch.float64, ignore=(2,))
+    for reduction in ("mean", "sum", "none"):
+        explicit, _ = cross_entropy_torch(logits, targets, reduction=reduction,
+                                          label_smoothing=0.3, return_z_loss=True)
+        fused = F.cross_entropy(logits, targets, reduction=reduction, label_smoothing=0.3)
+        torch.testing.assert_close(explicit, fused)
+
+
+def test_out_of_range_targets():
+    logits = torch.randn(4, 65)
+    for bad in (65, -1, 1000):
+        targets = torch.tensor([0, bad, 3, -100])
+        for backend in ("torch", "triton"):
+            with pytest.raises(FastGPTError, match=f"target {bad} at position 1"):
+                ops.cross_entropy(logits, targets, backend=backend)
+    # the kernel itself never silently uses a bad target: that row's loss is NaN
+    rows, _ = torch.ops.fastgpt.cross_entropy_fwd(logits, torch.tensor([0, 65, 3, -100]),
+                                                  -100, 0.0, 0.0)
+    assert rows[1].isnan() and rows[[0, 2]].isfinite().all() and rows[3] == 0
+
+
+def test_bad_options_raise():
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    for kwargs in (dict(label_smoothing=1.5), dict(z_loss=-1.0), dict(softcap=0.0),
+                   dict(reduction="avg")):
+        with pytest.raises(FastGPTError):
+            ops.cross_entropy(logits, targets, **kwargs)
+
+
+def test_default_backend_on_cpu_is_torch():
+    from fastgpt.ops import registry
+    logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    assert registry.choose("cross_entropy", "cpu", (logits, targets), {}).name == "torch"
