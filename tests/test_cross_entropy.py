@@ -118,13 +118,15 @@ def test_non_contiguous_logits():
 
 
 def test_float64_gradcheck():
-    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
-    t = torch.tensor([1, 2, -100, 8, 0])
-    for opts in ({}, ALL, dict(reduction="none", z_loss=0.1, softcap=3.0)):
-        assert torch.autograd.gradcheck(lambda x: cross_entropy_triton(x, t, **opts), (x,))
+    # fast_mode checks random projections of the Jacobian: the interpreter is slow
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, -100, 8, 0])
+    for opts in ({}, dict(reduction="none", z_loss=0.1, softcap=3.0, label_smoothing=0.2)):
+        assert torch.autograd.gradcheck(lambda x: cross_entropy_triton(x, t, **opts), (x,),
+                                        fast_mode=True)
     # both outputs of the op are differentiable (lse carries the z-loss gradient)
     assert torch.autograd.gradcheck(
-        lambda x: torch.ops.fastgpt.cross_entropy_fwd(x, t, -100, 0.2, 3.0), (x,))
+        lambda x: torch.ops.fastgpt.cross_entropy_fwd(x, t, -100, 0.2, 3.0), (x,), fast_mode=True)
 
 
 def test_opcheck():
