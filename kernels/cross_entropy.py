@@ -129,24 +129,27 @@ def num_warps_for(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
-def aot_configs():
-    """The launches shipped on GPU (see fastgpt.aot): fp32/bf16/fp16 logits, the large-vocab block
-    and the small (V=65 -> 128) block, with and without soft-capping and smoothing."""
+def aot_configs(dtypes=("fp32", "bf16", "fp16")):
+    """The launches shipped on GPU (see fastgpt.aot): fp32/bf16/fp16 logits, the small block
+    (V=65 -> 128) and the large-vocab block, plain and with soft-capping plus smoothing.
+    Hints are what Triton specialises at launch: 16-byte-aligned pointers, contiguous rows."""
     from fastgpt.aot import AOTConfig
 
     configs = []
-    for dtype in ("fp32", "bf16", "fp16"):
+    for dtype in dtypes:
         for block in (128, 4096):
             for cap, smooth in ((False, False), (True, True)):
                 flags = {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": smooth, "BLOCK_V": block,
                          "ACC": tl.float32}
-                fwd = {"x_ptr": f"*{dtype}", "stride_xn": "i32", "stride_xv": "i32",
-                       "t_ptr": "*i64", "loss_ptr": "*fp32", "lse_ptr": "*fp32", "V": "i32",
-                       "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32"}
-                bwd = {"x_ptr": f"*{dtype}", "stride_xn": "i32", "stride_xv": "i32",
-                       "t_ptr": "*i64", "lse_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32",
-                       "dx_ptr": f"*{dtype}", "stride_dn": "i32", "stride_dv": "i32", "V": "i32",
-                       "label_smoothing": "fp32", "softcap": "fp32"}
+                fwd = {"x_ptr": f"*{dtype}:16", "stride_xn": "i32", "stride_xv": "i32:1",
+                       "t_ptr": "*i64:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16",
+                       "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
+                       "softcap": "fp32"}
+                bwd = {"x_ptr": f"*{dtype}:16", "stride_xn": "i32", "stride_xv": "i32:1",
+                       "t_ptr": "*i64:16", "lse_ptr": "*fp32:16", "a_ptr": "*fp32:16",
+                       "b_ptr": "*fp32:16", "dx_ptr": f"*{dtype}:16", "stride_dn": "i32",
+                       "stride_dv": "i32:1", "V": "i32", "label_smoothing": "fp32",
+                       "softcap": "fp32"}
                 for kernel, sig in ((cross_entropy_fwd_kernel, fwd), (cross_entropy_bwd_kernel, bwd)):
                     sig = {**sig, **{k: "constexpr" for k in flags}}
                     configs.append(AOTConfig(kernel, sig, dict(flags), num_warps_for(block), 1))
