@@ -9,7 +9,9 @@ start of iteration ``iter_num``, and ``resume`` continues from there bit for bit
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 
 from fastgpt import config as cfgmod
-from fastgpt import ops
+from fastgpt import distributed, ops
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.data import CharTokenizer, TextDataset, read_text
 from fastgpt.errors import FastGPTError
@@ -59,6 +61,7 @@ class RunResult:
     wall_time: float
     out_dir: str
     sample: str = ""
+    rank: int = 0                          # under torchrun only rank 0 should print the result
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,10 +160,62 @@ def _set_rng_state(state: dict, device: torch.device, batch_gen: torch.Generator
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
+                batch_gen: torch.Generator) -> None:
+    """Restore the RNG streams of a checkpoint, which holds one state per rank.
+
+    With the world size it was written with, every rank continues its own streams, so the run goes
+    on bit for bit. With another world size the batch generator (the same on every rank) still
+    continues, so the data order is exact; each rank's own RNG (dropout) is re-seeded from
+    (seed, rank, iteration).
+    """
+    saved_size = resumed.get("world_size", 1)
+    if saved_size == world.size:
+        _set_rng_state(resumed["rng_ranks"][world.rank] if world.enabled else resumed["rng"],
+                       device, batch_gen)
+        return
+    if world.is_main:
+        logging.getLogger("fastgpt").warning(
+            f"resuming a {saved_size}-process run with {world.size} process(es): the data order "
+            f"continues exactly, dropout randomness is re-seeded")
+    batch_gen.set_state(resumed["rng"]["batch"])
+    torch.manual_seed(distributed.rank_seed(resumed.get("seed", 0), world.rank, resumed["iter_num"]))
+
+
+def _batch(dataset: TextDataset, split: str, batch_size: int, gen: torch.Generator,
+           device: torch.device, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of the next global batch (the whole batch in a single process)."""
+    if not world.enabled:
+        return dataset.batch(split, batch_size, gen, device)
+    x, y = dataset.batch(split, batch_size, gen, "cpu")   # every rank draws the same global batch
+    rows = distributed.rank_rows(batch_size, world)
+    if device.type == "cuda":
+        return (x[rows].pin_memory().to(device, non_blocking=True),
+                y[rows].pin_memory().to(device, non_blocking=True))
+    return x[rows], y[rows]
+
+
+class _Discard:
+    """The metrics log of ranks other than 0: only rank 0 writes files."""
+
+    def write(self, **row) -> None:
+        pass
+
+
 def train(opts: RunOptions) -> RunResult:
-    """Train a model as ``opts`` says; returns the final losses. Raises FastGPTError on bad input."""
+    """Train a model as ``opts`` says; returns the final losses. Raises FastGPTError on bad input.
+
+    Launched by torchrun with WORLD_SIZE > 1, every rank runs this with DDP (see
+    fastgpt.distributed for how the batch splits); otherwise it is a plain single process.
+    """
+    world = distributed.world_from_env()
+    device = distributed.rank_device(resolve_device(opts.device), world)
+    with distributed.process_group(world, device):
+        return _train(opts, world, device)
+
+
+def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> RunResult:
     t_start = time.perf_counter()
-    device = resolve_device(opts.device)
     dtype = parse_dtype(opts.dtype, device.type)
     out_dir = Path(opts.out_dir)
     prepare_out_dir(out_dir, opts.resume, opts.overwrite)
@@ -186,12 +241,15 @@ def train(opts: RunOptions) -> RunResult:
         mcfg.vocab_size = tokenizer.vocab_size
         model_kind = opts.model
     check_backends(model_kind, mcfg)
+    distributed.rank_rows(tcfg.batch_size, world)   # the global batch must split over the ranks
     dataset = TextDataset(text, tokenizer, mcfg.block_size,
                           source=f"data file {opts.data!r}" if opts.data else "the bundled text")
 
     torch.manual_seed(opts.seed)
     batch_gen = torch.Generator().manual_seed(opts.seed)
-    model = build_model(model_kind, mcfg).to(device)
+    model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
+    if world.enabled:
+        torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
     optimizer = make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay,
                                (tcfg.beta1, tcfg.beta2))
     scaler = grad_scaler(device.type, dtype)
@@ -201,11 +259,16 @@ def train(opts: RunOptions) -> RunResult:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed.get("scaler", {}))
-        _set_rng_state(resumed["rng"], device, batch_gen)
+        _resume_rng(resumed, world, device, batch_gen)
         start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
         losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
-    step_model = torch.compile(model) if opts.compile else model
-    metrics = MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None)
+    # DDP averages the gradients over the ranks; eval and checkpoints use the plain model
+    ddp = (torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world.enabled else None)
+    step_model = model if ddp is None else ddp
+    step_model = torch.compile(step_model) if opts.compile else step_model
+    metrics = MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None) if world.is_main else _Discard()
     ctx = autocast(device.type, dtype)
     tokens_per_iter = tcfg.batch_size * mcfg.block_size * tcfg.gradient_accumulation_steps
     eval_gen = torch.Generator()
@@ -217,7 +280,7 @@ def train(opts: RunOptions) -> RunResult:
         model.eval()
         out = {}
         for split in ("train", "val"):
-            batches = [dataset.batch(split, tcfg.batch_size, eval_gen, device)
+            batches = [_batch(dataset, split, tcfg.batch_size, eval_gen, device, world)
                        for _ in range(tcfg.eval_iters)]
             total = torch.zeros((), device=device)
             # several equal-size batches per forward: the mean of group means is the same
@@ -229,22 +292,28 @@ def train(opts: RunOptions) -> RunResult:
                 with ctx:
                     _, loss = model(x, y)
                 total += loss.float() * len(group)
-            out[split] = (total / tcfg.eval_iters).item()
+            out[split] = distributed.mean(total / tcfg.eval_iters, world).item()   # same on all ranks
         model.train()
         return out
 
     def checkpoint(it: int, losses: dict) -> None:
+        # every rank's RNG state goes in, so a resume with as many ranks goes on bit for bit
+        ranks = ({"world_size": world.size,
+                  "rng_ranks": distributed.all_gather(_rng_state(device, batch_gen), world)}
+                 if world.enabled else {})
+        if not world.is_main:
+            return
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
             "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
             "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": opts.dtype,
-            "seed": opts.seed, "rng": _rng_state(device, batch_gen),
+            "seed": opts.seed, "rng": _rng_state(device, batch_gen), **ranks,
         })
 
     from tqdm import tqdm
-    bar = tqdm(total=tcfg.max_iters, initial=start_iter, disable=not opts.progress,
-               dynamic_ncols=True, unit="it")
+    bar = tqdm(total=tcfg.max_iters, initial=start_iter,
+               disable=not (opts.progress and world.is_main), dynamic_ncols=True, unit="it")
     pending: list[tuple[int, torch.Tensor]] = []   # recent losses, read at log time (no per-step sync)
     last_ckpt_iter = start_iter if resumed is not None else None
     t_log, tokens_since_log, tok_per_s = time.perf_counter(), 0, 0.0
@@ -263,17 +332,21 @@ def train(opts: RunOptions) -> RunResult:
                 metrics.write(kind="eval", iter=it, train_loss=losses["train"],
                               val_loss=losses["val"], lr=lr, tokens_per_s=tok_per_s,
                               wall_time=time.perf_counter() - t_start)
-                bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if world.is_main:
+                    bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 checkpoint(it, losses)
                 last_ckpt_iter = it
             if it == tcfg.max_iters:
                 break
 
             for micro in range(tcfg.gradient_accumulation_steps):
-                x, y = dataset.batch("train", tcfg.batch_size, batch_gen, device)
-                with ctx:
-                    _, loss = step_model(x, y)
-                scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
+                x, y = _batch(dataset, "train", tcfg.batch_size, batch_gen, device, world)
+                # DDP all-reduces the gradients only in the backward of the last micro-step
+                last = micro + 1 == tcfg.gradient_accumulation_steps
+                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
+                    with ctx:
+                        _, loss = step_model(x, y)
+                    scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
             if tcfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -285,7 +358,8 @@ def train(opts: RunOptions) -> RunResult:
             bar.update(1)
 
             if len(pending) >= tcfg.log_interval or it + 1 == tcfg.max_iters:
-                values = torch.stack([l for _, l in pending]).float().cpu()   # one sync
+                # the mean over ranks: one sync, and every rank sees a NaN anywhere, so all stop
+                values = distributed.mean(torch.stack([l for _, l in pending]).float(), world).cpu()
                 bad = (~torch.isfinite(values)).nonzero()
                 if len(bad):
                     first = int(bad[0])
@@ -300,11 +374,11 @@ def train(opts: RunOptions) -> RunResult:
                 pending.clear()
     finally:
         bar.close()
-        if (out_dir / METRICS_NAME).exists() and (out_dir / METRICS_NAME).stat().st_size:
+        if world.is_main and (out_dir / METRICS_NAME).exists() and (out_dir / METRICS_NAME).stat().st_size:
             plot_losses(out_dir / METRICS_NAME, out_dir / PLOT_NAME)
 
     sample = ""
-    if opts.sample_chars > 0:
+    if opts.sample_chars > 0 and world.is_main:
         from fastgpt.sample import generate
         start = torch.tensor([[tokenizer.stoi.get("\n", 0)]], device=device)
         gen = torch.Generator(device=device).manual_seed(opts.seed)
@@ -314,7 +388,7 @@ def train(opts: RunOptions) -> RunResult:
         sample = tokenizer.decode(ids[0].tolist())
     return RunResult(iter_num=tcfg.max_iters, train_loss=losses["train"], val_loss=losses["val"],
                      best_val_loss=best_val, wall_time=time.perf_counter() - t_start,
-                     out_dir=str(out_dir), sample=sample)
+                     out_dir=str(out_dir), sample=sample, rank=world.rank)
 
 
 def _diverged_message(it, value, last_ckpt_iter, ckpt_path) -> str:
