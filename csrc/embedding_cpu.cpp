@@ -104,19 +104,27 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
                  const std::vector<int64_t>& order, int64_t V, int64_t C, int64_t padding_idx) {
   const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
   const int64_t items = V * blocks;  // item = (row v, column block b), row-major
+  if (items == 0) return;
   // Split items into one contiguous range per thread with about equal work, so a few very
   // frequent rows (spaces in a character vocabulary) do not leave the other threads idle.
-  auto cost = [&](int64_t item) { return start[item / blocks + 1] - start[item / blocks] + 1; };
+  // Work before item `it`: every token of the earlier rows once per column block, plus one per
+  // item for zeroing and writing. Monotonic in `it`, so each boundary is a binary search.
+  auto work_before = [&](int64_t it) {
+    const int64_t v = it / blocks, b = it % blocks;
+    const int64_t row_work = v < V ? start[v + 1] - start[v] + 1 : 0;
+    return (start[v] + v) * blocks + b * row_work;
+  };
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  const int64_t total = work_before(items);
   std::vector<int64_t> bounds(parts + 1, items);
   bounds[0] = 0;
-  {
-    const int64_t total = (start[V] + V) * blocks;
-    int64_t acc = 0, p = 1;
-    for (int64_t it = 0; it < items && p < parts; ++it) {
-      acc += cost(it);
-      while (p < parts && acc * parts >= total * p) bounds[p++] = it + 1;
+  for (int64_t p = 1; p < parts; ++p) {
+    int64_t lo = bounds[p - 1], hi = items;  // first item whose preceding work reaches p/parts
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (work_before(mid) * parts >= total * p) hi = mid; else lo = mid + 1;
     }
+    bounds[p] = lo;
   }
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     float local[kColumnBlock];

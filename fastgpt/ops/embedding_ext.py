@@ -2,8 +2,10 @@
 
 The ops ``fastgpt::embedding_forward`` and ``fastgpt::embedding_backward`` are declared and
 implemented in csrc/ (one TORCH_LIBRARY block, CPU and CUDA kernels). This module adds what
-PyTorch needs around them: fake (meta) kernels so torch.compile can trace them, and autograd
-for the forward. The extension is imported lazily, on the first availability check, so
+PyTorch needs around them: fake (meta) kernels so torch.compile can trace them. Autograd of
+the forward is registered in C++ (csrc/embedding_autograd.cpp): the Python
+``register_autograd`` wrapper cost ~30 us per call, more than the whole lookup at small sizes;
+the deterministic=False variant below is a Python autograd.Function (eager only). The extension is imported lazily, on the first availability check, so
 ``import fastgpt`` works (and falls back to the ``torch`` backend) when it was not built.
 
 padding_idx: None or a row in [0, V) here (fastgpt.ops.embedding normalises nn.Embedding's
@@ -33,7 +35,7 @@ def _load() -> Optional[str]:
         import fastgpt._C  # noqa: F401  (loading it registers torch.ops.fastgpt.embedding_*)
     except ImportError as e:
         return f"fastgpt._C is not built (FASTGPT_SKIP_EXT=1 or no compiler at install time): {e}"
-    _register_fake_and_autograd()
+    _register_fake()
     _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key(
         "fastgpt::embedding_forward", "CUDA")
     return None
@@ -67,24 +69,9 @@ def embedding_ext(indices: torch.Tensor, weight: torch.Tensor, padding_idx: Opti
     if reason is not None:
         raise RuntimeError(reason)
     pad = -1 if padding_idx is None else padding_idx
-    if deterministic:
-        return torch.ops.fastgpt.embedding_forward(weight, indices, pad)
+    if deterministic:  # the OpOverload, not the packet: skips overload resolution per call
+        return torch.ops.fastgpt.embedding_forward.default(weight, indices, pad)
     return _NonDeterministic.apply(weight, indices, pad)
-
-
-def _setup_context(ctx, inputs, output):
-    weight, indices, padding_idx = inputs
-    ctx.save_for_backward(indices)
-    ctx.num_weights = weight.shape[0]
-    ctx.padding_idx = padding_idx
-    ctx.deterministic = True
-
-
-def _backward(ctx, grad_out):
-    (indices,) = ctx.saved_tensors
-    grad_weight = torch.ops.fastgpt.embedding_backward(
-        grad_out, indices, ctx.num_weights, ctx.padding_idx, ctx.deterministic)
-    return grad_weight, None, None
 
 
 class _NonDeterministic(torch.autograd.Function):
@@ -96,15 +83,19 @@ class _NonDeterministic(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.deterministic = False
+        weight, indices, padding_idx = inputs
+        ctx.save_for_backward(indices)
+        ctx.num_weights, ctx.padding_idx = weight.shape[0], padding_idx
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+        (indices,) = ctx.saved_tensors
+        grad_weight = torch.ops.fastgpt.embedding_backward(
+            grad_out, indices, ctx.num_weights, ctx.padding_idx, False)
+        return grad_weight, None, None
 
 
-def _register_fake_and_autograd() -> None:
+def _register_fake() -> None:
     @torch.library.register_fake("fastgpt::embedding_forward")
     def _forward_fake(weight, indices, padding_idx):
         return weight.new_empty((*indices.shape, weight.shape[1]))
@@ -112,9 +103,6 @@ def _register_fake_and_autograd() -> None:
     @torch.library.register_fake("fastgpt::embedding_backward")
     def _backward_fake(grad_out, indices, num_weights, padding_idx, deterministic):
         return grad_out.new_empty((num_weights, grad_out.shape[-1]))
-
-    torch.library.register_autograd("fastgpt::embedding_forward", _backward,
-                                    setup_context=_setup_context)
 
 
 registry.register("embedding", "ext", embedding_ext, supports=supports, available=available)
