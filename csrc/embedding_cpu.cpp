@@ -3,11 +3,14 @@
 // Forward: at::parallel_for over output rows; each row is one memcpy of C elements (libc's
 //   memcpy picks the widest vector loads the CPU has). Indices are checked in the same pass;
 //   a bad one is reported after the loop, naming the first offending value.
-// Backward (always deterministic on CPU): a counting sort groups token positions by row in
-//   token order (one serial O(N + V) pass, which also bounds-checks); then the (row, column
-//   block) work items are split among threads by their token counts, and each item sums its
-//   tokens' gradient rows in token order into an fp32 accumulator. The result does not depend
-//   on the thread count: every output element is the same sequence of fp32 additions.
+// Backward (always deterministic on CPU), every output element summed over its tokens in token
+//   order in fp32, so the result does not depend on the thread count or on which of two
+//   algorithms ran (they give the same bits):
+//   - small tables (V x C fp32 <= 2 MiB, e.g. a character vocabulary): each thread owns a
+//     column slice of all rows and streams through the tokens in order (scan_tokens);
+//   - large tables: a counting sort groups token positions by row (one serial O(N + V) pass),
+//     the (row, column block) work items are split among threads by their token counts, and
+//     each item sums its tokens' rows (reduce_rows).
 // Precision: forward is an exact copy; backward accumulates in fp32 and rounds once to the
 //   gradient's dtype (fp16/bf16 gradients are more accurate than aten's, which adds in fp16/bf16).
 // Parallelism: at::parallel_for runs on torch's OpenMP pool only if this file is compiled with
@@ -149,35 +152,95 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
   });
 }
 
+// Small tables: every thread owns a slice of columns (whole cache lines) of all V rows and
+// streams through the tokens in order, adding each token's slice into its row. Reads are
+// sequential and the V x slice fp32 accumulators stay in cache; each element is still summed
+// in token order, so the result is bitwise the same as reduce_rows'.
+template <typename scalar_t, typename index_t>
+void scan_tokens(const scalar_t* grad, const index_t* idx, scalar_t* out, int64_t n, int64_t V,
+                 int64_t C, int64_t padding_idx) {
+  constexpr int64_t kLine = 16;  // floats per 64-byte cache line
+  const int64_t lines = (C + kLine - 1) / kLine;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(lines, at::get_num_threads()));
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t p = pbegin; p < pend; ++p) {
+      const int64_t c0 = lines * p / parts * kLine;
+      const int64_t width = std::min(C, lines * (p + 1) / parts * kLine) - c0;
+      // fp32 gradients accumulate in place (row stride C); fp16/bf16 in a V x width buffer
+      std::vector<float> buffer;
+      float* acc;
+      int64_t stride;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        acc = out + c0;
+        stride = C;
+      } else {
+        buffer.resize(V * width);
+        acc = buffer.data();
+        stride = width;
+      }
+      for (int64_t v = 0; v < V; ++v) std::fill(acc + v * stride, acc + v * stride + width, 0.0f);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t k = static_cast<int64_t>(idx[i]);
+        if (k == padding_idx) continue;
+        const scalar_t* __restrict__ g = grad + i * C + c0;
+        float* __restrict__ a = acc + k * stride;
+        for (int64_t c = 0; c < width; ++c) a[c] += static_cast<float>(g[c]);
+      }
+      if constexpr (!std::is_same_v<scalar_t, float>)
+        for (int64_t v = 0; v < V; ++v)
+          for (int64_t c = 0; c < width; ++c)
+            out[v * C + c0 + c] = static_cast<scalar_t>(acc[v * stride + c]);
+    }
+  });
+}
+
+// fp32 accumulators of at most this size use scan_tokens, larger tables reduce_rows
+constexpr int64_t kScanBytes = 1 << 21;
+
+template <typename scalar_t, typename index_t>
+void backward_typed(const at::Tensor& grad, const at::Tensor& indices, at::Tensor& out,
+                    int64_t padding_idx) {
+  const int64_t n = indices.numel(), V = out.size(0), C = out.size(1);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const index_t* idx = indices.const_data_ptr<index_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  if (V * C * static_cast<int64_t>(sizeof(float)) <= kScanBytes) {
+    for (int64_t i = 0; i < n; ++i) {
+#define OP_NAME "fastgpt::embedding_backward"
+      CHECK_INDEX_VALUE(static_cast<int64_t>(idx[i]), V);
+#undef OP_NAME
+    }
+    scan_tokens(g, idx, o, n, V, C, padding_idx);
+  } else {
+    std::vector<int64_t> start, order;
+    group_by_row(idx, n, V, start, order);
+    reduce_rows(g, o, start, order, V, C, padding_idx);
+  }
+}
+
+template <typename scalar_t>
+void backward_index_dispatch(const at::Tensor& grad, const at::Tensor& indices, at::Tensor& out,
+                             int64_t padding_idx) {
+  if (indices.scalar_type() == at::kLong)
+    backward_typed<scalar_t, int64_t>(grad, indices, out, padding_idx);
+  else
+    backward_typed<scalar_t, int32_t>(grad, indices, out, padding_idx);
+}
+
 at::Tensor embedding_backward_cpu(const at::Tensor& grad_out_, const at::Tensor& indices_,
                                   c10::SymInt num_weights_, int64_t padding_idx,
                                   bool deterministic) {
-  (void)deterministic;  // the CPU algorithm is deterministic and as fast as a racy one would be
+  (void)deterministic;  // the CPU algorithms are deterministic and as fast as racy ones would be
   const int64_t V = num_weights_.guard_int(__FILE__, __LINE__);
   check_backward_inputs(grad_out_, indices_, V, padding_idx);
   const at::Tensor indices = indices_.contiguous();
-  const int64_t n = indices.numel(), C = grad_out_.size(-1);
   const at::Tensor grad = grad_out_.contiguous();
-  at::Tensor out = at::empty({V, C}, grad.options());
-
-  std::vector<int64_t> start, order;
-  if (indices.scalar_type() == at::kLong)
-    group_by_row(indices.const_data_ptr<int64_t>(), n, V, start, order);
-  else
-    group_by_row(indices.const_data_ptr<int32_t>(), n, V, start, order);
-
+  at::Tensor out = at::empty({V, grad.size(-1)}, grad.options());
   switch (grad.scalar_type()) {
-    case at::kFloat:
-      reduce_rows(grad.const_data_ptr<float>(), out.mutable_data_ptr<float>(), start, order, V, C,
-                  padding_idx);
-      break;
-    case at::kHalf:
-      reduce_rows(grad.const_data_ptr<at::Half>(), out.mutable_data_ptr<at::Half>(), start, order,
-                  V, C, padding_idx);
-      break;
+    case at::kFloat: backward_index_dispatch<float>(grad, indices, out, padding_idx); break;
+    case at::kHalf: backward_index_dispatch<at::Half>(grad, indices, out, padding_idx); break;
     default:  // kBFloat16; check_backward_inputs allowed nothing else
-      reduce_rows(grad.const_data_ptr<at::BFloat16>(), out.mutable_data_ptr<at::BFloat16>(),
-                  start, order, V, C, padding_idx);
+      backward_index_dispatch<at::BFloat16>(grad, indices, out, padding_idx);
   }
   return out;
 }

@@ -97,8 +97,9 @@ def test_backward_matches_reference(dtype, V, N, C):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_deterministic_across_runs_and_threads(dtype):
-    V, N, C = 65, 8192, 96
+@pytest.mark.parametrize("V", [65, 40000])   # the small-table and the sorted algorithm
+def test_backward_deterministic_across_runs_and_threads(dtype, V):
+    N, C = 8192, 96
     indices = torch.randint(0, V, (8, N // 8))
     grad_out = torch.randn(8, N // 8, C).to(dtype)
     threads = torch.get_num_threads()
@@ -113,6 +114,16 @@ def test_backward_deterministic_across_runs_and_threads(dtype):
     assert torch.equal(first, again) and torch.equal(first, single)
     # the flag only changes the CUDA algorithm; on CPU both are the deterministic one
     assert torch.equal(first, bwd(grad_out, indices, V, -1, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_algorithms_agree_bitwise(dtype):
+    """A small table takes the streaming algorithm, a large one the sorted one: same bits."""
+    indices = torch.randint(0, 65, (4, 2048))
+    grad_out = torch.randn(4, 2048, 16).to(dtype)
+    small = bwd(grad_out, indices, 65, 3, True)          # 65 x 16 fp32 accumulators: streaming
+    large = bwd(grad_out, indices, 40000, 3, True)       # 40000 x 16 x 4 B > 2 MiB: sorted
+    assert torch.equal(small, large[:65]) and not large[65:].any()
 
 
 def test_backward_non_contiguous_grad_and_int32():
