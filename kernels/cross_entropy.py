@@ -23,7 +23,8 @@ the fused linear+cross-entropy turns a chunk of logits into its gradient without
 
 Precision: every load is upcast to fp32 at once (also the interpreter's bf16 workaround), all
 arithmetic is fp32, the gradient is rounded once to the output dtype on store. Float64 logits
-compute in float64 (ACC), which lets gradcheck run on the op; GPUs are only sent fp32/fp16/bf16.
+compute in float64 (ACC, chosen from the pointer type), which lets gradcheck run on the op;
+GPUs are only sent fp32/fp16/bf16.
 Limits: V < 2**31; logits may be strided (row and column strides are arguments).
 tanh is written as 2 * sigmoid(2y) - 1, which Triton and its interpreter both provide.
 """
@@ -49,8 +50,8 @@ def cross_entropy_fwd_kernel(
     loss_ptr, lse_ptr,                  # outputs (N,), in ACC
     V, ignore_index, label_smoothing, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr,                  # tl.float32, or tl.float64 for float64 logits
 ):
+    ACC = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xn
     t = tl.load(t_ptr + row)
@@ -95,8 +96,8 @@ def cross_entropy_bwd_kernel(
     dx_ptr, stride_dn, stride_dv,       # gradient (N, V); may alias x
     V, label_smoothing, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
-    ACC: tl.constexpr,
 ):
+    ACC = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xn
     dx_row = dx_ptr + row * stride_dn
@@ -139,8 +140,7 @@ def aot_configs(dtypes=("fp32", "bf16", "fp16")):
     for dtype in dtypes:
         for block in (128, 4096):
             for cap, smooth in ((False, False), (True, True)):
-                flags = {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": smooth, "BLOCK_V": block,
-                         "ACC": tl.float32}
+                flags = {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": smooth, "BLOCK_V": block}
                 fwd = {"x_ptr": f"*{dtype}:16", "stride_xn": "i32", "stride_xv": "i32:1",
                        "t_ptr": "*i64:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16",
                        "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",

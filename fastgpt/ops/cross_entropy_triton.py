@@ -49,11 +49,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_args(V: int, label_smoothing: float, softcap: float, dtype: torch.dtype):
-    import triton.language as tl
+def _launch_args(V: int, label_smoothing: float, softcap: float):
     block = kernels.block_v(V)
     return dict(HAS_SOFTCAP=softcap > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block,
-                ACC=tl.float64 if dtype == torch.float64 else tl.float32,
                 num_warps=kernels.num_warps_for(block))
 
 
@@ -65,7 +63,7 @@ def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softc
         wrap_triton(kernels.cross_entropy_fwd_kernel)[(N,)](
             logits, logits.stride(0), logits.stride(1), targets, rows, lse,
             V, ignore_index, label_smoothing, softcap,
-            **_launch_args(V, label_smoothing, softcap, logits.dtype))
+            **_launch_args(V, label_smoothing, softcap))
     return rows, lse
 
 
@@ -76,7 +74,7 @@ def launch_bwd(logits, targets, lse, a, b, label_smoothing: float, softcap: floa
         wrap_triton(kernels.cross_entropy_bwd_kernel)[(N,)](
             logits, logits.stride(0), logits.stride(1), targets, lse, a, b,
             out, out.stride(0), out.stride(1), V, label_smoothing, softcap,
-            **_launch_args(V, label_smoothing, softcap, logits.dtype))
+            **_launch_args(V, label_smoothing, softcap))
     return out
 
 

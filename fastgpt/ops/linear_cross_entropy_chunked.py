@@ -1,8 +1,8 @@
 """Linear+cross-entropy that never holds the full (N, V) logits: backends chunked, compile, triton.
 
 Tokens are processed in chunks of R rows. For each chunk: logits = hidden[rows] @ W.T + b, then a
-"step" turns the chunk into per-row losses, lse, and (when gradients are wanted) the gradient of
-the loss with respect to the chunk's logits, written over the chunk. That gradient is used at once:
+"step" turns the chunk into per-row losses and (when gradients are wanted) the gradient of the
+loss with respect to the chunk's logits, written over the chunk. That gradient is used at once:
 
     dhidden[rows] = dlogits @ W        dW += dlogits.T @ hidden[rows]        db += dlogits.sum(0)
 
@@ -24,9 +24,10 @@ Steps (the three backends share everything else):
 * ``triton``  - the Triton cross-entropy kernels of fastgpt/kernels/cross_entropy.py, the
                 gradient written over the chunk in place.
 
-The chunk loop is the custom op ``fastgpt::linear_cross_entropy_chunked`` (opaque to
-torch.compile; autograd via register_autograd). The z-loss part returned with
-``return_z_loss=True`` is detached, as in fastgpt.ops.cross_entropy.
+Under torch.compile the chunk loop is the custom op ``fastgpt::linear_cross_entropy_chunked``
+(opaque to the compiler; autograd via register_autograd); eager calls take the same forward and
+backward through a plain autograd.Function, which skips the op's per-call dispatch cost. The
+z-loss part returned with ``return_z_loss=True`` is detached, as in fastgpt.ops.cross_entropy.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
 
-STEPS = ("chunked", "compile", "triton")
 SINGLE_CHUNK_ELEMENTS = 1 << 22
 
 
