@@ -78,7 +78,8 @@ def main(argv=None):
     Ts = args.T or ([64, 256, 1024, 4096] if cuda else [64, 128, 256])
     providers = [pr for pr in args.providers if cuda or pr != "triton"]
 
-    print(f"# causal attention, B={args.B} H={args.H} {dtype}; {format_env(environment(args.device))}")
+    env = format_env(environment(args.device))
+    print(f"# causal attention, B={args.B} H={args.H} {dtype}; {env}")
     print(f"{'mode':<8} {'T':>5} {'D':>4} {'provider':<8} {'median ms':>10} {'p20-p80 ms':>17} "
           f"{'TFLOP/s':>8} {'peak MB':>8} {'vs tril':>8}")
     for mode in args.modes:

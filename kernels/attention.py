@@ -54,6 +54,12 @@ BWD_CONFIGS = {
     64: [(32, 128, 8, 3), (32, 64, 4, 3)],
     128: [(32, 64, 8, 2), (16, 64, 4, 2)],
 }
+# float32 tiles take twice the shared memory and registers (IEEE fp32 dots run on FMA units):
+# one small config per head dim.
+FP32_FWD_CONFIGS = {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(64, 32, 8, 2)],
+                    128: [(32, 16, 8, 2)]}
+FP32_BWD_CONFIGS = {16: [(16, 32, 4, 2)], 32: [(16, 32, 4, 2)], 64: [(16, 32, 8, 2)],
+                    128: [(16, 32, 8, 2)]}
 INTERPRET_FWD = (32, 16, 4, 1)
 INTERPRET_BWD = (16, 32, 4, 1)
 
@@ -107,7 +113,7 @@ def attn_fwd(Q, K, V, O, LSE, SEED,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
              DOT_PRECISION: tl.constexpr):
-    """out (B, H, T, D) and lse (B*H, T) for one BLOCK_M rows of one head; T_BUCKET: autotune key."""
+    """out (B, H, T, D), lse (B*H, T) for BLOCK_M rows of one head. T_BUCKET: autotune key."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -322,6 +328,13 @@ def dropout_keep_mask(KEEP, SEED, T, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: 
                  keep.to(tl.int8), mask=(rows < T)[:, None] & (cols < T)[None, :])
 
 
+def launch_configs(block_d: int, dtype: str) -> tuple[list, list]:
+    """(forward configs, backward configs) shipped for this padded head dim and dtype name."""
+    if dtype == "fp32":
+        return FP32_FWD_CONFIGS[block_d], FP32_BWD_CONFIGS[block_d]
+    return FWD_CONFIGS[block_d], BWD_CONFIGS[block_d]
+
+
 # --- ahead-of-time compilation (fastgpt.aot) ---
 
 def _signature(kernel, dtype: str) -> dict:
@@ -348,19 +361,20 @@ def _signature(kernel, dtype: str) -> dict:
     return sig
 
 
-def aot_configs(dtypes=("fp16", "bf16"), dropout=(False, True)) -> list:
+def aot_configs(dtypes=("fp16", "bf16", "fp32"), dropout=(False, True)) -> list:
     """(kernel, signature, constexprs, num_warps, num_stages) for every GPU launch config of the
     forward and backward kernels; the convention is fastgpt.aot's."""
     out = []
     for dt in dtypes:
-        for block_d, configs in FWD_CONFIGS.items():
+        for block_d in FWD_CONFIGS:
+            fwd, bwd = launch_configs(block_d, dt)
             for drop in dropout:
                 const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=drop, UPCAST=False,
                              DOT_PRECISION="ieee")
-                for bm, bn, warps, stages in configs:
+                for bm, bn, warps, stages in fwd:
                     out.append((attn_fwd, _signature(attn_fwd, dt),
                                 dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
-                for bm, bn, warps, stages in BWD_CONFIGS[block_d]:
+                for bm, bn, warps, stages in bwd:
                     out.append((attn_bwd_dkdv, _signature(attn_bwd_dkdv, dt),
                                 dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
                     out.append((attn_bwd_dq, _signature(attn_bwd_dq, dt),

@@ -14,15 +14,15 @@ import pytest
 from fastgpt.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
 from fastgpt.kernels import attention as attn
 
-# Every shipped GPU config of the attention kernels, in its register-heaviest variant (dropout
-# on; Philox dominates register pressure), fp16. `python -m fastgpt.aot fastgpt.kernels.attention`
-# compiles every dtype and variant.
+# Every shipped GPU config of the attention kernels (fp16 configs, which bf16 shares, and the
+# fp32 ones) in its register-heaviest variant: dropout on, as Philox dominates register pressure.
+# `python -m fastgpt.aot fastgpt.kernels.attention` compiles every dtype and variant.
 _SCRIPT = """
 import json, sys
 from fastgpt.aot import AOTConfig, check, compile_for_arch, occupancy_warps_per_sm
 from fastgpt.kernels.attention import aot_configs
 arch = int(sys.argv[1])
-for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=("fp16",), dropout=(True,))):
+for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=("fp16", "fp32"), dropout=(True,))):
     r = compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
     print(json.dumps(dict(kernel=r.kernel, config=r.config, registers=r.registers,
                           spill_bytes=r.spill_bytes, shared_bytes=r.shared_bytes,
@@ -32,8 +32,7 @@ for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=("fp16",), dropout=(Tru
 
 
 def _clean_env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return env
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def compiled():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_shipped_attention_config_compiles_without_spills(compiled, arch):
     rows = compiled[arch]
-    assert len(rows) == len(attn.aot_configs(dtypes=("fp16",), dropout=(True,)))
+    assert len(rows) == len(attn.aot_configs(dtypes=("fp16", "fp32"), dropout=(True,)))
     for r in rows:
         print(f"sm_{arch} {r['kernel']} {r['config']} regs={r['registers']} "
               f"spill={r['spill_bytes']} smem={r['shared_bytes']} warps/SM={r['warps_per_sm']}")

@@ -91,36 +91,41 @@ def _flags(dtype: torch.dtype) -> dict:
                 DOT_PRECISION="tf32" if tf32 and not interpreting() else "ieee")
 
 
-@functools.cache
-def _launcher(name: str, block_d: int):
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _launcher(name: str, block_d: int, dtype: torch.dtype):
     """The kernel to launch: autotuned over its GPU configs, or as is under the interpreter."""
-    import triton
-    from triton.runtime import Autotuner
     from torch.library import wrap_triton
-    kernels = _kernels()
-    kernel = getattr(kernels, name)
     if interpreting():
-        return wrap_triton(kernel)
+        return wrap_triton(getattr(_kernels(), name))
+    return wrap_triton(_autotuned(name, block_d, _DTYPE_NAMES[dtype]))
+
+
+@functools.cache
+def _autotuned(name: str, block_d: int, dtype: str):
+    import triton
+    kernels = _kernels()
+    fwd, bwd = kernels.launch_configs(block_d, dtype)
     if name == "attn_fwd":
-        configs = [(bm, bn, w, s) for bm, bn, w, s in kernels.FWD_CONFIGS[block_d]]
+        configs = fwd
     elif name == "attn_bwd_dkdv":
-        configs = [(bm, bn, w, s) for bm, bn, w, s in kernels.BWD_CONFIGS[block_d]]
+        configs = bwd
     else:  # dq streams key blocks past a query block: the dK/dV shape swapped
-        configs = [(bn, bm, w, s) for bm, bn, w, s in kernels.BWD_CONFIGS[block_d]]
-    tuned = triton.autotune(
+        configs = [(bn, bm, w, s) for bm, bn, w, s in bwd]
+    # keyed by a power-of-two bucket of T, so a new T within a bucket does not re-tune
+    return triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
          for bm, bn, w, s in configs],
-        key=["T_BUCKET", "DROPOUT"])(kernel)
-    assert isinstance(tuned, Autotuner)
-    return wrap_triton(tuned)
+        key=["T_BUCKET", "DROPOUT"])(getattr(kernels, name))
 
 
 def _blocks(name: str) -> dict:
     """Explicit block sizes under the interpreter (one config); the autotuner picks on GPU."""
     if not interpreting():
         return {}
-    bm, bn, _, _ = _kernels().INTERPRET_BWD if name.startswith("attn_bwd_dkdv") else (
-        _kernels().INTERPRET_FWD)
+    kernels = _kernels()
+    bm, bn, _, _ = kernels.INTERPRET_BWD if name == "attn_bwd_dkdv" else kernels.INTERPRET_FWD
     return dict(BLOCK_M=bm, BLOCK_N=bn)
 
 
@@ -154,7 +159,7 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
     out = _empty_bhtd(q, _store_dtype(q.dtype))
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
-    _launcher("attn_fwd", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
+    _launcher("attn_fwd", block_d, q.dtype)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, _bucket(T), scale, dropout_p,
         HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype),
@@ -176,10 +181,12 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     common = (H, T, _bucket(T), scale, dropout_p)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    _launcher("attn_bwd_dkdv", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_N"]), B * H)](
+    dkdv = _launcher("attn_bwd_dkdv", block_d, q.dtype)
+    dkdv[lambda meta: (_cdiv(T, meta["BLOCK_N"]), B * H)](
         q, k, v, dout, lse, delta, dk, dv, seed, *strides, *dk.stride(), *common,
         **consts, **_blocks("attn_bwd_dkdv"))
-    _launcher("attn_bwd_dq", block_d)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
+    dq_kernel = _launcher("attn_bwd_dq", block_d, q.dtype)
+    dq_kernel[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
         q, k, v, dout, lse, delta, dq, seed, *strides, *dq.stride(), *common,
         **consts, **_blocks("attn_bwd_dq"))
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
@@ -279,6 +286,8 @@ def _compiled_torch():
 
 
 def attention_compile(q, k, v, *, scale=None, dropout_p=0.0):
+    if torch.compiler.is_compiling():   # already inside a compiled region: let it trace through
+        return attention_torch(q, k, v, scale=scale, dropout_p=dropout_p)
     return _compiled_torch()(q, k, v, scale=scale, dropout_p=dropout_p)
 
 
