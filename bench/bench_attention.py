@@ -74,6 +74,9 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per CPU measurement")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    # bwd mode re-runs one graph's backward (retain_graph), which compiled graphs allow only
+    # without buffer donation
+    torch._functorch.config.donated_buffer = False
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     Ts = args.T or ([64, 256, 1024, 4096] if cuda else [64, 128, 256])
     providers = [pr for pr in args.providers if cuda or pr != "triton"]
