@@ -38,7 +38,7 @@ def assert_matches_reference(fast: torch.Tensor, baseline: torch.Tensor, ref64: 
     diff = (fast.detach().double() - ref64.detach().double()).abs().flatten()
     worst = diff.nan_to_num(float("inf")).topk(min(5, diff.numel())).indices
     rows = "\n".join(
-        f"  at {tuple(int(i) for i in torch.unravel_index(j, fast.shape))}: got "
+        f"  at {tuple(int(i) for i in torch.unravel_index(torch.tensor(j), fast.shape))}: got "
         f"{fast.flatten()[j].item():.6g}, reference {ref64.flatten()[j].item():.6g}, plain "
         f"{baseline.flatten()[j].item():.6g}" for j in worst.tolist())
     raise AssertionError(f"{name}: max error {err:.3g} > {factor} x plain-PyTorch error {base:.3g} "
