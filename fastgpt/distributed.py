@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -109,6 +111,13 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     try:
         yield
+    except BaseException as e:
+        # The failed run's frames still hold its DDP model. Free it while the group exists: if
+        # DDP's reducer held the last reference, gloo's teardown would wait, holding the GIL, for
+        # a worker thread that needs the GIL to drop an in-flight all-reduce (a hang at exit).
+        traceback.clear_frames(e.__traceback__)
+        gc.collect()
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

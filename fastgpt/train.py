@@ -268,7 +268,8 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         if world.enabled else None)
     step_model = model if ddp is None else ddp
     step_model = torch.compile(step_model) if opts.compile else step_model
-    metrics = MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None) if world.is_main else _Discard()
+    metrics = (MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None) if world.is_main
+               else _Discard())
     ctx = autocast(device.type, dtype)
     tokens_per_iter = tcfg.batch_size * mcfg.block_size * tcfg.gradient_accumulation_steps
     eval_gen = torch.Generator()

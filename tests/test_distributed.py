@@ -21,9 +21,11 @@ from fastgpt.checkpoint import load_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.train import RunOptions, train
 
-# dropout 0: a rank's dropout masks cannot equal one process's, everything else can
+# dropout 0: a rank's dropout masks cannot equal one process's, everything else can;
+# two micro-steps: the first runs under DDP's no_sync
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
-            eval_interval=3, log_interval=1, warmup_iters=2, lr_decay_iters=30, dropout=0.0)
+            eval_interval=3, log_interval=1, warmup_iters=2, lr_decay_iters=30, dropout=0.0,
+            gradient_accumulation_steps=2)
 FAULTY = "fail_on_one_rank"
 
 
@@ -103,10 +105,11 @@ def test_checkpoints_resume_across_world_sizes(runs):
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
 def test_one_failing_rank_stops_the_whole_job(tmp_path, mode):
-    # rank 1's 5th loss call (iteration 2's forward) fails; rank 0 is then in DDP's all-reduce
+    # rank 1's 7th loss call (iteration 2's second micro-step) fails while rank 0 waits in
+    # DDP's all-reduce
     t0 = time.perf_counter()
     done = torchrun(tmp_path, *flags(max_iters=50, cross_entropy=FAULTY),
-                    script=(__file__,), env={"FAIL_RANK": "1", "FAIL_MODE": mode, "FAIL_AT": "5"},
+                    script=(__file__,), env={"FAIL_RANK": "1", "FAIL_MODE": mode, "FAIL_AT": "7"},
                     timeout=90)
     elapsed = time.perf_counter() - t0
     assert done.returncode != 0, done.stderr
