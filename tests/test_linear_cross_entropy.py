@@ -169,7 +169,7 @@ def test_compile_fullgraph(backend, chunked):
     # "chunked" with one chunk runs the plain graph; with several, the custom op
     hidden, weight, bias, targets = make(9, 8, 65, torch.float32, ignore=(3,))
     if backend == "chunked" and chunked:   # N*V big enough for two automatic chunks
-        hidden, weight, bias, targets = make(70, 8, 65537, torch.float32, ignore=(3,))
+        hidden, weight, bias, targets = make(300, 8, 65537, torch.float32, ignore=(3,))
     g = torch.randn(())
 
     def fn(h, w, t, bias=None):
@@ -182,9 +182,8 @@ def test_compile_fullgraph(backend, chunked):
 
 
 def test_auto_chunks():
-    assert lce.auto_chunk_rows(768, 128, 65) == 768            # baby: one chunk
-    assert lce.auto_chunk_rows(16384, 384, 65) == 16384        # shakespeare-char: one chunk
-    assert lce.auto_chunk_rows(8192, 768, 50304) == 125        # GPT-2 small: 66 chunks
+    assert lce.auto_chunk_rows(65) >= 16384        # baby, shakespeare-char: one chunk
+    assert lce.auto_chunk_rows(50304) == 333       # GPT-2 small: 25 chunks of 8192 tokens
 
 
 def test_default_backends():

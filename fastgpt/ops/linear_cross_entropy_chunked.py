@@ -12,11 +12,12 @@ gradient weights (1/count or 1, 0 where ignored) are known up front; backward on
 the stored gradients by grad_output, a scalar. For "none" grad_output is a vector known only in
 backward, so backward recomputes the chunks with it (one extra matmul per chunk).
 
-Chunk size: one chunk when N*V <= 2**22 (the char-level presets), where ``chunked`` simply runs
-the plain PyTorch graph (nothing to save, and it is the fastest eager path); otherwise
-R = max(N*C, 2**22) // V rows, so a chunk of logits is about the size of the hidden states
-(GPT-2 small, N=8192, C=768, V=50304: R=125, 66 chunks of 25 MB in fp32). Chunking over the
-vocabulary as well is not needed: R shrinks as V grows, so a chunk stays small for any V.
+Chunk size: R = 2**24 // V rows, a chunk of at most 16M logits (64 MB in fp32; GPT-2 small,
+N=8192, V=50304: R=333, 25 chunks). Smaller chunks cost time on CPU (R=125 was clearly slower:
+every chunk re-reads and re-writes the fp32 dW), larger ones memory. When all N*V logits fit in
+one chunk (every char-level preset) ``chunked`` simply runs the plain PyTorch graph: there is
+nothing to save and it is the fastest eager path. Chunking over the vocabulary as well is not
+needed: R shrinks as V grows, so a chunk stays bounded for any V.
 
 Steps (the three backends share everything else):
 * ``chunked`` - eager PyTorch, in place over the chunk to keep one chunk-sized buffer;
@@ -44,13 +45,11 @@ from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
 
-SINGLE_CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 24
 
 
-def auto_chunk_rows(N: int, C: int, V: int) -> int:
-    if N * V <= SINGLE_CHUNK_ELEMENTS:
-        return max(N, 1)
-    return max(1, max(N * C, SINGLE_CHUNK_ELEMENTS) // V)
+def auto_chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // V)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -159,7 +158,7 @@ def chunk_loop(hidden, weight, bias, targets, coef, ignore_index, label_smoothin
     V = weight.shape[0]
     acc = _acc(hidden.dtype)
     fn = _STEP_FNS[step]
-    R = chunk_rows if chunk_rows > 0 else auto_chunk_rows(N, C, V)
+    R = chunk_rows if chunk_rows > 0 else auto_chunk_rows(V)
     if N <= R:   # one chunk: no per-row buffers, no copies
         rows, z_rows, dx = fn(F.linear(hidden, weight, bias), targets, ignore_index, coef,
                               label_smoothing, z_loss, softcap)
@@ -332,7 +331,7 @@ def _make_backend(step: str):
                                      reduction="mean", label_smoothing=0.0, z_loss=0.0,
                                      softcap=None, return_z_loss=False, chunk_rows=0):
         if step == "chunked" and chunk_rows <= 0 and \
-                hidden.shape[0] * weight.shape[0] <= SINGLE_CHUNK_ELEMENTS:
+                hidden.shape[0] * weight.shape[0] <= CHUNK_ELEMENTS:
             # all logits fit in one chunk: nothing to save, and autograd's fused log_softmax
             # backward is the fastest eager path (the char-level presets land here)
             return linear_cross_entropy_torch(
