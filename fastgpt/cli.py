@@ -11,6 +11,9 @@ import logging
 import sys
 
 from fastgpt import config as cfgmod
+from fastgpt.benchmark import add_bench_parser
+from fastgpt.check import add_check_parser
+from fastgpt.compile_report import add_compile_report_parser
 from fastgpt.errors import FastGPTError
 
 # CLI flag -> GPTConfig field holding the backend preference
@@ -117,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
+    add_bench_parser(sub)
+    add_check_parser(sub)
+    add_compile_report_parser(sub)
     return parser
 
 

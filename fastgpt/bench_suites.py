@@ -1,0 +1,219 @@
+"""What `fastgpt bench` measures per op: the cases (providers x modes x shapes) and their callables.
+
+Providers are registry backend names, called directly (``registry.get(op, name).fn``) after the
+backend's own ``available``/``supports`` checks, so dispatch costs nothing in the timings.
+``triton`` is left out on CPU by default: there it would be the Triton interpreter, a correctness
+tool, not a fast path. Work per step, for TFLOP/s and GB/s:
+
+* attention (B, H, T, D): causal FLOPs 2*B*H*T*T*D forward (4*B*H*T*T*D halved by the mask),
+  2.5x that backward; baseline ``tril``.
+* linear_cross_entropy (N, C, V): 2*N*C*V forward, 2x that backward; cross_entropy (N, V): bytes
+  of logits read (forward) and read + gradient written (backward); baseline ``torch``.
+  ``F.linear_cross_entropy`` (PyTorch's own, where it exists) runs beside ours.
+* embedding (V, N, C): forward reads and writes N rows (+ indices); backward, timed as the
+  gradient op alone (aten::embedding_backward vs fastgpt::embedding_backward), reads N gradient
+  rows (+ indices) and writes the (V, C) gradient; baseline ``torch``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt.benchmark import MODES, Built, Case, SkipCase
+from fastgpt.errors import FastGPTError
+
+
+def _default_dtype(args) -> str:
+    return args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+
+def _providers(op: str, args, extra: tuple = ()) -> list[str]:
+    from fastgpt.ops import registry
+    names = registry.backend_names(op) + list(extra)
+    if args.providers:
+        wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
+        return [p for p in wanted if p in names]
+    cuda = args.device.startswith("cuda")
+    names = [n for n in names if cuda or n != "triton"]
+    if getattr(args, "quick", False):
+        names = [n for n in names if n != "compile"]   # compile time dominates a quick run
+    return names
+
+
+def _modes(args, default: tuple = MODES) -> list[str]:
+    modes = args.modes.split(",") if args.modes else list(default)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise FastGPTError(f"--modes {','.join(bad)}: modes are {', '.join(MODES)}")
+    return modes
+
+
+def _backend(op: str, provider: str, *probe, **kw) -> Callable:
+    """The backend's function, or SkipCase saying why it cannot run these inputs here."""
+    from fastgpt.ops import registry
+    b = registry.get(op, provider)
+    reason = b.available() or b.supports(*probe, **kw)
+    if reason:
+        raise SkipCase(reason)
+    return b.fn
+
+
+def _step(forward: Callable, mode: str, grad: torch.Tensor | None, zero: Callable) -> Callable:
+    """fwd: the forward; fwd+bwd: forward and backward; bwd: backward of one kept graph."""
+    if mode == "fwd":
+        return forward
+    if mode == "fwd+bwd":
+        def run():
+            zero()
+            forward().backward(grad)
+        return run
+    out = forward()
+    return lambda: out.backward(grad, retain_graph=True)
+
+
+# --- attention ------------------------------------------------------------------------------
+
+def attention_cases(args) -> list[Case]:
+    cuda = args.device.startswith("cuda")
+    Ts = args.T or ([64, 128] if args.quick else [64, 256, 1024, 4096] if cuda else [64, 128, 256])
+    Ds = args.D or ([64] if args.quick else [64, 128])
+    B, H = args.B or 4, args.H or 6
+    dtype = _default_dtype(args)
+    return [Case("attention", "attention", p, mode, dict(B=B, H=H, T=T, D=D), dtype)
+            for mode in _modes(args) for D in Ds for T in Ts
+            for p in _providers("attention", args)]
+
+
+def attention_build(case: Case, device: str) -> Built:
+    B, H, T, D = (case.shape[k] for k in "BHTD")
+    if case.provider == "loop" and T > 256:
+        raise SkipCase("Python loops over B*T rows: minutes per point beyond T=256")
+    dtype = getattr(torch, case.dtype)
+    # q, k, v as the model makes them: strided views of one (B, T, 3, H, D) projection
+    x = torch.randn(B, T, 3, H, D, dtype=dtype, device=device)
+    q, k, v = (t.transpose(1, 2).requires_grad_(case.mode != "fwd") for t in x.unbind(2))
+    fn = _backend("attention", case.provider, q, k, v, scale=None, dropout_p=0.0)
+    grad = torch.randn(B, H, T, D, dtype=dtype, device=device)
+
+    def zero():
+        q.grad = k.grad = v.grad = None
+
+    fwd_flops = 2.0 * B * H * T * T * D
+    flops = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[case.mode] * fwd_flops
+    return Built(_step(lambda: fn(q, k, v), case.mode, grad, zero), flops=flops)
+
+
+# --- cross-entropy --------------------------------------------------------------------------
+
+def cross_entropy_cases(args) -> list[Case]:
+    cuda = args.device.startswith("cuda")
+    Ns = args.N or ([128, 256] if args.quick else [1024, 4096, 8192, 16384] if cuda
+                    else [256, 512, 1024])
+    Cs = args.C or ([64] if args.quick else [768])
+    Vs = args.V or ([8192] if args.quick else [50304])
+    dtype = _default_dtype(args)
+    modes = _modes(args, ("fwd+bwd",))
+    lce = _providers("linear_cross_entropy", args,
+                     ("F.linear_cross_entropy",) if hasattr(F, "linear_cross_entropy") else ())
+    cases = [Case("cross-entropy", "linear_cross_entropy", p, mode, dict(N=N, C=C, V=V), dtype)
+             for mode in modes for C, V in itertools.product(Cs, Vs) for N in Ns for p in lce]
+    cases += [Case("cross-entropy", "cross_entropy", p, mode, dict(N=N, V=V), dtype)
+              for mode in modes for V in Vs for N in Ns
+              for p in _providers("cross_entropy", args)]
+    return cases
+
+
+def cross_entropy_build(case: Case, device: str) -> Built:
+    dtype = getattr(torch, case.dtype)
+    N, V = case.shape["N"], case.shape["V"]
+    targets = torch.randint(0, V, (N,), device=device)
+    if case.op == "cross_entropy":
+        logits = torch.randn(N, V, device=device, dtype=dtype, requires_grad=case.mode != "fwd")
+        fn = _backend("cross_entropy", case.provider, logits, targets)
+        forward = lambda: fn(logits, targets)  # noqa: E731
+
+        def zero():
+            logits.grad = None
+        nbytes = N * V * logits.element_size()
+        moved = {"fwd": nbytes, "bwd": 2 * nbytes, "fwd+bwd": 3 * nbytes}[case.mode]
+        return Built(_step(forward, case.mode, None, zero), bytes=moved)
+    C = case.shape["C"]
+    hidden = torch.randn(N, C, device=device, dtype=dtype, requires_grad=case.mode != "fwd")
+    weight = (torch.randn(V, C, device=device) * 0.02).to(dtype).requires_grad_(case.mode != "fwd")
+    if case.provider == "F.linear_cross_entropy":
+        if not hasattr(F, "linear_cross_entropy"):
+            raise SkipCase(f"torch {torch.__version__} has no F.linear_cross_entropy")
+        fn = lambda h, w, t: F.linear_cross_entropy(h, w, t)  # noqa: E731
+    else:
+        fn = _backend("linear_cross_entropy", case.provider, hidden, weight, targets)
+
+    def zero():   # as zero_grad(set_to_none=True) does between steps
+        hidden.grad = weight.grad = None
+    flops = {"fwd": 2.0, "bwd": 4.0, "fwd+bwd": 6.0}[case.mode] * N * C * V
+    return Built(_step(lambda: fn(hidden, weight, targets), case.mode, None, zero), flops=flops)
+
+
+# --- embedding ------------------------------------------------------------------------------
+
+def embedding_cases(args) -> list[Case]:
+    Vs = args.V or [65, 50304]
+    Ns = args.N or ([768] if args.quick else [768, 65536])
+    Cs = args.C or ([128] if args.quick else [128, 768])
+    dtype = args.dtype or "float32"
+    return [Case("embedding", "embedding", p, mode, dict(V=V, N=N, C=C), dtype)
+            for V in Vs for N in Ns for C in Cs for mode in _modes(args)
+            for p in _providers("embedding", args)]
+
+
+def embedding_build(case: Case, device: str) -> Built:
+    V, N, C = (case.shape[k] for k in "VNC")
+    dtype = getattr(torch, case.dtype)
+    weight = torch.randn(V, C, device=device).to(dtype).requires_grad_(True)   # as in training
+    idx = torch.randint(0, V, (N,), device=device)
+    grad = torch.randn(N, C, device=device).to(dtype)
+    fn = _backend("embedding", case.provider, idx, weight)
+    es, ies = weight.element_size(), idx.element_size()
+    fwd_bytes = 2 * N * C * es + N * ies
+    bwd_bytes = N * C * es + N * ies + V * C * es
+    if case.mode == "bwd":   # the weight-gradient op alone
+        if case.provider == "torch":
+            step = lambda: torch.ops.aten.embedding_backward(grad, idx, V, -1, False, False)  # noqa: E731
+        elif case.provider == "ext":
+            step = lambda: torch.ops.fastgpt.embedding_backward(grad, idx, V, -1, True)  # noqa: E731
+        else:
+            out = fn(idx, weight)
+            step = lambda: out.backward(grad, retain_graph=True)  # noqa: E731
+        return Built(step, bytes=bwd_bytes)
+
+    def zero():
+        weight.grad = None
+    moved = fwd_bytes if case.mode == "fwd" else fwd_bytes + bwd_bytes
+    return Built(_step(lambda: fn(idx, weight), case.mode, grad, zero), bytes=moved)
+
+
+# --- registry of suites ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Suite:
+    cases: Callable        # (args) -> list[Case]
+    build: Callable        # (case, device) -> Built
+    baseline: str          # provider the speedups are relative to
+    plot: tuple            # (shape key on x, Row field on y) for --plot
+    isolate_on_cpu: bool = False
+
+
+SUITES = {
+    "attention": Suite(attention_cases, attention_build, "tril", ("T", "rate")),
+    "cross-entropy": Suite(cross_entropy_cases, cross_entropy_build, "torch", ("N", "peak_mb"),
+                           isolate_on_cpu=True),
+    "embedding": Suite(embedding_cases, embedding_build, "torch", ("N", "rate")),
+}
+
+
+def build(case: Case, device: str) -> Built:
+    return SUITES[case.suite].build(case, device)

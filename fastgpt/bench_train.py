@@ -1,0 +1,133 @@
+"""`fastgpt bench train`: training-step speed of a preset per backend set and dtype.
+
+Each configuration runs the real training loop (``fastgpt.train.train``) for a short run; the
+per-log-interval throughput rows of its metrics.jsonl give tokens/s and ms/iter, with the first
+two intervals dropped as warm-up. Configurations run interleaved over several rounds so that a
+noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nanoGPT's estimate:
+6 * parameters + 12 * n_layer * n_embd * block_size FLOPs per token, forward and backward) over
+the device's peak for the dtype (fastgpt.benchmark.DEVICE_PEAKS); "unknown" for other devices.
+
+A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
+``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastgpt.errors import FastGPTError
+
+CONFIGS = {
+    "sdpa fp32": dict(attention="sdpa", dtype="float32"),
+    "tril fp32": dict(attention="tril", dtype="float32"),
+    "sdpa bf16": dict(attention="sdpa", dtype="bfloat16"),
+    "triton bf16": dict(attention="triton", dtype="bfloat16"),
+    "tril bf16": dict(attention="tril", dtype="bfloat16"),
+}
+DEFAULT = {"cpu": ["sdpa fp32", "tril fp32", "sdpa bf16"],
+           "cuda": ["triton bf16", "sdpa bf16", "tril bf16"]}
+_FIELDS = {"attention": "attention", "cross_entropy": "cross_entropy",
+           "cross-entropy": "cross_entropy", "embedding": "embedding"}
+
+
+def parse_config(spec: str) -> dict:
+    """A CONFIGS name or ``op=backend,...[@dtype]`` -> {field: backend, ..., "dtype": dtype}."""
+    if spec in CONFIGS:
+        return dict(CONFIGS[spec])
+    backends, _, dtype = spec.partition("@")
+    out = {"dtype": dtype or "float32"}
+    for item in filter(None, backends.split(",")):
+        op, eq, name = item.partition("=")
+        if not eq or op.strip() not in _FIELDS:
+            raise FastGPTError(f"bad train config {spec!r}: use a name ({', '.join(CONFIGS)}) or "
+                               f"op=backend[,op=backend][@dtype] with ops "
+                               f"attention, cross_entropy, embedding")
+        out[_FIELDS[op.strip()]] = name.strip()
+    return out
+
+
+def add_train_args(p) -> None:
+    g = p.add_argument_group("bench train")
+    g.add_argument("--preset", default="baby", help="model/training preset (default: baby)")
+    g.add_argument("--iters", type=int, default=100, help="training iterations per run")
+    g.add_argument("--rounds", type=int, default=3, help="interleaved runs per configuration")
+    g.add_argument("--configs", default=None,
+                   help="';'-separated configurations (names or op=backend,...@dtype); "
+                        f"default on cpu: {'; '.join(DEFAULT['cpu'])}")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+
+def flops_per_token(preset: str) -> float:
+    """nanoGPT's estimate of training FLOPs per token (forward + backward)."""
+    from fastgpt.config import preset as get_preset
+    from fastgpt.model import GPT
+    m, _ = get_preset(preset)
+    with torch.device("meta"):
+        n_params = GPT(m).num_params()
+    return 6.0 * n_params + 12.0 * m.n_layer * m.n_embd * m.block_size
+
+
+def run_once(preset: str, iters: int, config: dict, compile: bool, device: str) -> list[float]:
+    """tokens/s of each log interval after the first two."""
+    from fastgpt.train import RunOptions, train
+    config = dict(config)
+    dtype = config.pop("dtype")
+    with tempfile.TemporaryDirectory() as out:
+        opts = RunOptions(preset=preset, out_dir=out, device=device, dtype=dtype, compile=compile,
+                          progress=False, sample_chars=0,
+                          overrides=dict(max_iters=iters, eval_interval=10 ** 9, eval_iters=1,
+                                         log_interval=10, **config))
+        train(opts)
+        rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
+    return [r["tokens_per_s"] for r in rows if r["kind"] == "train"][2:]   # drop warm-up
+
+
+def run_train_bench(args, env: dict) -> list[dict]:
+    from fastgpt.benchmark import device_peak, summarize, write_csv
+    from fastgpt.config import preset as get_preset
+    device = args.device
+    names = [s.strip() for s in args.configs.split(";")] if args.configs else \
+        DEFAULT["cuda" if device.startswith("cuda") else "cpu"]
+    configs = {n: parse_config(n) for n in names}
+    if args.iters < 30:
+        raise FastGPTError(f"--iters {args.iters}: need >= 30 (log every 10 iterations, the "
+                           f"first two intervals are warm-up)")
+    m, t = get_preset(args.preset)
+    tokens_per_iter = t.batch_size * m.block_size * t.gradient_accumulation_steps
+    samples = {n: [] for n in names}
+    for _ in range(args.rounds):
+        for n in names:
+            samples[n] += run_once(args.preset, args.iters, configs[n], args.compile, device)
+    cuda = device.startswith("cuda")
+    fpt = flops_per_token(args.preset) if cuda else 0.0
+    print(f"\n# bench train: preset={args.preset} iters={args.iters} rounds={args.rounds} "
+          f"tokens/iter={tokens_per_iter} compile={args.compile}", flush=True)
+    print(f"  {'config':<26} {'ms/iter':>9} {'p20-p80 ms':>17} {'tokens/s':>10} "
+          f"{'vs ' + names[0]:>14}" + (f" {'MFU':>8}" if cuda else ""))
+    rows, base = [], None
+    for n in names:
+        ms = summarize([1e3 * tokens_per_iter / s for s in samples[n]])
+        base = base or ms["median"]
+        tok_s = 1e3 * tokens_per_iter / ms["median"]
+        row = dict(config=n, ms_per_iter=ms["median"], p20_ms=ms["p20"], p80_ms=ms["p80"],
+                   tokens_per_s=tok_s, speedup=base / ms["median"])
+        line = (f"  {n:<26} {ms['median']:9.2f} {ms['p20']:8.2f}-{ms['p80']:<8.2f} "
+                f"{tok_s:10.0f} {base / ms['median']:13.2f}x")
+        if cuda:
+            peak, _ = device_peak(env["device"], getattr(torch, configs[n]["dtype"]))
+            row["mfu"] = fpt * tok_s / (peak * 1e12) if peak else None
+            line += f" {'unknown' if row['mfu'] is None else format(100 * row['mfu'], '.1f') + '%':>8}"
+        print(line, flush=True)
+        rows.append(row)
+    if args.csv:
+        write_csv([dict(op="train", provider=r["config"], mode="fwd+bwd",
+                        shape=f"preset={args.preset}", dtype=configs[r["config"]]["dtype"],
+                        median_ms=r["ms_per_iter"], p20_ms=r["p20_ms"], p80_ms=r["p80_ms"],
+                        rate=r["tokens_per_s"], unit="tokens/s", speedup=r["speedup"])
+                   for r in rows], args.csv, env)
+        print(f"appended {len(rows)} rows to {args.csv}")
+    return rows

@@ -1,0 +1,135 @@
+"""`fastgpt bench`: the shared harness on tiny grids (table, CSV, PNG), and `bench train`.
+
+Timings are never asserted: only that every command produces well-formed output.
+"""
+
+import csv
+
+import pytest
+import torch
+
+from fastgpt import cli
+from fastgpt.bench_train import parse_config
+from fastgpt.benchmark import (CSV_FIELDS, Case, device_peak, environment, run_cases,
+                               summarize)
+from fastgpt.errors import FastGPTError
+
+FAST = ["--device", "cpu", "--min-run-time", "0.01"]
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_and_environment():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median"] == 3.0 and 1.0 <= s["p20"] <= s["median"] <= s["p80"] <= 5.0
+    assert summarize([7.0]) == {"median": 7.0, "p20": 7.0, "p80": 7.0}
+    env = environment("cpu")
+    assert set(env) >= {"device", "cpu", "threads", "torch", "triton", "git_sha", "date"}
+    assert env["threads"] == torch.get_num_threads()
+
+
+def test_device_peaks():
+    flops, gbps = device_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    assert flops and gbps
+    assert device_peak("NVIDIA H100 PCIe", torch.bfloat16)[1] < gbps
+    assert device_peak("NVIDIA GeForce GTX 1080", torch.bfloat16) == (None, None)
+
+
+def test_bench_attention_table_csv_plot(tmp_path, capsys):
+    out_csv, plots = tmp_path / "bench.csv", tmp_path / "plots"
+    argv = ["bench", "attention", *FAST, "--T", "8", "16", "--D", "16", "--B", "1", "--H", "2",
+            "--providers", "tril,sdpa,torch", "--modes", "fwd,fwd+bwd",
+            "--csv", str(out_csv), "--plot", str(plots)]
+    assert cli.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "attention fwd float32" in text and "attention fwd+bwd float32" in text
+    assert "TFLOP/s" in text and "vs tril" in text
+    rows = _csv(out_csv)
+    assert len(rows) == 2 * 2 * 3
+    assert list(rows[0])[-len(CSV_FIELDS):] == CSV_FIELDS
+    assert {r["provider"] for r in rows} == {"tril", "sdpa", "torch"}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"])
+        assert r["device"] and r["threads"] and r["git_sha"] and r["date"]
+    assert all(float(r["speedup"]) == 1.0 for r in rows if r["provider"] == "tril")
+    pngs = sorted(plots.glob("*.png"))
+    assert len(pngs) == 2 and all(_png(p) for p in pngs)     # one chart per mode
+    # a second run appends under the same header
+    assert cli.main(argv[:-4] + ["--csv", str(out_csv)]) == 0
+    assert len(_csv(out_csv)) == 2 * len(rows)
+
+
+def test_bench_cross_entropy_and_embedding(tmp_path, capsys):
+    out_csv, plots = tmp_path / "b.csv", tmp_path / "p"
+    assert cli.main(["bench", "cross-entropy", *FAST, "--in-process", "--N", "32", "64", "--C",
+                     "16", "--V", "100", "--providers", "torch,chunked", "--csv", str(out_csv),
+                     "--plot", str(plots)]) == 0
+    assert cli.main(["bench", "embedding", *FAST, "--N", "16", "--C", "8", "--V", "10",
+                     "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "linear_cross_entropy fwd+bwd float32" in text and "GB/s" in text
+    rows = _csv(out_csv)
+    lce = [r for r in rows if r["op"] == "linear_cross_entropy"]
+    assert {r["provider"] for r in lce} == {"torch", "chunked"} and len(lce) == 4
+    emb = [r for r in rows if r["op"] == "embedding"]
+    assert {r["mode"] for r in emb} == {"fwd", "bwd", "fwd+bwd"}
+    assert {r["provider"] for r in emb} == {"torch", "ext"}
+    assert all(r["unit"] == "GB/s" and float(r["rate"]) > 0 for r in emb)
+    pngs = list(plots.glob("*peak_mb.png"))       # memory vs N
+    assert pngs and all(_png(p) for p in pngs)
+
+
+def test_isolated_case_reports_memory():
+    case = Case("cross-entropy", "linear_cross_entropy", "torch", "fwd+bwd",
+                dict(N=256, C=16, V=2048), "float32")
+    (row,) = run_cases([case], "cpu", baseline="torch", min_run_time=0.01, isolate=True)
+    assert not row.skipped, row.skipped
+    assert row.median > 0 and row.speedup == 1.0 and row.unit == "TFLOP/s"
+    assert row.peak_mb is not None and row.peak_mb >= 0
+
+
+def test_unrunnable_provider_is_skipped_not_fatal(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # triton on CPU: supports() says no
+    assert cli.main(["bench", "attention", *FAST, "--T", "8", "--D", "16", "--B", "1", "--H", "1",
+                     "--providers", "tril,triton", "--modes", "fwd"]) == 0
+    text = capsys.readouterr().out
+    assert "skipped:" in text and "tril" in text
+
+
+def test_bench_train(tmp_path, capsys):
+    out_csv = tmp_path / "t.csv"
+    assert cli.main(["bench", "train", "--device", "cpu", "--preset", "baby", "--iters", "30",
+                     "--rounds", "1", "--configs", "attention=tril@float32",
+                     "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "tokens/s" in text and "ms/iter" in text and "attention=tril@float32" in text
+    rows = _csv(out_csv)
+    assert len(rows) == 1 and all(r["unit"] == "tokens/s" and float(r["rate"]) > 0 for r in rows)
+
+
+def test_train_config_specs():
+    assert parse_config("tril fp32") == {"attention": "tril", "dtype": "float32"}
+    assert parse_config("attention=tril,embedding=ext@bfloat16") == \
+        {"attention": "tril", "embedding": "ext", "dtype": "bfloat16"}
+    with pytest.raises(FastGPTError, match="bad train config"):
+        parse_config("softmax=fast")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "attention", "--device", "cuda"], "sees no CUDA device"),
+    (["bench", "attention", "--device", "cpu", "--modes", "sideways"], "--modes sideways"),
+    (["bench", "train", "--device", "cpu", "--iters", "5"], "--iters 5"),
+])
+def test_bad_arguments(argv, message, capsys):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("this machine has CUDA")
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
