@@ -73,6 +73,8 @@ def _run_train(args) -> int:
                       resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                       sample_chars=args.sample_chars, progress=args.progress, overrides=overrides)
     result = train(opts)
+    if result.rank != 0:          # under torchrun only rank 0 reports
+        return 0
     if result.sample:
         print("\n--- sample ---")
         print(result.sample)
