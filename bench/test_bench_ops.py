@@ -28,6 +28,8 @@ def pytest_generate_tests(metafunc):
 
 
 def test_op(benchmark, case, bench_device):
+    import torch._functorch.config as functorch_config
+    functorch_config.donated_buffer = False   # bwd mode retains compiled graphs
     try:
         built = build(case, bench_device)
     except SkipCase as e:

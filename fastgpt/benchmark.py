@@ -11,11 +11,11 @@ alternating rounds of about 20 ms each, so load from other processes on a shared
 all of them alike; median and p20-p80 are over the rounds. The thread count is part of the
 recorded environment (``--threads`` sets it).
 
-Peak memory. CUDA: ``max_memory_allocated`` during one call minus what was allocated before it.
-CPU: the process's peak resident set during one call (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``) minus the resident set before it. In one process the allocator may
-reuse memory freed by an earlier provider, so suites where memory is the point (cross-entropy)
-run each case in a fresh subprocess on CPU (``isolate``).
+Peak memory: the tensor memory one call adds at its peak over what was allocated before it.
+CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events (``profile_memory``),
+which count tensor bytes exactly, whatever malloc keeps resident. Suites where memory is the
+point (cross-entropy) also run each case in a fresh subprocess on CPU (``isolate``), so nothing
+an earlier provider compiled or cached is in the picture.
 """
 
 from __future__ import annotations
@@ -137,22 +137,23 @@ def time_group_ms(fns: dict[str, Callable], device: str, min_run_time: float = 0
     return {name: summarize(ts) for name, ts in times.items()}
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def _cpu_peak_bytes(fn: Callable) -> int:
+    """Peak tensor bytes allocated during one call of ``fn`` above what was allocated before it,
+    from the torch profiler's allocation events (the CPU analogue of max_memory_allocated)."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    # "Total Allocated" counts from 0 at the start of profiling (frees of older tensors go below)
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0] + totals)
 
 
 def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:
-    """Memory one call of ``fn`` adds at its peak, in MiB (None where it cannot be measured)."""
+    """Memory one call of ``fn`` adds at its peak, in MiB."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -160,11 +161,7 @@ def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    if not _reset_peak_rss():
-        return None
-    base = _status_kb("VmRSS")
-    fn()
-    return max(0, _status_kb("VmHWM") - base) / 1024
+    return _cpu_peak_bytes(fn) / 2 ** 20
 
 
 # --- cases and results ----------------------------------------------------------------------
@@ -265,6 +262,8 @@ def _measure_isolated(case: Case, device: str, min_run_time: float) -> Row:
 def _worker(spec: str) -> None:
     w = json.loads(spec)
     torch.set_num_threads(w["threads"])
+    import torch._functorch.config as functorch_config
+    functorch_config.donated_buffer = False   # as run_bench does (bwd mode)
     row = _measure_group([Case(**w["case"])], w["device"], w["min_run_time"])[0]
     print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "case"}))
 
@@ -319,17 +318,18 @@ def format_table(rows: list[Row], baseline: str, device: str) -> str:
     for (op, mode, dtype), rs in blocks.items():
         unit = next((r.unit for r in rs if r.unit), "rate")
         width = max(len(r.case.shape_str()) for r in rs)
+        pw = max(12, *(len(r.case.provider) for r in rs))
         out.append(f"\n{op} {mode} {dtype}")
-        head = (f"  {'provider':<12} {'shape':<{width}} {'median ms':>10} {'p20-p80 ms':>19} "
+        head = (f"  {'provider':<{pw}} {'shape':<{width}} {'median ms':>10} {'p20-p80 ms':>19} "
                 f"{unit:>8} {'peak MB':>9} {'vs ' + baseline:>9}")
         out.append(head + (f" {'% peak':>7}" if cuda else ""))
         for r in rs:
             c = r.case
             if r.skipped:
-                out.append(f"  {c.provider:<12} {c.shape_str():<{width}} skipped: {r.skipped}")
+                out.append(f"  {c.provider:<{pw}} {c.shape_str():<{width}} skipped: {r.skipped}")
                 continue
             spread = f"{r.p20:.3f}-{r.p80:.3f}"
-            line = (f"  {c.provider:<12} {c.shape_str():<{width}} {r.median:>10.3f} {spread:>19} "
+            line = (f"  {c.provider:<{pw}} {c.shape_str():<{width}} {r.median:>10.3f} {spread:>19} "
                     f"{_fmt(r.rate, '.3f'):>8} {_fmt(r.peak_mb, '.1f'):>9} "
                     f"{_fmt(r.speedup, '.2f') + ('x' if r.speedup else ''):>9}")
             if cuda:
@@ -422,9 +422,10 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 "
                    "(default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--providers", default=None, help="comma-separated backend names "
-                   "(default: all that run on the device)")
-    p.add_argument("--modes", default=None, help="comma-separated: fwd, bwd, fwd+bwd")
+    p.add_argument("--providers", nargs="+", default=None, help="backend names, comma- or "
+                   "space-separated (default: all that run on the device)")
+    p.add_argument("--modes", nargs="+", default=None, help="fwd, bwd, fwd+bwd (comma- or "
+                   "space-separated; default: all, fwd+bwd for cross-entropy)")
     p.add_argument("--T", type=int, nargs="+", default=None, help="attention sequence lengths")
     p.add_argument("--D", type=int, nargs="+", default=None, help="attention head dims")
     p.add_argument("--B", type=int, default=None, help="attention batch")
@@ -458,6 +459,13 @@ def run_bench(args) -> int:
         raise FastGPTError(f"--device must be cpu or cuda[:N]; got {args.device!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name in ("providers", "modes"):   # "a,b c" -> "a,b,c"
+        if getattr(args, name):
+            setattr(args, name, ",".join(getattr(args, name)))
+    # bwd mode re-runs one graph's backward (retain_graph), which torch.compile'd graphs allow
+    # only without buffer donation
+    import torch._functorch.config as functorch_config
+    functorch_config.donated_buffer = False
     env = environment(args.device)
     print(f"# fastgpt bench {args.what}; {format_env(env)}", flush=True)
     rows: list[Row] = []
