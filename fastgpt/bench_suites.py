@@ -183,9 +183,11 @@ def embedding_build(case: Case, device: str) -> Built:
     bwd_bytes = N * C * es + N * ies + V * C * es
     if case.mode == "bwd":   # the weight-gradient op alone
         if case.provider == "torch":
-            step = lambda: torch.ops.aten.embedding_backward(grad, idx, V, -1, False, False)  # noqa: E731
-        elif case.provider == "ext":
-            step = lambda: torch.ops.fastgpt.embedding_backward(grad, idx, V, -1, True)  # noqa: E731
+            op = torch.ops.aten.embedding_backward
+            step = lambda: op(grad, idx, V, -1, False, False)  # noqa: E731
+        elif case.provider == "ext":   # fn's availability check above loaded fastgpt._C
+            op = torch.ops.fastgpt.embedding_backward
+            step = lambda: op(grad, idx, V, -1, True)  # noqa: E731   (deterministic)
         else:
             out = fn(idx, weight)
             step = lambda: out.backward(grad, retain_graph=True)  # noqa: E731

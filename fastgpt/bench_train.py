@@ -120,7 +120,8 @@ def run_train_bench(args, env: dict) -> list[dict]:
         if cuda:
             peak, _ = device_peak(env["device"], getattr(torch, configs[n]["dtype"]))
             row["mfu"] = fpt * tok_s / (peak * 1e12) if peak else None
-            line += f" {'unknown' if row['mfu'] is None else format(100 * row['mfu'], '.1f') + '%':>8}"
+            mfu = "unknown" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+            line += f" {mfu:>8}"
         print(line, flush=True)
         rows.append(row)
     if args.csv:

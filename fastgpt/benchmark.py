@@ -1,4 +1,4 @@
-"""One benchmark harness for every op: `fastgpt bench`, bench/bench_<op>.py and bench/test_bench_*.py.
+"""One benchmark harness for every op: `fastgpt bench`, bench/bench_<op>.py, bench/test_bench_*.py.
 
 A benchmark is a list of ``Case``s (op, provider, mode, shape, dtype). Providers are the registry's
 backend names; a suite (fastgpt/bench_suites.py) turns a case into the callable to time and its
@@ -20,7 +20,6 @@ an earlier provider compiled or cached is in the picture.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import datetime
@@ -31,7 +30,7 @@ import re
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -478,7 +477,8 @@ def run_bench(args) -> int:
     env = environment(args.device)
     print(f"# fastgpt bench {args.what}; {format_env(env)}", flush=True)
     rows: list[Row] = []
-    for name in (list(SUITES) if args.what == "all" else [args.what] if args.what != "train" else []):
+    names = list(SUITES) if args.what == "all" else [] if args.what == "train" else [args.what]
+    for name in names:
         rows += run_suite(name, args)
     if args.csv and rows:
         write_csv([r.record() for r in rows], args.csv, env)

@@ -275,7 +275,8 @@ def _parse_dtypes(spec: str) -> list[torch.dtype]:
     for name in spec.split(","):
         dt = getattr(torch, name.strip(), None)
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise FastGPTError(f"--dtype {name.strip()!r}: use float32, bfloat16, float16 or float64")
+            raise FastGPTError(f"--dtype {name.strip()!r}: use float32, bfloat16, float16 or "
+                               f"float64")
         out.append(dt)
     return out
 

@@ -86,7 +86,8 @@ def test_attention_triton_quick(capsys):
                    "--dtype", "float32"])
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0
-    assert sum(" triton " in line and " PASS " in line for line in lines) == 4   # 2 shapes x fwd/bwd
+    # 2 shapes x (fwd, bwd)
+    assert sum(" triton " in line and " PASS " in line for line in lines) == 4
 
 
 @pytest.mark.parametrize("argv, message", [
