@@ -4,6 +4,7 @@ Forward must be bitwise equal to F.embedding; backward must meet the accuracy ru
 float64 reference and be bitwise reproducible across runs and thread counts.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -124,6 +125,31 @@ def test_backward_algorithms_agree_bitwise(dtype):
     small = bwd(grad_out, indices, 65, 3, True)          # 65 x 16 fp32 accumulators: streaming
     large = bwd(grad_out, indices, 40000, 3, True)       # 40000 x 16 x 4 B > 2 MiB: sorted
     assert torch.equal(small, large[:65]) and not large[65:].any()
+
+
+def _tensor_allocations(fn, tmp_path) -> list[int]:
+    """Sizes of the tensors torch allocates while fn runs (the profiler's allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    return [e["args"]["Bytes"] for e in events
+            if e.get("name") == "[memory]" and e["args"]["Bytes"] > 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [65, 40000])   # the small-table and the sorted algorithm
+def test_backward_allocates_only_its_result(dtype, V, tmp_path):
+    """No second (V, C) tensor: fp32 gradients are summed in the output itself, fp16/bf16 ones in
+    per-thread fp32 scratch (a 1 KiB block, or a V x column-slice buffer for small tables)."""
+    N, C = 1024, 64
+    indices = torch.randint(0, V, (N,))
+    grad_out = torch.randn(N, C).to(dtype)
+    bwd(grad_out, indices, V, -1, True)
+    sizes = _tensor_allocations(lambda: bwd(grad_out, indices, V, -1, True), tmp_path)
+    assert sizes == [V * C * grad_out.element_size()]
 
 
 def test_backward_non_contiguous_grad_and_int32():

@@ -5,13 +5,16 @@ implemented in csrc/ (one TORCH_LIBRARY block, CPU and CUDA kernels). This modul
 PyTorch needs around them: fake (meta) kernels so torch.compile can trace them. Autograd of
 the forward is registered in C++ (csrc/embedding_autograd.cpp): the Python
 ``register_autograd`` wrapper cost ~30 us per call, more than the whole lookup at small sizes;
-the deterministic=False variant below is a Python autograd.Function (eager only). The extension is imported lazily, on the first availability check, so
-``import fastgpt`` works (and falls back to the ``torch`` backend) when it was not built.
+the deterministic=False variant below is a Python autograd.Function (eager only). The extension
+is imported lazily, on the first availability check, so ``import fastgpt`` works (and falls back
+to the ``torch`` backend) when it was not built.
 
 padding_idx: None or a row in [0, V) here (fastgpt.ops.embedding normalises nn.Embedding's
 negative values); the ops take -1 for "none", like aten::embedding.
 Backward: deterministic by default (bitwise reproducible, fp32 accumulation); pass
 ``deterministic=False`` to let the CUDA kernel use fp32 atomics instead (CPU ignores it).
+Memory: on CPU the backward's only tensor allocation is its (V, C) result; fp32 gradients are
+summed in it directly, fp16/bf16 ones in small per-thread fp32 scratch.
 Bounds: every index is checked on CPU and on CUDA; the CUDA kernels raise a flag instead of a
 device-side assert, and reading it back costs one device-to-host sync per call (so these ops
 cannot be captured in a CUDA graph).
