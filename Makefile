@@ -15,8 +15,9 @@ BIN := $(VENV)/bin
 
 setup: $(STAMP)
 
-$(STAMP): setup.py $(wildcard csrc/*)
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet "setuptools>=64" wheel numpy tqdm matplotlib pytest pytest-benchmark
 	# torch C++ extensions build against the installed torch: no build isolation

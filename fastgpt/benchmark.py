@@ -155,9 +155,14 @@ def _cpu_peak_bytes(fn: Callable) -> int:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         events = json.load(open(f.name))["traceEvents"]
-    # "Total Allocated" counts from 0 at the start of profiling (frees of older tensors go below)
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max([0] + totals)
+    # A running sum of this session's allocation events. The profiler's "Total Allocated" is a
+    # process-wide counter: a tensor allocated while profiling and freed outside a profile is
+    # never subtracted, so every later measurement in the process would include it.
+    peak = running = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        running += e["args"]["Bytes"]
+        peak = max(peak, running)
+    return peak
 
 
 def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:

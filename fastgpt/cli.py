@@ -42,7 +42,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--preset", default=None, help=f"one of: {', '.join(cfgmod.PRESETS)}")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: bundled tiny Shakespeare)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 (CUDA only)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bfloat16 where the hardware has it natively), float32 "
+                        "(exact fp32), bfloat16, float16 (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     for flag in BACKEND_FLAGS:
         p.add_argument(f"--{flag}", default=None, metavar="BACKEND",

@@ -145,7 +145,9 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None     # (B, 1, V): all that sampling needs
-        loss = ops.linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+        # the loss head reads fp32 hidden states and weights, so a bf16 model still reports an
+        # fp32 loss (under autocast the op multiplies in the autocast dtype all the same)
+        loss = ops.linear_cross_entropy(x.reshape(B * T, -1).float(), self.lm_head.weight.float(),
                                         targets.reshape(B * T), preferred=cfg.cross_entropy)
         return None, loss
 

@@ -27,7 +27,8 @@ from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.data import CharTokenizer, TextDataset, read_text
 from fastgpt.errors import FastGPTError
 from fastgpt.model import build_model, make_optimizer
-from fastgpt.precision import autocast, grad_scaler, parse_dtype
+from fastgpt.precision import (LowPrecisionCopy, autocast, grad_scaler, parse_dtype,
+                               resolve_dtype_name, uses_working_copy)
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -41,7 +42,7 @@ class RunOptions:
     preset: Optional[str] = None           # None: baby on CPU, shakespeare-char on CUDA
     data: Optional[str] = None             # None: the bundled tiny Shakespeare
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"                    # see fastgpt.precision; float32 = exact fp32
     compile: bool = False
     out_dir: str = "out"
     resume: bool = False
@@ -262,11 +263,14 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         _resume_rng(resumed, world, device, batch_gen)
         start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
         losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
-    # DDP averages the gradients over the ranks; eval and checkpoints use the plain model
+    # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute
+    low = LowPrecisionCopy(model, dtype) if uses_working_copy(device.type, dtype) else None
+    compute_model = model if low is None else low.model
+    # DDP averages the gradients over the ranks; eval uses the plain model
     ddp = (torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        compute_model, device_ids=[device.index] if device.type == "cuda" else None)
         if world.enabled else None)
-    step_model = model if ddp is None else ddp
+    step_model = compute_model if ddp is None else ddp
     step_model = torch.compile(step_model) if opts.compile else step_model
     metrics = (MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None) if world.is_main
                else _Discard())
@@ -278,7 +282,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     def estimate_loss() -> dict[str, float]:
         # the same eval batches at every estimate: curves compare like with like
         eval_gen.manual_seed(opts.seed + 1)
-        model.eval()
+        compute_model.eval()
         out = {}
         for split in ("train", "val"):
             batches = [_batch(dataset, split, tcfg.batch_size, eval_gen, device, world)
@@ -291,10 +295,10 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                 x = torch.cat([b[0] for b in group])
                 y = torch.cat([b[1] for b in group])
                 with ctx:
-                    _, loss = model(x, y)
+                    _, loss = compute_model(x, y)
                 total += loss.float() * len(group)
             out[split] = distributed.mean(total / tcfg.eval_iters, world).item()   # same on all ranks
-        model.train()
+        compute_model.train()
         return out
 
     def checkpoint(it: int, losses: dict) -> None:
@@ -308,7 +312,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
             "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
-            "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": opts.dtype,
+            "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": resolve_dtype_name(opts.dtype, device.type),
             "seed": opts.seed, "rng": _rng_state(device, batch_gen), **ranks,
         })
 
@@ -318,7 +322,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     pending: list[tuple[int, torch.Tensor]] = []   # recent losses, read at log time (no per-step sync)
     last_ckpt_iter = start_iter if resumed is not None else None
     t_log, tokens_since_log, tok_per_s = time.perf_counter(), 0, 0.0
-    model.train()
+    compute_model.train()
     try:
         for it in range(start_iter, tcfg.max_iters + 1):
             lr = lr_at(it, tcfg)
@@ -348,12 +352,16 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                     with ctx:
                         _, loss = step_model(x, y)
                     scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
+            if low is not None:
+                low.grads_to_master()
             if tcfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if low is not None:
+                low.refresh()
             pending.append((it, loss.detach()))
             tokens_since_log += tokens_per_iter
             bar.update(1)

@@ -20,10 +20,10 @@ TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_it
             eval_interval=4, log_interval=1, warmup_iters=2, lr_decay_iters=30, dropout=0.1)
 
 
-def run(out_dir, **kw):
+def run(out_dir, dtype="float32", **kw):
     overrides = {**TINY, **kw.pop("overrides", {})}
     opts = RunOptions(out_dir=str(out_dir), preset="baby", progress=False, sample_chars=0,
-                      overrides=overrides, **kw)
+                      dtype=dtype, overrides=overrides, **kw)
     return train(opts)
 
 
@@ -32,10 +32,11 @@ def step_losses(out_dir):
     return {r["iter"]: r["train_loss"] for r in rows if r["kind"] == "train"}
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = run(tmp_path / "full", overrides={"max_iters": 12})
-    run(tmp_path / "part", overrides={"max_iters": 6})
-    resumed = run(tmp_path / "part", resume=True, overrides={"max_iters": 12})
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_equals_uninterrupted(tmp_path, dtype):
+    full = run(tmp_path / "full", dtype, overrides={"max_iters": 12})
+    run(tmp_path / "part", dtype, overrides={"max_iters": 6})
+    resumed = run(tmp_path / "part", dtype, resume=True, overrides={"max_iters": 12})
     assert step_losses(tmp_path / "part") == step_losses(tmp_path / "full")   # bitwise
     assert resumed.val_loss == full.val_loss
     a = load_checkpoint(tmp_path / "full")["model"]
@@ -47,7 +48,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "fastgpt", "train", "--preset", "baby", "--out-dir", str(out),
-            "--no-progress", "--sample-chars", "0", "--max-iters", "400"]
+            "--no-progress", "--sample-chars", "0", "--max-iters", "400", "--dtype", "float32"]
     for k, v in TINY.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -107,3 +108,18 @@ def test_resume_and_fresh_run_guards(tmp_path):
     with pytest.raises(FastGPTError, match="truncated or corrupt"):
         run(tmp_path, resume=True)
     assert (tmp_path / "ckpt.pt").read_bytes() == b"garbage"    # a failed run overwrites nothing
+
+
+def test_bf16_training_tracks_float32(tmp_path):
+    """The CPU bf16 path (bf16 working copy, fp32 master weights) keeps the loss curve of fp32."""
+    kw = dict(overrides={"max_iters": 60, "n_embd": 32, "eval_interval": 60, "dropout": 0.0,
+                         "learning_rate": 3e-3})
+    ref = run(tmp_path / "fp32", "float32", **kw)
+    fast = run(tmp_path / "bf16", "bfloat16", **kw)
+    a, b = step_losses(tmp_path / "fp32"), step_losses(tmp_path / "bf16")
+    assert max(abs(a[i] - b[i]) for i in a) < 0.05 * a[0]
+    assert abs(fast.val_loss - ref.val_loss) < 0.02 * ref.val_loss
+    assert ref.val_loss < 0.85 * a[0]            # it did learn
+    state = load_checkpoint(tmp_path / "bf16")
+    assert state["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in state["model"].values())   # fp32 masters saved

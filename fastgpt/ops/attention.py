@@ -4,8 +4,9 @@ All backends take q, k, v of shape (B, H, T, D) and return (B, H, T, D):
 
 * ``loop``  - explicit Python loops over batch and time, the lecture's first version;
 * ``tril``  - the lecture's matmul with a ``torch.tril`` mask, ``masked_fill(-inf)``, softmax;
-* ``torch`` - the plain vectorised reference every fast kernel is tested against (in float64);
-* ``sdpa``  - ``F.scaled_dot_product_attention(is_causal=True)``, the CPU default.
+* ``torch`` - the plain vectorised reference every fast kernel is tested against (in float64),
+              and the CPU default for bfloat16;
+* ``sdpa``  - ``F.scaled_dot_product_attention(is_causal=True)``, the CPU default otherwise.
 
 Fast backends (``triton``, ``compile``) register themselves from their own modules.
 """
@@ -49,13 +50,15 @@ def attention_tril(q, k, v, *, scale=None, dropout_p=0.0):
 
 
 def attention_torch(q, k, v, *, scale=None, dropout_p=0.0):
-    T = q.shape[-2]
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * _scale(q, scale)   # (B, H, T, T)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    B, H, T, D = q.shape
+    # scale and causal mask folded into one batched matmul: scores = mask + scale * q @ k^T
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, D),
+                           k.reshape(B * H, T, D).transpose(1, 2), alpha=_scale(q, scale))
+    probs = scores.softmax(dim=-1)                                     # (B*H, T, T)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v)
+    return torch.bmm(probs, v.reshape(B * H, T, D)).view(B, H, T, D)
 
 
 def attention_sdpa(q, k, v, *, scale=None, dropout_p=0.0):
@@ -67,6 +70,9 @@ registry.register("attention", "tril", attention_tril)
 registry.register("attention", "torch", attention_torch)
 registry.register("attention", "sdpa", attention_sdpa)
 registry.set_default_order("attention", "cpu", ["sdpa"])
+# PyTorch's CPU flash kernel is 3-4x slower in bfloat16 than the plain batched matmuls at the
+# presets' shapes (B=12, H=4, T=64, D=32, fwd+bwd; bench/bench_attention.py)
+registry.set_default_order("attention", "cpu", ["torch", "sdpa"], dtype=torch.bfloat16)
 registry.set_default_order("attention", "cuda", ["triton", "sdpa"])
 registry.set_default_order("attention", "default", ["sdpa", "torch"])
 
@@ -96,5 +102,5 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check(q, k, v, dropout_p)
     chosen = registry.choose("attention", q.device.type, (q, k, v),
                              {"scale": scale, "dropout_p": dropout_p},
-                             backend=backend, preferred=preferred)
+                             backend=backend, preferred=preferred, dtype=q.dtype)
     return chosen.fn(q, k, v, scale=scale, dropout_p=dropout_p)

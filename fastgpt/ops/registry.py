@@ -70,8 +70,16 @@ def register(op: str, name: str, fn: Callable, *, supports: Callable = _always,
     return backend
 
 
-def set_default_order(op: str, device_type: str, names: list[str]) -> None:
-    _DEFAULT_ORDER[canonical_op(op)][device_type] = list(names)
+def set_default_order(op: str, device_type: str, names: list[str],
+                      dtype: Optional[torch.dtype] = None) -> None:
+    """The automatic order for a device type ("cpu", "cuda", or "default" for any other), or
+    for one dtype on that device type when ``dtype`` is given (it wins over the device's)."""
+    key = device_type if dtype is None else _dtype_key(device_type, dtype)
+    _DEFAULT_ORDER[canonical_op(op)][key] = list(names)
+
+
+def _dtype_key(device_type: str, dtype: torch.dtype) -> str:
+    return f"{device_type}:{str(dtype).removeprefix('torch.')}"
 
 
 def backend_names(op: str) -> list[str]:
@@ -146,7 +154,8 @@ def _log_once(key, msg: str) -> None:
 
 
 def choose(op: str, device_type: str, args: tuple, kwargs: dict, *,
-           backend: Optional[str] = None, preferred: Optional[str] = None) -> Backend:
+           backend: Optional[str] = None, preferred: Optional[str] = None,
+           dtype: Optional[torch.dtype] = None) -> Backend:
     """Pick the backend for one call, following the precedence in the module docstring."""
     requested = _requested(op, backend, preferred)
     if requested is not None:
@@ -157,7 +166,9 @@ def choose(op: str, device_type: str, args: tuple, kwargs: dict, *,
             raise FastGPTError(f"{op} backend {name!r} (from {source}) cannot run here: {reason}. "
                                f"Available {op} backends: {', '.join(available_backends(op))}")
         return chosen
-    order = _DEFAULT_ORDER[op].get(device_type) or _DEFAULT_ORDER[op].get("default", [])
+    orders = _DEFAULT_ORDER[op]
+    order = ((orders.get(_dtype_key(device_type, dtype)) if dtype is not None else None)
+             or orders.get(device_type) or orders.get("default", []))
     skipped = []
     for name in order:
         candidate = _BACKENDS[op].get(name)
