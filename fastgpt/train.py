@@ -147,22 +147,26 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def _rng_state(device: torch.device, batch_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+def _rng_state(device: torch.device, batch_gen: torch.Generator,
+               eval_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
+             "eval": eval_gen.get_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device, batch_gen: torch.Generator) -> None:
+def _set_rng_state(state: dict, device: torch.device, batch_gen: torch.Generator,
+                   eval_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     batch_gen.set_state(state["batch"])
+    eval_gen.set_state(state["eval"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
-                batch_gen: torch.Generator) -> None:
+                batch_gen: torch.Generator, eval_gen: torch.Generator) -> None:
     """Restore the RNG streams of a checkpoint, which holds one state per rank.
 
     With the world size it was written with, every rank continues its own streams, so the run goes
@@ -173,13 +177,14 @@ def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
     saved_size = resumed.get("world_size", 1)
     if saved_size == world.size:
         _set_rng_state(resumed["rng_ranks"][world.rank] if world.enabled else resumed["rng"],
-                       device, batch_gen)
+                       device, batch_gen, eval_gen)
         return
     if world.is_main:
         logging.getLogger("fastgpt").warning(
             f"resuming a {saved_size}-process run with {world.size} process(es): the data order "
             f"continues exactly, dropout randomness is re-seeded")
     batch_gen.set_state(resumed["rng"]["batch"])
+    eval_gen.set_state(resumed["rng"]["eval"])
     torch.manual_seed(distributed.rank_seed(resumed.get("seed", 0), world.rank, resumed["iter_num"]))
 
 
@@ -248,6 +253,9 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
 
     torch.manual_seed(opts.seed)
     batch_gen = torch.Generator().manual_seed(opts.seed)
+    # eval batches come from their own stream (fresh batches at every estimate, as nanoGPT
+    # draws them), so the training data order does not depend on the eval schedule
+    eval_gen = torch.Generator().manual_seed(opts.seed + 1)
     model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
     if world.enabled:
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
@@ -260,7 +268,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed.get("scaler", {}))
-        _resume_rng(resumed, world, device, batch_gen)
+        _resume_rng(resumed, world, device, batch_gen, eval_gen)
         start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
         losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
     # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute
@@ -276,12 +284,9 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                else _Discard())
     ctx = autocast(device.type, dtype)
     tokens_per_iter = tcfg.batch_size * mcfg.block_size * tcfg.gradient_accumulation_steps
-    eval_gen = torch.Generator()
 
     @torch.inference_mode()
     def estimate_loss() -> dict[str, float]:
-        # the same eval batches at every estimate: curves compare like with like
-        eval_gen.manual_seed(opts.seed + 1)
         compute_model.eval()
         out = {}
         for split in ("train", "val"):
@@ -304,7 +309,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     def checkpoint(it: int, losses: dict) -> None:
         # every rank's RNG state goes in, so a resume with as many ranks goes on bit for bit
         ranks = ({"world_size": world.size,
-                  "rng_ranks": distributed.all_gather(_rng_state(device, batch_gen), world)}
+                  "rng_ranks": distributed.all_gather(_rng_state(device, batch_gen, eval_gen), world)}
                  if world.enabled else {})
         if not world.is_main:
             return
@@ -313,7 +318,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
             "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
             "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
             "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": resolve_dtype_name(opts.dtype, device.type),
-            "seed": opts.seed, "rng": _rng_state(device, batch_gen), **ranks,
+            "seed": opts.seed, "rng": _rng_state(device, batch_gen, eval_gen), **ranks,
         })
 
     from tqdm import tqdm

@@ -36,7 +36,7 @@ def flags(**kw) -> list[str]:
 def torchrun(out_dir, *extra, script=("-m", "fastgpt"), env=None, timeout=120):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            *script, "train", "--preset", "baby", "--out-dir", str(out_dir), "--no-progress",
-           "--sample-chars", "0", *extra]
+           "--sample-chars", "0", "--dtype", "float32", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -44,7 +44,7 @@ def torchrun(out_dir, *extra, script=("-m", "fastgpt"), env=None, timeout=120):
 def run_here(out_dir, **kw):
     overrides = {**TINY, **kw.pop("overrides", {})}
     return train(RunOptions(out_dir=str(out_dir), preset="baby", progress=False, sample_chars=0,
-                            overrides=overrides, **kw))
+                            dtype="float32", overrides=overrides, **kw))
 
 
 def metrics(out_dir, kind):
