@@ -53,7 +53,7 @@ def _bad(tmp_path, capsys, argv, match):
     (["--preset", "huge"], "unknown preset 'huge'; presets are: baby, shakespeare-char, gpt2-small"),
     (["--attention", "warp"], "unknown attention backend 'warp'; known backends: loop, tril"),
     (["--cross-entropy", "nope"], "unknown linear_cross_entropy backend 'nope'"),
-    (["--dtype", "float8"], "unknown dtype 'float8'; dtypes are: float32, bfloat16, float16"),
+    (["--dtype", "float8"], "unknown dtype 'float8'; dtypes are: auto, float32, bfloat16, float16"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),

@@ -1,0 +1,79 @@
+"""fastgpt's default `baby` run against nanoGPT's documented CPU run, back to back on one machine.
+
+Alternates the two whole runs (2000 iterations, evals included, process start to exit) for
+``--rounds`` rounds and reports the median wall time and the val loss each reached at iter 2000.
+nanoGPT is not part of fastgpt: point ``--nanogpt`` at a checkout whose
+data/shakespeare_char/prepare.py has been run, and ``--nanogpt-python`` at a Python with torch.
+
+    python bench/vs_nanogpt.py --nanogpt ../nanoGPT --nanogpt-python ../nanogpt-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from fastgpt.benchmark import environment, format_env
+
+# the command issue 7 quotes for nanoGPT's CPU run
+NANOGPT_ARGS = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+                "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def timed(cmd: list[str], cwd: str) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+    return wall, done.stdout + done.stderr
+
+
+def nanogpt_run(path: str, python: str, out_dir: str) -> tuple[float, float]:
+    wall, log = timed([python, *NANOGPT_ARGS, f"--out_dir={out_dir}"], cwd=path)
+    val = re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", log)
+    return wall, float(val[-1])
+
+
+def fastgpt_run(out_dir: str, extra: list[str]) -> tuple[float, float]:
+    wall, log = timed([sys.executable, "-m", "fastgpt", "train", "--overwrite", "--out-dir",
+                       out_dir, "--no-progress", *extra], cwd=os.getcwd())
+    val = re.findall(r"iter 2000: train loss [\d.]+, val loss ([\d.]+)", log)
+    return wall, float(val[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nanogpt", required=True, help="path of a nanoGPT checkout")
+    p.add_argument("--nanogpt-python", default=sys.executable)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fastgpt-args", default="", help="extra `fastgpt train` flags")
+    args = p.parse_args(argv)
+    runs = {"nanoGPT": [], "fastgpt": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            runs["nanoGPT"].append(nanogpt_run(args.nanogpt, args.nanogpt_python,
+                                               os.path.join(tmp, "nano")))
+            runs["fastgpt"].append(fastgpt_run(os.path.join(tmp, "fast"), args.fastgpt_args.split()))
+            print(f"round {r}: nanoGPT {runs['nanoGPT'][-1]}, fastgpt {runs['fastgpt'][-1]}",
+                  flush=True)
+    print(f"# {format_env(environment('cpu'))}")
+    print(f"{'':<8} {'median wall s':>14} {'all wall s':>24} {'val loss @2000':>28}")
+    for name, rs in runs.items():
+        walls, vals = [w for w, _ in rs], [v for _, v in rs]
+        print(f"{name:<8} {statistics.median(walls):14.1f} {' '.join(f'{w:.1f}' for w in walls):>24} "
+              f"{' '.join(f'{v:.4f}' for v in vals):>28}")
+    ratio = statistics.median(w for w, _ in runs["nanoGPT"]) / statistics.median(w for w, _ in runs["fastgpt"])
+    print(f"fastgpt is {ratio:.2f}x faster than nanoGPT (median wall time, whole run)")
+
+
+if __name__ == "__main__":
+    main()
