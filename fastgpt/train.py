@@ -147,26 +147,22 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def _rng_state(device: torch.device, batch_gen: torch.Generator,
-               eval_gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state(),
-             "eval": eval_gen.get_state()}
+def _rng_state(device: torch.device, batches: "BatchStream") -> dict:
+    state = {"torch": torch.get_rng_state(), **batches.state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device, batch_gen: torch.Generator,
-                   eval_gen: torch.Generator) -> None:
+def _set_rng_state(state: dict, device: torch.device, batches: "BatchStream") -> None:
     torch.set_rng_state(state["torch"])
-    batch_gen.set_state(state["batch"])
-    eval_gen.set_state(state["eval"])
+    batches.set_state(state)
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
-                batch_gen: torch.Generator, eval_gen: torch.Generator) -> None:
+                batches: "BatchStream") -> None:
     """Restore the RNG streams of a checkpoint, which holds one state per rank.
 
     With the world size it was written with, every rank continues its own streams, so the run goes
@@ -177,14 +173,13 @@ def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
     saved_size = resumed.get("world_size", 1)
     if saved_size == world.size:
         _set_rng_state(resumed["rng_ranks"][world.rank] if world.enabled else resumed["rng"],
-                       device, batch_gen, eval_gen)
+                       device, batches)
         return
     if world.is_main:
         logging.getLogger("fastgpt").warning(
             f"resuming a {saved_size}-process run with {world.size} process(es): the data order "
             f"continues exactly, dropout randomness is re-seeded")
-    batch_gen.set_state(resumed["rng"]["batch"])
-    eval_gen.set_state(resumed["rng"]["eval"])
+    batches.set_state(resumed["rng"])
     torch.manual_seed(distributed.rank_seed(resumed.get("seed", 0), world.rank, resumed["iter_num"]))
 
 
@@ -199,6 +194,45 @@ def _batch(dataset: TextDataset, split: str, batch_size: int, gen: torch.Generat
         return (x[rows].pin_memory().to(device, non_blocking=True),
                 y[rows].pin_memory().to(device, non_blocking=True))
     return x[rows], y[rows]
+
+
+class BatchStream:
+    """Training and eval batches from one generator, in nanoGPT's order: the first training
+    batch is drawn before the loop and each next one right after the forward pass that uses
+    the previous, so an eval at iteration ``it`` draws after batch ``it`` was fetched. The
+    generator starts where the weight initialisation left the global RNG, so with dropout 0 a
+    float32 run sees exactly nanoGPT's batches (and, its model and optimizer being the same,
+    its losses). The state before the pending draw is kept so a resume can fetch it again.
+    """
+
+    def __init__(self, dataset: TextDataset, batch_size: int, device: torch.device,
+                 world: distributed.World):
+        self.dataset, self.batch_size, self.device, self.world = dataset, batch_size, device, world
+        self.gen = torch.Generator()
+        self.gen.set_state(torch.get_rng_state())
+        self.pending_state = self.gen.get_state()
+        self.pending = None
+
+    def eval_batch(self, split: str):
+        return _batch(self.dataset, split, self.batch_size, self.gen, self.device, self.world)
+
+    def prefetch(self) -> None:
+        self.pending_state = self.gen.get_state()
+        self.pending = _batch(self.dataset, "train", self.batch_size, self.gen, self.device,
+                              self.world)
+
+    def take(self):
+        batch = self.pending
+        self.pending = None
+        return batch
+
+    def state(self) -> dict:
+        return {"batch": self.gen.get_state(), "batch_pending": self.pending_state}
+
+    def set_state(self, state: dict) -> None:
+        self.gen.set_state(state["batch_pending"])
+        self.prefetch()
+        self.gen.set_state(state["batch"])
 
 
 class _Discard:
@@ -252,11 +286,8 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                           source=f"data file {opts.data!r}" if opts.data else "the bundled text")
 
     torch.manual_seed(opts.seed)
-    batch_gen = torch.Generator().manual_seed(opts.seed)
-    # eval batches come from their own stream (fresh batches at every estimate, as nanoGPT
-    # draws them), so the training data order does not depend on the eval schedule
-    eval_gen = torch.Generator().manual_seed(opts.seed + 1)
     model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
+    batches = BatchStream(dataset, tcfg.batch_size, device, world)   # the same on every rank
     if world.enabled:
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
     optimizer = make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay,
@@ -268,7 +299,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed.get("scaler", {}))
-        _resume_rng(resumed, world, device, batch_gen, eval_gen)
+        _resume_rng(resumed, world, device, batches)
         start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
         losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
     # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute
@@ -290,13 +321,12 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         compute_model.eval()
         out = {}
         for split in ("train", "val"):
-            batches = [_batch(dataset, split, tcfg.batch_size, eval_gen, device, world)
-                       for _ in range(tcfg.eval_iters)]
+            drawn = [batches.eval_batch(split) for _ in range(tcfg.eval_iters)]
             total = torch.zeros((), device=device)
             # several equal-size batches per forward: the mean of group means is the same
             # estimate, and bigger matmuls run faster
-            for i in range(0, len(batches), EVAL_GROUP):
-                group = batches[i:i + EVAL_GROUP]
+            for i in range(0, len(drawn), EVAL_GROUP):
+                group = drawn[i:i + EVAL_GROUP]
                 x = torch.cat([b[0] for b in group])
                 y = torch.cat([b[1] for b in group])
                 with ctx:
@@ -309,7 +339,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     def checkpoint(it: int, losses: dict) -> None:
         # every rank's RNG state goes in, so a resume with as many ranks goes on bit for bit
         ranks = ({"world_size": world.size,
-                  "rng_ranks": distributed.all_gather(_rng_state(device, batch_gen, eval_gen), world)}
+                  "rng_ranks": distributed.all_gather(_rng_state(device, batches), world)}
                  if world.enabled else {})
         if not world.is_main:
             return
@@ -318,7 +348,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
             "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
             "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
             "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": resolve_dtype_name(opts.dtype, device.type),
-            "seed": opts.seed, "rng": _rng_state(device, batch_gen, eval_gen), **ranks,
+            "seed": opts.seed, "rng": _rng_state(device, batches), **ranks,
         })
 
     from tqdm import tqdm
@@ -328,6 +358,8 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     last_ckpt_iter = start_iter if resumed is not None else None
     t_log, tokens_since_log, tok_per_s = time.perf_counter(), 0, 0.0
     compute_model.train()
+    if batches.pending is None:
+        batches.prefetch()
     try:
         for it in range(start_iter, tcfg.max_iters + 1):
             lr = lr_at(it, tcfg)
@@ -350,12 +382,13 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                 break
 
             for micro in range(tcfg.gradient_accumulation_steps):
-                x, y = _batch(dataset, "train", tcfg.batch_size, batch_gen, device, world)
+                x, y = batches.take()
                 # DDP all-reduces the gradients only in the backward of the last micro-step
                 last = micro + 1 == tcfg.gradient_accumulation_steps
                 with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
                     with ctx:
                         _, loss = step_model(x, y)
+                    batches.prefetch()   # the next batch, fetched while this one is in flight
                     scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
             if low is not None:
                 low.grads_to_master()
