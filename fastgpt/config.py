@@ -7,7 +7,7 @@ is nanoGPT's GPU char config; ``gpt2-small`` gives GPT-2 124M shapes for benchma
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from fastgpt.errors import FastGPTError

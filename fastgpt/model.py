@@ -14,7 +14,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastgpt import ops
 from fastgpt.config import GPTConfig

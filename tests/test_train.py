@@ -1,7 +1,6 @@
 """Training runs: exact resume, surviving SIGKILL, stopping on a NaN loss."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
