@@ -85,11 +85,16 @@ class TextDataset:
         self.block_size = block_size
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: x (B, T) and the next-token targets y (B, T)."""
+              device: torch.device | str = "cpu",
+              rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: x (B, T) and the next-token targets y (B, T).
+
+        ``rows`` keeps part of the batch (a rank's share under DDP): the generator still draws
+        all ``batch_size`` starts, so every rank's stream stays the same as one process's.
+        """
         data = self.splits[split]
         T = self.block_size
-        starts = torch.randint(len(data) - T, (batch_size,), generator=generator)
+        starts = torch.randint(len(data) - T, (batch_size,), generator=generator)[rows]
         window = data[starts[:, None] + torch.arange(T + 1)]   # (B, T+1), one gather
         x, y = window[:, :-1], window[:, 1:]
         if torch.device(device).type == "cuda":

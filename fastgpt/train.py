@@ -183,19 +183,6 @@ def _resume_rng(resumed: dict, world: distributed.World, device: torch.device,
     torch.manual_seed(distributed.rank_seed(resumed.get("seed", 0), world.rank, resumed["iter_num"]))
 
 
-def _batch(dataset: TextDataset, split: str, batch_size: int, gen: torch.Generator,
-           device: torch.device, world: distributed.World) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of the next global batch (the whole batch in a single process)."""
-    if not world.enabled:
-        return dataset.batch(split, batch_size, gen, device)
-    x, y = dataset.batch(split, batch_size, gen, "cpu")   # every rank draws the same global batch
-    rows = distributed.rank_rows(batch_size, world)
-    if device.type == "cuda":
-        return (x[rows].pin_memory().to(device, non_blocking=True),
-                y[rows].pin_memory().to(device, non_blocking=True))
-    return x[rows], y[rows]
-
-
 class BatchStream:
     """Training and eval batches from one generator, in nanoGPT's order: the first training
     batch is drawn before the loop and each next one right after the forward pass that uses
@@ -207,19 +194,20 @@ class BatchStream:
 
     def __init__(self, dataset: TextDataset, batch_size: int, device: torch.device,
                  world: distributed.World):
-        self.dataset, self.batch_size, self.device, self.world = dataset, batch_size, device, world
+        self.dataset, self.batch_size, self.device = dataset, batch_size, device
+        # every rank draws the same global batch and keeps its own rows
+        self.rows = distributed.rank_rows(batch_size, world)
         self.gen = torch.Generator()
         self.gen.set_state(torch.get_rng_state())
         self.pending_state = self.gen.get_state()
         self.pending = None
 
-    def eval_batch(self, split: str):
-        return _batch(self.dataset, split, self.batch_size, self.gen, self.device, self.world)
+    def draw(self, split: str):
+        return self.dataset.batch(split, self.batch_size, self.gen, self.device, self.rows)
 
     def prefetch(self) -> None:
         self.pending_state = self.gen.get_state()
-        self.pending = _batch(self.dataset, "train", self.batch_size, self.gen, self.device,
-                              self.world)
+        self.pending = self.draw("train")
 
     def take(self):
         batch = self.pending
@@ -281,7 +269,6 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         mcfg.vocab_size = tokenizer.vocab_size
         model_kind = opts.model
     check_backends(model_kind, mcfg)
-    distributed.rank_rows(tcfg.batch_size, world)   # the global batch must split over the ranks
     dataset = TextDataset(text, tokenizer, mcfg.block_size,
                           source=f"data file {opts.data!r}" if opts.data else "the bundled text")
 
@@ -321,7 +308,7 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         compute_model.eval()
         out = {}
         for split in ("train", "val"):
-            drawn = [batches.eval_batch(split) for _ in range(tcfg.eval_iters)]
+            drawn = [batches.draw(split) for _ in range(tcfg.eval_iters)]
             total = torch.zeros((), device=device)
             # several equal-size batches per forward: the mean of group means is the same
             # estimate, and bigger matmuls run faster
