@@ -4,14 +4,10 @@ The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py set
 process, and interpreted kernels cannot be compiled).
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from fastgpt.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
+from fastgpt.compile_report import compile_all
 from fastgpt.kernels import attention as attn
 
 # Every shipped GPU config of the attention kernels (fp16 configs, which bf16 shares, and the
@@ -19,36 +15,13 @@ from fastgpt.kernels import attention as attn
 # and the no-dropout variants have spilled where the dropout ones did not.
 # `fastgpt compile-report --arch sm_80,sm_90` also compiles bf16.
 DTYPES = ("fp16", "fp32")
-_SCRIPT = """
-import json, sys
-from fastgpt.aot import AOTConfig, check, compile_for_arch, occupancy_warps_per_sm
-from fastgpt.kernels.attention import aot_configs
-arch = int(sys.argv[1])
-for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=%r)):
-    r = compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
-    print(json.dumps(dict(kernel=r.kernel, config=r.config, registers=r.registers,
-                          spill_bytes=r.spill_bytes, shared_bytes=r.shared_bytes,
-                          warps_per_sm=occupancy_warps_per_sm(r, arch), problems=check(r))),
-          flush=True)
-""" % (DTYPES,)
-
-
-def _clean_env():
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    """Both architectures compile in parallel (one process each)."""
-    procs = {arch: subprocess.Popen([sys.executable, "-c", _SCRIPT, str(arch)], env=_clean_env(),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (80, 90)}
-    out = {}
-    for arch, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, f"sm_{arch} AOT compile failed:\n{stderr[-4000:]}"
-        out[arch] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return out
+    """Both architectures compile in parallel, one worker process each (fastgpt compile-report's)."""
+    rows = compile_all([80, 90], ["fastgpt.kernels.attention"], list(DTYPES))
+    return {arch: [r for r in rows if r["arch"] == arch] for arch in (80, 90)}
 
 
 @pytest.mark.parametrize("arch", [80, 90])

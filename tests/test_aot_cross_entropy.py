@@ -1,46 +1,24 @@
 """The Triton cross-entropy kernels compile for sm_80 and sm_90 without spilling (no GPU needed).
 
-Compiles run in subprocesses without TRITON_INTERPRET (tests/conftest.py sets it here), one per
-architecture, in parallel. fp16 shares bf16's code shape, so the test compiles fp32 and bf16;
-`python -m fastgpt.aot fastgpt.kernels.cross_entropy` compiles every shipped config.
+Compiles run through `fastgpt compile-report`'s workers: subprocesses without TRITON_INTERPRET
+(tests/conftest.py sets it here), one per architecture, in parallel. fp16 shares bf16's code
+shape, so the test compiles fp32 and bf16; `fastgpt compile-report` compiles every config.
 """
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from fastgpt.aot import ARCH_LIMITS
+from fastgpt.compile_report import compile_all
 from fastgpt.kernels import cross_entropy as ce
 
 DTYPES = ("fp32", "bf16")
-_SCRIPT = """
-import json, sys
-from fastgpt.aot import AOTConfig, check, compile_for_arch
-from fastgpt.kernels.cross_entropy import aot_configs
-arch = int(sys.argv[1])
-for c in map(lambda c: AOTConfig(*c), aot_configs(dtypes=%r)):
-    r = compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
-    print(json.dumps(dict(kernel=r.kernel, config={k: str(v) for k, v in r.config.items()},
-                          registers=r.registers, spill_bytes=r.spill_bytes,
-                          shared_bytes=r.shared_bytes, problems=check(r))), flush=True)
-""" % (DTYPES,)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {arch: subprocess.Popen([sys.executable, "-c", _SCRIPT, str(arch)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (80, 90)}
-    out = {}
-    for arch, p in procs.items():
-        stdout, stderr = p.communicate(timeout=900)
-        assert p.returncode == 0, f"sm_{arch} AOT compile failed:\n{stderr[-4000:]}"
-        out[arch] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return out
+    """Both architectures compile in parallel, one worker process each (fastgpt compile-report's)."""
+    rows = compile_all([80, 90], ["fastgpt.kernels.cross_entropy"], list(DTYPES))
+    return {arch: [r for r in rows if r["arch"] == arch] for arch in (80, 90)}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
