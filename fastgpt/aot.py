@@ -22,22 +22,18 @@ JIT would make at run time: ``"*fp16:16"`` (16-byte aligned pointer), ``"i32:16"
 ones the launchers ship on GPU; kernel modules do not import this module (layering).
 
 This must run in a process where TRITON_INTERPRET is not set (the interpreter replaces
-``@triton.jit`` functions with Python ones that cannot be compiled). Tests therefore call it in a
-subprocess: ``python -m fastgpt.aot fastgpt.kernels.attention --arch 80 90`` prints one line per
-config and exits non-zero if any config spills or overflows shared memory.
+``@triton.jit`` functions with Python ones that cannot be compiled). ``fastgpt compile-report``
+(fastgpt/compile_report.py) therefore runs it in worker subprocesses, one per architecture; the
+tests use those workers too.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
 import io
-import json
 import os
 import re
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 # Per-SM and per-block limits by compute capability (CUDA programming guide, "Technical
@@ -103,7 +99,7 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
     """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("fastgpt.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
-                           "be compiled. Run `python -m fastgpt.aot ...` in a clean environment.")
+                           "be compiled. `fastgpt compile-report` compiles in clean subprocesses.")
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -148,36 +144,3 @@ def check(res: KernelResources) -> list[str]:
         problems.append(f"needs {res.shared_bytes} bytes of shared memory, sm_{res.arch} allows "
                         f"{lim['smem_per_block']} per block")
     return problems
-
-
-def compile_module(module: str, archs: list[int]) -> list[KernelResources]:
-    """Compile every config a kernel module's ``aot_configs()`` lists, for every arch."""
-    configs = [AOTConfig(*c) for c in importlib.import_module(module).aot_configs()]
-    return [compile_for_arch(c.kernel, c.signature, c.constexprs, arch, c.num_warps, c.num_stages)
-            for arch in archs for c in configs]
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastgpt.aot", description=__doc__.split("\n")[0])
-    p.add_argument("modules", nargs="+", help="kernel modules, e.g. fastgpt.kernels.attention")
-    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(ARCH_LIMITS))
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = p.parse_args(argv)
-    bad = 0
-    for module in args.modules:
-        for res in compile_module(module, args.arch):
-            problems = check(res)
-            bad += bool(problems)
-            occ = occupancy_warps_per_sm(res, res.arch)
-            if args.json:
-                print(json.dumps(dict(asdict(res), warps_per_sm=occ, problems=problems)))
-            else:
-                cfg = " ".join(f"{k}={v}" for k, v in res.config.items())
-                print(f"sm_{res.arch} {res.kernel:<24} {cfg:<60} regs={res.registers:<4} "
-                      f"spill={res.spill_bytes:<5} smem={res.shared_bytes:<7} warps/SM={occ:<3}"
-                      + (f"  PROBLEM: {'; '.join(problems)}" if problems else ""))
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
