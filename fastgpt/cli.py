@@ -17,7 +17,8 @@ from fastgpt.compile_report import add_compile_report_parser
 from fastgpt.errors import FastGPTError
 
 # CLI flag -> GPTConfig field holding the backend preference
-BACKEND_FLAGS = {"attention": "attention", "cross-entropy": "cross_entropy", "embedding": "embedding"}
+BACKEND_FLAGS = {"attention": "attention", "cross-entropy": "cross_entropy", "embedding": "embedding",
+                 "transformer-block": "transformer_block"}
 
 
 def _field_flags(parser: argparse.ArgumentParser) -> None:

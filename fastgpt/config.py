@@ -26,6 +26,7 @@ class GPTConfig:
     attention: Optional[str] = None
     cross_entropy: Optional[str] = None
     embedding: Optional[str] = None
+    transformer_block: Optional[str] = None
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):

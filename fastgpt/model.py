@@ -2,7 +2,8 @@
 
 Parameter names follow nanoGPT (``transformer.wte``, ``transformer.h.N.attn.c_attn``, ...) with
 the token embedding tied to ``lm_head``, so state dicts interchange with nanoGPT's. The hot ops
-(attention, embedding, cross-entropy) go through fastgpt.ops, which picks a backend.
+(each transformer block, and inside it attention; embedding; cross-entropy) go through
+fastgpt.ops, which picks a backend.
 Both models return ``(logits, loss)``: with targets, GPT returns the loss and no logits (the
 loss op need not materialise them); without targets, logits of the last position only.
 """
@@ -58,49 +59,46 @@ class BigramLanguageModel(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """A block's attention weights under nanoGPT's names; the math is in fastgpt.ops.transformer_block."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.backend = config.attention
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        # q, k, v stay strided views of the one c_attn output; the ops accept that
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))                    # (B, nh, T, hs)
-        y = ops.causal_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                 preferred=self.backend)                   # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """A block's MLP weights under nanoGPT's names; the math is in fastgpt.ops.transformer_block."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)): one fastgpt.ops.transformer_block call."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.config = config
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
+    def weights(self) -> ops.BlockWeights:
+        attn, mlp = self.attn, self.mlp
+        return ops.BlockWeights(self.ln_1.weight, self.ln_1.bias, attn.c_attn.weight,
+                                attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias,
+                                self.ln_2.weight, self.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
+                                mlp.c_proj.weight, mlp.c_proj.bias)
+
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        cfg = self.config
+        return ops.transformer_block(x, self.weights(), cfg.n_head,
+                                     dropout_p=cfg.dropout if self.training else 0.0,
+                                     attention=cfg.attention, preferred=cfg.transformer_block)
 
 
 class GPT(nn.Module):

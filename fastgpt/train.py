@@ -90,7 +90,7 @@ def check_backends(model_kind: str, m: cfgmod.GPTConfig) -> None:
     """Fail before training starts when a named backend does not exist."""
     loss_op = "linear_cross_entropy" if model_kind == "gpt" else "cross_entropy"
     for op, name in (("attention", m.attention), (loss_op, m.cross_entropy),
-                     ("embedding", m.embedding)):
+                     ("embedding", m.embedding), ("transformer_block", m.transformer_block)):
         if name is not None:
             ops.registry.get(op, name)
 
@@ -381,7 +381,10 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                 low.grads_to_master()
             if tcfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                if low is not None:
+                    low.clip_grad_norm_(tcfg.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

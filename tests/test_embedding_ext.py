@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastgpt import ops
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import embedding_ext, registry
+from fastgpt.ops import embedding_ext, extension, registry
 from fastgpt.testing import assert_matches_reference
 
 if os.environ.get("FASTGPT_SKIP_EXT") == "1":
@@ -258,7 +258,7 @@ def test_ext_is_the_cpu_default():
 
 def test_falls_back_to_torch_when_not_built(monkeypatch):
     reason = "fastgpt._C is not built (FASTGPT_SKIP_EXT=1 or no compiler at install time)"
-    monkeypatch.setitem(embedding_ext._state, "reason", reason)
+    monkeypatch.setitem(extension._state, "reason", reason)
     weight, indices = _weight(10, 4, torch.float32), torch.tensor([1, 9])
     assert registry.choose("embedding", "cpu", (indices, weight), {}).name == "torch"
     assert torch.equal(ops.embedding(indices, weight), F.embedding(indices, weight))

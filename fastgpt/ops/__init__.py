@@ -9,6 +9,7 @@ from fastgpt.ops.attention import causal_attention
 from fastgpt.ops.cross_entropy import cross_entropy
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy
 from fastgpt.ops.embedding import embedding
+from fastgpt.ops.transformer_block import BlockWeights, transformer_block
 
 # --- fast backends: each module registers its backends and default order on import ---
 # (one line per module; keep this block)
@@ -16,7 +17,9 @@ from fastgpt.ops import attention_triton  # noqa: F401  (triton, compile)
 from fastgpt.ops import embedding_ext  # noqa: F401  (ext)
 from fastgpt.ops import cross_entropy_triton  # noqa: F401  (triton)
 from fastgpt.ops import linear_cross_entropy_chunked  # noqa: F401  (chunked, compile, triton)
+from fastgpt.ops import transformer_block_ext  # noqa: F401  (ext)
 # --- end fast backends ---
 
 __all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",
-           "available_backends", "backend_names", "use_backends"]
+           "transformer_block", "BlockWeights", "available_backends", "backend_names",
+           "use_backends"]

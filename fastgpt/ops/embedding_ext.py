@@ -6,8 +6,7 @@ PyTorch needs around them: fake (meta) kernels so torch.compile can trace them. 
 the forward is registered in C++ (csrc/embedding_autograd.cpp): the Python
 ``register_autograd`` wrapper cost ~30 us per call, more than the whole lookup at small sizes;
 the deterministic=False variant below is a Python autograd.Function (eager only). The extension
-is imported lazily, on the first availability check, so ``import fastgpt`` works (and falls back
-to the ``torch`` backend) when it was not built.
+is loaded by fastgpt.ops.extension on the first availability check.
 
 padding_idx: None or a row in [0, V) here (fastgpt.ops.embedding normalises nn.Embedding's
 negative values); the ops take -1 for "none", like aten::embedding.
@@ -27,36 +26,16 @@ from typing import Optional
 import torch
 
 from fastgpt.ops import registry
+from fastgpt.ops.extension import available, has_kernel, on_load
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_UNTRIED = object()
-_state: dict = {"reason": _UNTRIED, "cuda": False}
-
-
-def _load() -> Optional[str]:
-    try:
-        import fastgpt._C  # noqa: F401  (loading it registers torch.ops.fastgpt.embedding_*)
-    except ImportError as e:
-        return f"fastgpt._C is not built (FASTGPT_SKIP_EXT=1 or no compiler at install time): {e}"
-    _register_fake()
-    _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastgpt::embedding_forward", "CUDA")
-    return None
-
-
-@torch.compiler.assume_constant_result
-def available() -> Optional[str]:
-    """None when fastgpt._C loads, else why not. Imports the extension on first call."""
-    if _state["reason"] is _UNTRIED:
-        _state["reason"] = _load()
-    return _state["reason"]
 
 
 def supports(indices: torch.Tensor, weight: torch.Tensor, padding_idx=None) -> Optional[str]:
     dev = weight.device.type
     if dev not in ("cpu", "cuda"):
         return f"fastgpt._C has kernels for cpu and cuda only; got {dev}"
-    if dev == "cuda" and not _state["cuda"]:
+    if dev == "cuda" and not has_kernel("fastgpt::embedding_forward", "CUDA"):
         return "fastgpt._C was built without CUDA (torch had no CUDA or nvcc was not found)"
     if weight.dtype not in _DTYPES:
         return f"weight dtype {weight.dtype} is not float32, float16 or bfloat16"
@@ -98,6 +77,7 @@ class _NonDeterministic(torch.autograd.Function):
         return grad_weight, None, None
 
 
+@on_load
 def _register_fake() -> None:
     @torch.library.register_fake("fastgpt::embedding_forward")
     def _forward_fake(weight, indices, padding_idx):

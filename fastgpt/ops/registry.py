@@ -1,6 +1,7 @@
 """Backend registry and the dispatch rules every op shares.
 
-Each op (``attention``, ``cross_entropy``, ``linear_cross_entropy``, ``embedding``) has named
+Each op (``attention``, ``cross_entropy``, ``linear_cross_entropy``, ``embedding``,
+``transformer_block``) has named
 backends. A backend is a function plus two metadata-only predicates:
 
 * ``available()`` -> None or a reason string (e.g. "triton is not installed");
@@ -28,10 +29,11 @@ from fastgpt.errors import FastGPTError
 log = logging.getLogger("fastgpt.ops")
 
 ENV_VAR = "FASTGPT_BACKENDS"
-OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding")
+OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding", "transformer_block")
 # Spellings accepted from users; the registry key is always the snake_case one.
 _OP_ALIASES = {"cross-entropy": "cross_entropy", "linear-cross-entropy": "linear_cross_entropy",
-               "causal_attention": "attention"}
+               "causal_attention": "attention", "transformer-block": "transformer_block",
+               "block": "transformer_block"}
 
 
 def _always(*args, **kwargs) -> Optional[str]:
@@ -131,7 +133,9 @@ def use_backends(**by_op: Optional[str]):
         _CONTEXT.pop()
 
 
-def _requested(op: str, backend: Optional[str], preferred: Optional[str]) -> Optional[tuple[str, str]]:
+def requested(op: str, backend: Optional[str] = None,
+              preferred: Optional[str] = None) -> Optional[tuple[str, str]]:
+    """(name, where it came from) of the backend the user asked for, or None for automatic."""
     if backend is not None:
         return backend, "backend= argument"
     for override in reversed(_CONTEXT):
@@ -157,9 +161,9 @@ def choose(op: str, device_type: str, args: tuple, kwargs: dict, *,
            backend: Optional[str] = None, preferred: Optional[str] = None,
            dtype: Optional[torch.dtype] = None) -> Backend:
     """Pick the backend for one call, following the precedence in the module docstring."""
-    requested = _requested(op, backend, preferred)
-    if requested is not None:
-        name, source = requested
+    asked = requested(op, backend, preferred)
+    if asked is not None:
+        name, source = asked
         chosen = get(op, name)
         reason = chosen.available() or chosen.supports(*args, **kwargs)
         if reason is not None:

@@ -1,0 +1,49 @@
+// fastgpt._C: the schemas of every op the extension implements.
+//
+// embedding_forward(weight (V, C), indices (any shape), padding_idx) -> indices.shape + (C,)
+//   out[..., :] = weight[indices[...], :]; padding_idx only matters for the gradient.
+// embedding_backward(grad_out, indices, num_weights, padding_idx, deterministic) -> (V, C)
+//   grad_weight[v] = sum of grad_out rows whose index is v (zero for padding_idx), summed in
+//   fp32. deterministic=True sums each row in token order (bitwise reproducible); False lets
+//   the CUDA kernel use atomics (CPU is always deterministic).
+// padding_idx is -1 for "none", else a row in [0, V), as in aten::embedding.
+//
+// transformer_block(x, <the block's weights>, n_head) -> (B, T, C)
+//   One pre-LayerNorm GPT block (nanoGPT's Block without dropout):
+//   x1 = x + c_proj(attention(c_attn(ln_1(x)))), out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1)))).
+//   Weights use nn.Linear's (out, in) layout; a missing bias is None. Autograd calls
+// transformer_block_train -> (out, saved activations) and
+// transformer_block_backward(grad_out, saved, x, <weights>, n_head) -> the gradients of x and
+//   of every weight that is not None, in argument order.
+//
+// The kernels live in embedding_cpu.cpp, embedding_cuda.cu and transformer_block_cpu.cpp
+// (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta) kernels are registered from
+// Python (fastgpt/ops/embedding_ext.py, fastgpt/ops/transformer_block_ext.py).
+// Python ops of the same namespace (fastgpt::attention_*) are added with torch.library
+// fragments, which coexist with this one TORCH_LIBRARY block.
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastgpt, m) {
+  m.def("embedding_forward(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
+  m.def("embedding_backward(Tensor grad_out, Tensor indices, SymInt num_weights, "
+        "int padding_idx, bool deterministic) -> Tensor");
+#define FASTGPT_BLOCK_ARGS                                                              \
+  "Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor c_attn_weight, "             \
+  "Tensor? c_attn_bias, Tensor attn_c_proj_weight, Tensor? attn_c_proj_bias, "          \
+  "Tensor ln_2_weight, Tensor? ln_2_bias, Tensor c_fc_weight, Tensor? c_fc_bias, "      \
+  "Tensor mlp_c_proj_weight, Tensor? mlp_c_proj_bias, int n_head"
+  m.def("transformer_block(" FASTGPT_BLOCK_ARGS ") -> Tensor");
+  m.def("transformer_block_train(" FASTGPT_BLOCK_ARGS ") -> (Tensor, Tensor[])");
+  m.def("transformer_block_backward(Tensor grad_out, Tensor[] saved, " FASTGPT_BLOCK_ARGS
+        ") -> Tensor[]");
+#undef FASTGPT_BLOCK_ARGS
+}
+
+// `import fastgpt._C` loads this library, which runs the registrations above; the module
+// itself is empty: the ops are reached through torch.ops.fastgpt.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

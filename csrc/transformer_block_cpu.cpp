@@ -1,0 +1,201 @@
+// CPU kernels of fastgpt::transformer_block / transformer_block_train / transformer_block_backward:
+// one GPT block, forward and backward, written out as ATen calls from C++.
+//
+// Why: at the baby preset's sizes (768 tokens x 128 channels) a training step spends about as
+// long in Python, module calls and the autograd engine (~35 ops and autograd nodes per block)
+// as in the matmuls themselves. Here a block is one autograd node and one op call; its ~25
+// forward and ~40 backward ATen calls go straight to the kernels (below the autograd keys).
+//
+// Algorithm (x: (B, T, C), N = B*T, H heads of D = C/H):
+//   forward  ln_1 -> c_attn (one matmul for q, k, v) -> (3, B, H, T, D) copy -> scores =
+//            causal mask + q k^T / sqrt(D) (one baddbmm) -> softmax -> @ v -> (N, C) copy ->
+//            c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU -> mlp c_proj -> + x1;
+//   backward the chain rule in reverse, with aten's own layer_norm, softmax and gelu backward
+//            kernels; dq, dk, dv are written straight into one (3, B, H, T, D) buffer.
+// Saved for backward (the `saved` list, in this order): ln_1 out, its mean and rstd, q/k/v as
+// (3, B, H, T, D), the attention probabilities (B*H, T, T), the attention output (N, C), x1,
+// ln_2 out, its mean and rstd, the c_fc output and the GELU output.
+// Limits: no dropout (the ops layer routes dropout > 0 to the `torch` backend); CPU only; any
+// float dtype, all inputs of one dtype. T is any length; attention is O(T^2) memory per head.
+// Precision: the dtype of the inputs throughout, like the eager module in that dtype: matmuls
+// accumulate in fp32 (oneDNN/BLAS), LayerNorm statistics and softmax are computed in fp32.
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "transformer_block.h"
+
+namespace fastgpt {
+namespace {
+
+constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, which nanoGPT uses
+
+at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+  return has(b) ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+#define OP_NAME "fastgpt::transformer_block"
+void check_inputs(const at::Tensor& x, const BlockWeights& w, int64_t n_head) {
+  CHECK_DIM(x, 3);
+  TORCH_CHECK_VALUE(x.is_floating_point(), OP_NAME ": x must be a floating dtype; got ",
+                    x.scalar_type());
+  const int64_t C = x.size(2);
+  TORCH_CHECK_VALUE(n_head >= 1 && C % n_head == 0, OP_NAME ": n_head must be >= 1 and divide "
+                    "the channel count ", C, "; got ", n_head);
+  const int64_t F = w.c_fc_weight.dim() == 2 ? w.c_fc_weight.size(0) : -1;
+  const struct {
+    const char* name;
+    const std::optional<at::Tensor> t;
+    std::vector<int64_t> shape;
+  } expected[] = {
+      {"ln_1_weight", w.ln_1_weight, {C}},          {"ln_1_bias", w.ln_1_bias, {C}},
+      {"c_attn_weight", w.c_attn_weight, {3 * C, C}}, {"c_attn_bias", w.c_attn_bias, {3 * C}},
+      {"attn_c_proj_weight", w.attn_c_proj_weight, {C, C}},
+      {"attn_c_proj_bias", w.attn_c_proj_bias, {C}},
+      {"ln_2_weight", w.ln_2_weight, {C}},          {"ln_2_bias", w.ln_2_bias, {C}},
+      {"c_fc_weight", w.c_fc_weight, {F, C}},       {"c_fc_bias", w.c_fc_bias, {F}},
+      {"mlp_c_proj_weight", w.mlp_c_proj_weight, {C, F}},
+      {"mlp_c_proj_bias", w.mlp_c_proj_bias, {C}},
+  };
+  for (const auto& e : expected) {
+    if (!has(e.t)) continue;
+    TORCH_CHECK_VALUE(e.t->sizes() == at::IntArrayRef(e.shape), OP_NAME ": ", e.name,
+                      " must have shape ", at::IntArrayRef(e.shape), " for x of shape ",
+                      x.sizes(), "; got ", e.t->sizes());
+    TORCH_CHECK_VALUE(e.t->scalar_type() == x.scalar_type(), OP_NAME ": ", e.name,
+                      " must have x's dtype ", x.scalar_type(), "; got ", e.t->scalar_type());
+    TORCH_CHECK_VALUE(e.t->device() == x.device(), OP_NAME ": ", e.name, " must be on ",
+                      x.device(), " like x; got ", e.t->device());
+  }
+}
+#undef OP_NAME
+
+// The forward pass; fills `saved` (see the file comment) when it is not null.
+at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t n_head,
+                         std::vector<at::Tensor>* saved) {
+  check_inputs(x_in, w, n_head);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // no per-op autograd bookkeeping
+  const int64_t B = x_in.size(0), T = x_in.size(1), C = x_in.size(2), N = B * T;
+  const int64_t H = n_head, D = C / H;
+  const at::Tensor x = x_in.contiguous().view({N, C});
+
+  auto [ln1, mean1, rstd1] =
+      at::native_layer_norm(x, {C}, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);
+  const at::Tensor qkv = dense(ln1, w.c_attn_weight, w.c_attn_bias)
+                             .view({B, T, 3, H, D})
+                             .permute({2, 0, 3, 1, 4})
+                             .contiguous();  // (3, B, H, T, D)
+  const at::Tensor q = qkv[0].view({B * H, T, D}), k = qkv[1].view({B * H, T, D}),
+                   v = qkv[2].view({B * H, T, D});
+  const at::Tensor mask =
+      at::full({T, T}, -std::numeric_limits<double>::infinity(), x.options()).triu_(1);
+  const at::Tensor scores = at::baddbmm(mask.expand({B * H, T, T}), q, k.transpose(1, 2),
+                                        /*beta=*/1.0, /*alpha=*/1.0 / std::sqrt(double(D)));
+  const at::Tensor probs = at::_softmax(scores, -1, /*half_to_float=*/false);  // (B*H, T, T)
+  const at::Tensor att = at::bmm(probs, v)
+                             .view({B, H, T, D})
+                             .transpose(1, 2)
+                             .reshape({N, C});  // heads side by side again
+  const at::Tensor x1 = dense(att, w.attn_c_proj_weight, w.attn_c_proj_bias).add_(x);
+
+  auto [ln2, mean2, rstd2] =
+      at::native_layer_norm(x1, {C}, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
+  const at::Tensor h = dense(ln2, w.c_fc_weight, w.c_fc_bias);  // (N, F)
+  const at::Tensor g = at::gelu(h);
+  at::Tensor out = dense(g, w.mlp_c_proj_weight, w.mlp_c_proj_bias).add_(x1);
+  if (saved != nullptr) {
+    *saved = {ln1, mean1, rstd1, qkv, probs, att, x1, ln2, mean2, rstd2, h, g};
+  }
+  return out.view({B, T, C});
+}
+
+at::Tensor transformer_block_cpu(BLOCK_PARAMS) {
+  return block_forward(x, BLOCK_WEIGHTS, n_head, nullptr);
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> transformer_block_train_cpu(BLOCK_PARAMS) {
+  std::vector<at::Tensor> saved;
+  at::Tensor out = block_forward(x, BLOCK_WEIGHTS, n_head, &saved);
+  return {out, saved};
+}
+
+std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_out,
+                                                       at::TensorList saved, BLOCK_PARAMS) {
+  const BlockWeights w = BLOCK_WEIGHTS;
+  TORCH_CHECK_VALUE(saved.size() == 12, "fastgpt::transformer_block_backward: expected the 12 "
+                    "tensors transformer_block_train saves; got ", saved.size());
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "fastgpt::transformer_block_backward: "
+                    "grad_out must have x's shape ", x.sizes(), "; got ", grad_out.sizes());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor &ln1 = saved[0], &mean1 = saved[1], &rstd1 = saved[2], &qkv = saved[3],
+                   &probs = saved[4], &att = saved[5], &x1 = saved[6], &ln2 = saved[7],
+                   &mean2 = saved[8], &rstd2 = saved[9], &h = saved[10], &g = saved[11];
+  const int64_t B = x.size(0), T = x.size(1), C = x.size(2), N = B * T;
+  const int64_t H = n_head, D = C / H;
+  const at::Tensor dout = grad_out.reshape({N, C}).contiguous();
+  const std::array<bool, 3> ln_1_mask{true, true, has(w.ln_1_bias)};
+  const std::array<bool, 3> ln_2_mask{true, true, has(w.ln_2_bias)};
+
+  // MLP: out = x1 + g @ Wp^T + bp, g = gelu(h), h = ln2 @ Wfc^T + bfc
+  const at::Tensor d_mlp_proj_w = dout.t().mm(g);
+  const at::Tensor dh = at::gelu_backward(dout.mm(w.mlp_c_proj_weight), h);
+  const at::Tensor d_fc_w = dh.t().mm(ln2);
+  auto [dx1, d_ln2_w, d_ln2_b] = at::native_layer_norm_backward(
+      dh.mm(w.c_fc_weight), x1, {C}, mean2, rstd2, w.ln_2_weight, w.ln_2_bias, ln_2_mask);
+  dx1.add_(dout);  // the residual path
+
+  // attention: x1 = x + att @ Wo^T + bo
+  const at::Tensor d_attn_proj_w = dx1.t().mm(att);
+  const at::Tensor datt = dx1.mm(w.attn_c_proj_weight)
+                              .view({B, T, H, D})
+                              .transpose(1, 2)
+                              .reshape({B * H, T, D});
+  const at::Tensor q = qkv[0].view({B * H, T, D}), k = qkv[1].view({B * H, T, D}),
+                   v = qkv[2].view({B * H, T, D});
+  at::Tensor dqkv = at::empty({3, B, H, T, D}, x.options());
+  at::Tensor dq = dqkv[0].view({B * H, T, D}), dk = dqkv[1].view({B * H, T, D}),
+             dv = dqkv[2].view({B * H, T, D});
+  at::bmm_out(dv, probs.transpose(1, 2), datt);
+  // softmax backward; the masked probabilities are exactly 0, so their scores get 0 gradient
+  at::Tensor dscores =
+      at::_softmax_backward_data(at::bmm(datt, v.transpose(1, 2)), probs, -1, probs.scalar_type());
+  dscores.mul_(1.0 / std::sqrt(double(D)));
+  at::bmm_out(dq, dscores, k);
+  at::bmm_out(dk, dscores.transpose(1, 2), q);
+  const at::Tensor dqkv_rows = dqkv.permute({1, 3, 0, 2, 4}).reshape({N, 3 * C});
+  const at::Tensor d_attn_w = dqkv_rows.t().mm(ln1);
+  auto [dx, d_ln1_w, d_ln1_b] =
+      at::native_layer_norm_backward(dqkv_rows.mm(w.c_attn_weight), x.contiguous().view({N, C}),
+                                     {C}, mean1, rstd1, w.ln_1_weight, w.ln_1_bias, ln_1_mask);
+  dx.add_(dx1);
+
+  // the gradients of x and of each weight that is present, in argument order
+  std::vector<at::Tensor> grads{dx.view({B, T, C}), d_ln1_w};
+  if (has(w.ln_1_bias)) grads.push_back(d_ln1_b);
+  grads.push_back(d_attn_w);
+  if (has(w.c_attn_bias)) grads.push_back(dqkv_rows.sum(0));
+  grads.push_back(d_attn_proj_w);
+  if (has(w.attn_c_proj_bias)) grads.push_back(dx1.sum(0));
+  grads.push_back(d_ln2_w);
+  if (has(w.ln_2_bias)) grads.push_back(d_ln2_b);
+  grads.push_back(d_fc_w);
+  if (has(w.c_fc_bias)) grads.push_back(dh.sum(0));
+  grads.push_back(d_mlp_proj_w);
+  if (has(w.mlp_c_proj_bias)) grads.push_back(dout.sum(0));
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("transformer_block", &transformer_block_cpu);
+  m.impl("transformer_block_train", &transformer_block_train_cpu);
+  m.impl("transformer_block_backward", &transformer_block_backward_cpu);
+}
+
+}  // namespace fastgpt

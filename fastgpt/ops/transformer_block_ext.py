@@ -1,0 +1,86 @@
+"""The ``ext`` transformer_block backend: fastgpt._C's C++ block (csrc/transformer_block_*.cpp).
+
+The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transformer_block_train``
+and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
+kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, and
+attention is the ``torch`` backend's math (baddbmm with the causal mask, softmax, bmm), so an
+attention backend named by the user sends the automatic choice to the ``torch`` block instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastgpt.ops import registry
+from fastgpt.ops.extension import available, on_load
+from fastgpt.ops.transformer_block import BlockWeights
+
+_SAVED = 12   # activations transformer_block_train returns (see csrc/transformer_block_cpu.cpp)
+
+
+def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
+             attention: Optional[str] = None) -> Optional[str]:
+    if x.device.type != "cpu":
+        return f"fastgpt._C has a CPU transformer_block only; got {x.device.type}"
+    if dropout_p > 0:
+        return f"no dropout in the C++ block (dropout_p={dropout_p}); the torch backend has it"
+    for name, t in zip(BlockWeights._fields, weights):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            return f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}"
+    requested = registry.requested("attention", preferred=attention)
+    if requested is not None and requested[0] != "torch":
+        name, source = requested
+        return (f"attention backend {name!r} was requested ({source}); the C++ block computes "
+                f"attention as the 'torch' attention backend does")
+    return None
+
+
+def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
+                          dropout_p: float = 0.0, attention: Optional[str] = None) -> torch.Tensor:
+    reason = available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    if dropout_p > 0:
+        raise ValueError(f"the ext transformer_block has no dropout; got dropout_p={dropout_p}")
+    # the OpOverload, not the packet: skips overload resolution per call
+    return torch.ops.fastgpt.transformer_block.default(x, *weights, n_head)
+
+
+@on_load
+def _register_fake() -> None:
+    def block_out(x, *args):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastgpt::transformer_block")
+    def _block_fake(x, *weights_and_n_head):
+        return block_out(x)
+
+    @torch.library.register_fake("fastgpt::transformer_block_train")
+    def _train_fake(x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
+                    attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias,
+                    mlp_c_proj_weight, mlp_c_proj_bias, n_head):
+        B, T, C = x.shape
+        N, H, F = B * T, n_head, c_fc_weight.shape[0]
+        new = x.new_empty   # LayerNorm's mean and rstd are (N, 1), in x's dtype on CPU
+        saved = [new((N, C)), new((N, 1)), new((N, 1)), new((3, B, H, T, C // H)),
+                 new((B * H, T, T)), new((N, C)), new((N, C)), new((N, C)), new((N, 1)),
+                 new((N, 1)), new((N, F)), new((N, F))]
+        assert len(saved) == _SAVED
+        return block_out(x), saved
+
+    @torch.library.register_fake("fastgpt::transformer_block_backward")
+    def _backward_fake(grad_out, saved, x, *weights_and_n_head):
+        return [torch.empty_like(x, memory_format=torch.contiguous_format)] + [
+            torch.empty_like(t, memory_format=torch.contiguous_format)
+            for t in weights_and_n_head[:-1] if t is not None]
+
+
+registry.register("transformer_block", "ext", transformer_block_ext, supports=supports,
+                  available=available)
+# Float32 keeps the torch block (with SDPA attention): `--dtype float32` reproduces nanoGPT's
+# run exactly. bfloat16/float16 take the C++ block.
+registry.set_default_order("transformer_block", "cpu", ["torch"])
+registry.set_default_order("transformer_block", "cpu", ["ext", "torch"], dtype=torch.bfloat16)
+registry.set_default_order("transformer_block", "cpu", ["ext", "torch"], dtype=torch.float16)
