@@ -1,0 +1,235 @@
+"""fastgpt.ops.transformer_block: the C++ block (``ext``) against the float64 reference.
+
+Forward and every gradient must meet the accuracy rule (fastgpt.testing) against the ``torch``
+backend in float64, in float32 and bfloat16, with and without biases, at odd lengths and with a
+non-contiguous input; the three custom ops pass opcheck; the op traces under
+torch.compile(fullgraph=True); dispatch sends dropout and user-named attention backends to
+``torch``; bad input gets a clear error.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastgpt import ops
+from fastgpt.config import GPTConfig
+from fastgpt.errors import FastGPTError
+from fastgpt.model import GPT
+from fastgpt.ops import registry, transformer_block_ext
+from fastgpt.ops.transformer_block import BlockWeights, transformer_block_torch
+from fastgpt.testing import assert_matches_reference
+
+if os.environ.get("FASTGPT_SKIP_EXT") == "1":
+    pytest.skip("FASTGPT_SKIP_EXT=1: fastgpt._C was not built", allow_module_level=True)
+assert transformer_block_ext.available() is None, transformer_block_ext.available()
+
+
+def _weights(C, bias, gen, F=None):
+    """Float64 weights at a GPT-like scale (LayerNorm weights near 1, linears ~ 1/sqrt(in))."""
+    F = 4 * C if F is None else F
+
+    def lin(o, i):
+        return torch.randn(o, i, generator=gen, dtype=torch.float64) * i ** -0.5
+
+    def vec(n, centre=0.0):
+        return centre + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
+
+    b = (lambda n: vec(n)) if bias else (lambda n: None)
+    return BlockWeights(vec(C, 1.0), b(C), lin(3 * C, C), b(3 * C), lin(C, C), b(C),
+                        vec(C, 1.0), b(C), lin(F, C), b(F), lin(C, F), b(C))
+
+
+def _leaves(x, w):
+    return [x] + [t for t in w if t is not None]
+
+
+def _run(fn, x, w, n_head, grad_out):
+    """Output and the gradients of x and every weight, for inputs cast to x's dtype."""
+    x = x.detach().requires_grad_(True)
+    w = BlockWeights(*(None if t is None else t.detach().to(x.dtype).requires_grad_(True) for t in w))
+    out = fn(x, w, n_head)
+    grads = torch.autograd.grad(out, _leaves(x, w), grad_out.to(out.dtype))
+    return out, grads
+
+
+def _ext(x, w, n_head):
+    return ops.transformer_block(x, w, n_head, backend="ext")
+
+
+def _torch(x, w, n_head):
+    return ops.transformer_block(x, w, n_head, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,C,H,bias", [(2, 7, 48, 3, False), (1, 1, 32, 2, True),
+                                          (1, 97, 64, 4, False), (3, 33, 16, 1, True)])
+def test_matches_float64_reference(dtype, B, T, C, H, bias):
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    w = _weights(C, bias, gen)
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    # every run sees the same dtype-rounded inputs
+    x_low, w_low = x.to(dtype), BlockWeights(*(None if t is None else t.to(dtype) for t in w))
+    ref, ref_grads = _run(_torch, x_low.double(), BlockWeights(
+        *(None if t is None else t.double() for t in w_low)), H, grad_out.to(dtype).double())
+    plain, plain_grads = _run(_torch, x_low, w_low, H, grad_out)
+    fast, fast_grads = _run(_ext, x_low, w_low, H, grad_out)
+    assert fast.dtype == dtype and fast.shape == (B, T, C)
+    assert_matches_reference(fast, plain, ref, "output")
+    names = ["x"] + [n for n, t in zip(BlockWeights._fields, w) if t is not None]
+    for name, f, p, r in zip(names, fast_grads, plain_grads, ref_grads):
+        assert_matches_reference(f, p, r, f"grad of {name}")
+
+
+def test_float64_matches_reference_closely_and_non_contiguous_input():
+    gen = torch.Generator().manual_seed(0)
+    w = _weights(24, True, gen)
+    wide = torch.randn(2, 11, 30, generator=gen, dtype=torch.float64)
+    x = wide[:, :, 3:27]                                   # a strided view
+    grad_out = torch.randn(2, 11, 24, generator=gen, dtype=torch.float64)
+    out, grads = _run(_ext, x, w, 3, grad_out)
+    ref, ref_grads = _run(_torch, x.contiguous(), w, 3, grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(1)
+    w = BlockWeights(*(None if t is None else t.requires_grad_(True) for t in _weights(8, True, gen)))
+    x = torch.randn(1, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *flat):
+        return ops.transformer_block(x, BlockWeights(*flat), 2, backend="ext")
+    assert torch.autograd.gradcheck(f, (x, *w))
+
+
+def test_no_grad_and_inference_mode_give_the_training_forward():
+    gen = torch.Generator().manual_seed(2)
+    w = BlockWeights(*(None if t is None else t.float().requires_grad_(True) for t in _weights(32, False, gen)))
+    x = torch.randn(2, 9, 32, generator=gen)
+    with_grad = _ext(x, w, 4)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = _ext(x, w, 4)
+    with torch.inference_mode():
+        inference = _ext(x, w, 4)
+    assert not no_grad.requires_grad
+    assert torch.equal(with_grad.detach(), no_grad) and torch.equal(no_grad, inference)
+
+
+def _op_args(dtype, bias):
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(16, bias, gen)
+    x = torch.randn(2, 5, 16, generator=gen, dtype=torch.float64)
+    return x.to(dtype), [None if t is None else t.to(dtype) for t in w]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias):
+    x, w = _op_args(torch.float32, bias)
+    x.requires_grad_(True)
+    w = [None if t is None else t.requires_grad_(True) for t in w]
+    torch.library.opcheck(torch.ops.fastgpt.transformer_block.default, (x, *w, 2))
+    plain = [x.detach()] + [None if t is None else t.detach() for t in w] + [2]
+    torch.library.opcheck(torch.ops.fastgpt.transformer_block_train.default, tuple(plain))
+    _, saved = torch.ops.fastgpt.transformer_block_train(*plain)
+    torch.library.opcheck(torch.ops.fastgpt.transformer_block_backward.default,
+                          (torch.randn_like(x.detach()), saved, *plain))
+
+
+def test_compiles_with_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(4)
+    w = BlockWeights(*(None if t is None else t.float().requires_grad_(True) for t in _weights(32, True, gen)))
+    x = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
+    grad_out = torch.randn(2, 9, 32, generator=gen)
+    compiled = torch.compile(lambda x, w: _ext(x, w, 4), fullgraph=True, backend="aot_eager")
+    out = compiled(x, w)
+    grads = torch.autograd.grad(out, _leaves(x, w), grad_out)
+    ref = _ext(x, w, 4)
+    ref_grads = torch.autograd.grad(ref, _leaves(x, w), grad_out)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_gpt_loss_and_grads_match_between_backends():
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    idx, tgt = torch.randint(0, 11, (3, 16)), torch.randint(0, 11, (3, 16))
+    results = []
+    for backend in ("torch", "ext"):
+        torch.manual_seed(5)
+        model = GPT(GPTConfig(**{**cfg.__dict__, "transformer_block": backend})).double()
+        _, loss = model(idx, tgt)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+def _f32(C=16, bias=False):
+    gen = torch.Generator().manual_seed(6)
+    w = BlockWeights(*(None if t is None else t.float() for t in _weights(C, bias, gen)))
+    return torch.randn(2, 5, C, generator=gen), w
+
+
+def test_default_is_ext_for_bfloat16_and_torch_for_float32_on_cpu():
+    x, w = _f32()
+    xb, wb = x.bfloat16(), BlockWeights(*(t.bfloat16() if t is not None else None for t in w))
+    assert registry.choose("transformer_block", "cpu", (xb, wb, 2), {"dropout_p": 0.0},
+                           dtype=torch.bfloat16).name == "ext"
+    # float32 keeps the torch block: --dtype float32 reproduces nanoGPT's run exactly
+    assert registry.choose("transformer_block", "cpu", (x, w, 2), {"dropout_p": 0.0},
+                           dtype=torch.float32).name == "torch"
+
+
+def test_dropout_and_named_attention_backends_go_to_torch():
+    x, w = _f32()
+    xb, wb = x.bfloat16(), BlockWeights(*(t.bfloat16() if t is not None else None for t in w))
+
+    def auto(**kwargs):
+        return registry.choose("transformer_block", "cpu", (xb, wb, 2),
+                               {"dropout_p": 0.0, "attention": None, **kwargs},
+                               dtype=torch.bfloat16).name
+    assert auto(dropout_p=0.1) == "torch"
+    assert auto(attention="sdpa") == "torch"
+    assert auto(attention="torch") == "ext"    # the same math as the C++ block
+    with ops.use_backends(attention="tril"):
+        assert auto() == "torch"
+    with pytest.raises(FastGPTError, match="no dropout"):
+        ops.transformer_block(xb, wb, 2, dropout_p=0.1, backend="ext")
+
+
+def test_torch_backend_with_dropout_is_random_and_without_is_not():
+    x, w = _f32()
+    torch.manual_seed(0)
+    a = ops.transformer_block(x, w, 2, dropout_p=0.5, backend="torch")
+    b = ops.transformer_block(x, w, 2, dropout_p=0.5, backend="torch")
+    assert not torch.equal(a, b)
+    assert torch.equal(transformer_block_torch(x, w, 2), transformer_block_torch(x, w, 2))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w = _f32()
+    with pytest.raises(FastGPTError, match=r"shape \(B, T, C\).*got shape \(10, 16\)"):
+        ops.transformer_block(x.view(10, 16), w, 2)
+    with pytest.raises(FastGPTError, match="n_head must be >= 1 and divide the channel count 16; got 3"):
+        ops.transformer_block(x, w, 3)
+    with pytest.raises(FastGPTError, match=r"c_attn_weight must have shape \(48, 16\)"):
+        ops.transformer_block(x, w._replace(c_attn_weight=w.c_attn_weight[:30]), 2)
+    with pytest.raises(FastGPTError, match=r"dropout_p must be in \[0, 1\); got 1.5"):
+        ops.transformer_block(x, w, 2, dropout_p=1.5)
+    # the C++ op checks every weight itself
+    with pytest.raises(ValueError, match=r"c_fc_bias must have shape \[64\].*got \[63\]"):
+        torch.ops.fastgpt.transformer_block(x, *w._replace(c_fc_bias=torch.zeros(63)), 2)
+    with pytest.raises(ValueError, match="ln_2_weight must have x's dtype Float; got Double"):
+        torch.ops.fastgpt.transformer_block(x, *w._replace(ln_2_weight=w.ln_2_weight.double()), 2)
+    with pytest.raises(FastGPTError, match="ln_2_weight is torch.float64"):
+        ops.transformer_block(x, w._replace(ln_2_weight=w.ln_2_weight.double()), 2, backend="ext")
