@@ -13,8 +13,10 @@ from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.ops.attention import attention_torch
-from fastgpt.ops.attention_triton import attention_triton, dropout_keep_mask
+from fastgpt.ops.attention_triton import _available, attention_triton, dropout_keep_mask
 from fastgpt.testing import assert_matches_reference
+
+assert _available() is None, _available()   # also defines torch.ops.fastgpt.attention_*
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import fastgpt.ops as ops
 from fastgpt.errors import FastGPTError
 from fastgpt.ops.cross_entropy import cross_entropy_torch
-from fastgpt.ops.cross_entropy_triton import cross_entropy_triton
+from fastgpt.ops.cross_entropy_triton import cross_entropy_triton, triton_unavailable
 from fastgpt.testing import assert_matches_reference
+
+assert triton_unavailable() is None, triton_unavailable()   # also defines the ops
 
 ALL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
 OPTIONS = {"plain": {}, "smooth": dict(label_smoothing=0.2), "zloss": dict(z_loss=1e-2),

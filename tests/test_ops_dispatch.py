@@ -137,3 +137,23 @@ def test_reference_cross_entropy_and_embedding():
     assert ops.cross_entropy(logits, all_ignored).item() == 0.0
     idx = torch.randint(0, 65, (2, 5))
     torch.testing.assert_close(ops.embedding(idx, weight), weight[idx])
+
+
+def test_constant_under_compile_sets_the_marker_torch_sets():
+    # registry.constant_under_compile stands in for torch.compiler.assume_constant_result so that
+    # importing fastgpt does not import torch._dynamo; it must mark functions the same way
+    import torch._dynamo
+
+    marked = torch._dynamo.assume_constant_result(lambda: None)
+    ours = registry.constant_under_compile(lambda: None)
+    assert {k: v for k, v in vars(marked).items()} == {k: v for k, v in vars(ours).items()}
+    assert vars(ours) == {"_dynamo_marked_constant": True}
+
+
+def test_importing_fastgpt_does_not_import_dynamo_or_inductor():
+    import subprocess
+    import sys
+    code = ("import sys, fastgpt.ops, fastgpt.train, fastgpt.cli; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -8,7 +8,8 @@ torch.compile see the kernels (``fullgraph=True`` traces straight through).
 
 It runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
 (``TRITON_INTERPRET=1`` before the kernels are first used; read at call time). Kernels are
-imported on first use, so importing fastgpt does not define them.
+imported on first use, and the ops defined on the first availability check, so importing
+fastgpt defines neither.
 
 ``compile``: the plain ``torch`` reference wrapped in ``torch.compile`` (compiled once, cached).
 """
@@ -49,9 +50,12 @@ def _kernels_compiled_for_gpu() -> bool:
     return module is not None and type(module.attn_fwd).__name__ != "InterpretedFunction"
 
 
+@registry.constant_under_compile
 def _available() -> Optional[str]:
+    """None when triton is installed (and then the ops are defined), else why not."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    define_ops()
     return None
 
 
@@ -195,57 +199,55 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 # The public ops. On GPU their bodies launch the kernels through wrap_triton, which lets
 # torch.compile trace into them. Interpreted kernels cannot be traced with fake tensors, so under
 # TRITON_INTERPRET the bodies call opaque twins (custom_op + register_fake) instead.
+# They are defined on the first availability check, not at import: defining a triton_op imports
+# torch._inductor (and with it torch._dynamo), about 1.2 s that a CPU run never needs.
 
-@torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
-def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
-                  dropout_p: float) -> tuple[Tensor, Tensor]:
-    if interpreting():
-        return torch.ops.fastgpt._attention_fwd_interpreted(q, k, v, seed, scale, dropout_p)
-    return _fwd(q, k, v, seed, scale, dropout_p)
+@functools.cache
+def define_ops() -> None:
+    @torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
+    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
+                      dropout_p: float) -> tuple[Tensor, Tensor]:
+        if interpreting():
+            return torch.ops.fastgpt._attention_fwd_interpreted(q, k, v, seed, scale, dropout_p)
+        return _fwd(q, k, v, seed, scale, dropout_p)
 
+    @torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
+    def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      seed: Tensor, scale: float,
+                      dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+        if interpreting():
+            return torch.ops.fastgpt._attention_bwd_interpreted(dout, q, k, v, out, lse, seed,
+                                                                scale, dropout_p)
+        return _bwd(dout, q, k, v, out, lse, seed, scale, dropout_p)
 
-@torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
-def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  seed: Tensor, scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-    if interpreting():
-        return torch.ops.fastgpt._attention_bwd_interpreted(dout, q, k, v, out, lse, seed, scale,
-                                                            dropout_p)
-    return _bwd(dout, q, k, v, out, lse, seed, scale, dropout_p)
+    _fwd_interpreted = torch.library.custom_op("fastgpt::_attention_fwd_interpreted",
+                                               mutates_args=())(_fwd)
+    _bwd_interpreted = torch.library.custom_op("fastgpt::_attention_bwd_interpreted",
+                                               mutates_args=())(_bwd)
 
+    @_fwd_interpreted.register_fake
+    def _(q, k, v, seed, scale, dropout_p):
+        B, H, T, D = q.shape
+        return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32)
 
-_fwd_interpreted = torch.library.custom_op("fastgpt::_attention_fwd_interpreted",
-                                           mutates_args=())(_fwd)
-_bwd_interpreted = torch.library.custom_op("fastgpt::_attention_bwd_interpreted",
-                                           mutates_args=())(_bwd)
+    @_bwd_interpreted.register_fake
+    def _(dout, q, k, v, out, lse, seed, scale, dropout_p):
+        return _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
 
+    def _setup_context(ctx, inputs, output):
+        q, k, v, seed, scale, dropout_p = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
 
-@_fwd_interpreted.register_fake
-def _(q, k, v, seed, scale, dropout_p):
-    B, H, T, D = q.shape
-    return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32)
+    def _backward(ctx, dout, dlse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, seed, ctx.scale,
+                                                     ctx.dropout_p)
+        return dq, dk, dv, None, None, None
 
-
-@_bwd_interpreted.register_fake
-def _(dout, q, k, v, out, lse, seed, scale, dropout_p):
-    return _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, seed, scale, dropout_p = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.scale, ctx.dropout_p = scale, dropout_p
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, seed, ctx.scale,
-                                                 ctx.dropout_p)
-    return dq, dk, dv, None, None, None
-
-
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _seed_tensor(device: torch.device, dropout_p: float, seed: Optional[int]) -> Tensor:

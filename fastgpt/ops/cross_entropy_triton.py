@@ -11,6 +11,7 @@ which runs them on chunks of logits it owns and overwrites each chunk with its g
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -31,7 +32,11 @@ except ImportError as e:  # the backend reports itself unavailable
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@registry.constant_under_compile
 def triton_unavailable() -> Optional[str]:
+    """None when triton is importable (and then the ops are defined), else why not."""
+    if _IMPORT_ERROR is None:
+        _define_ops()
     return _IMPORT_ERROR
 
 
@@ -91,7 +96,9 @@ def define_op(name: str, fn, fake):
     return triton_op(name, fn, mutates_args=())
 
 
-if _IMPORT_ERROR is None:
+@functools.cache
+def _define_ops() -> None:
+    """Defined on first use, not at import: a triton_op imports torch._inductor (~1.2 s)."""
     def _fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
              label_smoothing: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-row loss without z-loss, 0 where ignored; per-row logsumexp). softcap 0 = off."""
@@ -111,7 +118,7 @@ if _IMPORT_ERROR is None:
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     cross_entropy_fwd = define_op("fastgpt::cross_entropy_fwd", _fwd, _fwd_fake)
-    cross_entropy_bwd = define_op("fastgpt::cross_entropy_bwd", _bwd, _bwd_fake)
+    define_op("fastgpt::cross_entropy_bwd", _bwd, _bwd_fake)
 
     def _setup_context(ctx, inputs, output):
         logits, targets, ignore_index, label_smoothing, softcap = inputs

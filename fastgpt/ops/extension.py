@@ -11,6 +11,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fastgpt.ops import registry
+
 _UNTRIED = object()
 _state: dict = {"reason": _UNTRIED}
 _on_load: list[Callable[[], None]] = []
@@ -32,7 +34,7 @@ def _load() -> Optional[str]:
     return None
 
 
-@torch.compiler.assume_constant_result
+@registry.constant_under_compile
 def available() -> Optional[str]:
     """None when fastgpt._C loads, else why not. Imports the extension on first call."""
     if _state["reason"] is _UNTRIED:
@@ -40,7 +42,7 @@ def available() -> Optional[str]:
     return _state["reason"]
 
 
-@torch.compiler.assume_constant_result
+@registry.constant_under_compile
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the loaded extension has a kernel of ``op`` (e.g. "fastgpt::x") for that key."""
     return available() is None and torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)

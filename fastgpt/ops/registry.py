@@ -36,6 +36,16 @@ _OP_ALIASES = {"cross-entropy": "cross_entropy", "linear-cross-entropy": "linear
                "block": "transformer_block"}
 
 
+def constant_under_compile(fn: Callable) -> Callable:
+    """torch.compiler.assume_constant_result without importing torch._dynamo (~1.2 s, which a
+    CPU training run never needs): that decorator only sets this marker, which Dynamo reads when
+    it meets the function and then calls it eagerly instead of tracing it. Availability checks
+    use it: they import modules and define ops on their first call, which must not be traced.
+    (tests/test_ops_dispatch.py checks the marker is still the one torch sets.)"""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _always(*args, **kwargs) -> Optional[str]:
     return None
 

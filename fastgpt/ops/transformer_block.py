@@ -46,7 +46,8 @@ def transformer_block_torch(x, w: BlockWeights, n_head: int, *, dropout_p: float
                             attention: Optional[str] = None):
     B, T, C = x.shape
     h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
-    q, k, v = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head).unbind(2)
+    qkv = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head)
+    q, k, v = qkv.unbind(2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                         # (B, nh, T, hs)
     y = causal_attention(q, k, v, dropout_p=dropout_p, preferred=attention)  # (B, nh, T, hs)
     y = F.linear(y.transpose(1, 2).reshape(B, T, C), w.attn_c_proj_weight, w.attn_c_proj_bias)
@@ -78,7 +79,8 @@ def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float) -> N
 
 def transformer_block(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                       dropout_p: float = 0.0, attention: Optional[str] = None,
-                      backend: Optional[str] = None, preferred: Optional[str] = None) -> torch.Tensor:
+                      backend: Optional[str] = None,
+                      preferred: Optional[str] = None) -> torch.Tensor:
     """One block on x of shape (B, T, C); returns (B, T, C).
 
     ``attention`` is the attention backend the model config prefers (used by ``torch``);
