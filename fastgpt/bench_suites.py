@@ -13,6 +13,9 @@ tool, not a fast path. Work per step, for TFLOP/s and GB/s:
 * embedding (V, N, C): forward reads and writes N rows (+ indices); backward, timed as the
   gradient op alone (aten::embedding_backward vs fastgpt::embedding_backward), reads N gradient
   rows (+ indices) and writes the (V, C) gradient; baseline ``torch``.
+* transformer_block (B, T, C, H heads): matmul FLOPs only (LayerNorm, GELU, softmax left out):
+  forward 2*N*12*C*C for the four linears (N = B*T) plus causal attention's 2*B*H*T*T*D;
+  backward 2x the linears' and 2.5x the attention's; float32 and bfloat16; baseline ``torch``.
 """
 
 from __future__ import annotations
@@ -199,6 +202,57 @@ def embedding_build(case: Case, device: str) -> Built:
     return Built(_step(lambda: fn(idx, weight), case.mode, grad, zero), bytes=moved)
 
 
+# --- transformer block -----------------------------------------------------------------------
+
+# (B, T, C, n_head): the baby preset (nanoGPT's CPU run) and shakespeare-char's block at batch 8
+BLOCK_SHAPES = [(12, 64, 128, 4), (8, 256, 384, 6)]
+
+
+def transformer_block_cases(args) -> list[Case]:
+    if args.B or args.T or args.C or args.H:   # a sweep around the baby block
+        shapes = [(args.B or 12, T, C, args.H or 4) for C in (args.C or [128])
+                  for T in (args.T or [64])]
+    else:
+        shapes = BLOCK_SHAPES[:1] if args.quick else BLOCK_SHAPES
+    for B, T, C, H in shapes:
+        if C % H:
+            raise FastGPTError(f"transformer-block: --C {C} is not a multiple of --H {H} "
+                               f"(the block's heads)")
+    # both: float32 keeps the torch block by default on CPU, bfloat16 takes the C++ one
+    dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
+    return [Case("transformer-block", "transformer_block", p, mode, dict(B=B, T=T, C=C, H=H), dt)
+            for dt in dtypes for mode in _modes(args) for B, T, C, H in shapes
+            for p in _providers("transformer_block", args)]
+
+
+def transformer_block_build(case: Case, device: str) -> Built:
+    from fastgpt.ops import BlockWeights
+    B, T, C, H = (case.shape[k] for k in "BTCH")
+    dtype = getattr(torch, case.dtype)
+
+    def param(*shape, std=0.02):   # nanoGPT's init; LayerNorm weights are ones
+        t = torch.ones(shape) if std is None else torch.randn(shape) * std
+        return t.to(device, dtype).requires_grad_(True)
+    # x and the weights require grad in every mode, as in training: the forward then saves what
+    # the backward needs, which is part of its cost
+    x = torch.randn(B, T, C, device=device).to(dtype).requires_grad_(True)
+    w = BlockWeights(param(C, std=None), None, param(3 * C, C), None, param(C, C), None,
+                     param(C, std=None), None, param(4 * C, C), None, param(C, 4 * C), None)
+    fn = _backend("transformer_block", case.provider, x, w, H)
+    grad = torch.randn(B, T, C, device=device).to(dtype)
+
+    def zero():
+        x.grad = None
+        for t in w:
+            if t is not None:
+                t.grad = None
+    linear = 2.0 * B * T * 12 * C * C          # c_attn 3C*C, c_proj C*C, c_fc + mlp c_proj 8C*C
+    attention = 2.0 * B * H * T * T * (C // H)  # 4*B*H*T*T*D halved by the causal mask
+    flops = {"fwd": linear + attention, "bwd": 2 * linear + 2.5 * attention,
+             "fwd+bwd": 3 * linear + 3.5 * attention}[case.mode]
+    return Built(_step(lambda: fn(x, w, H), case.mode, grad, zero), flops=flops)
+
+
 # --- registry of suites ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -215,6 +269,8 @@ SUITES = {
     "cross-entropy": Suite(cross_entropy_cases, cross_entropy_build, "torch", ("N", "peak_mb"),
                            isolate_on_cpu=True),
     "embedding": Suite(embedding_cases, embedding_build, "torch", ("N", "rate")),
+    "transformer-block": Suite(transformer_block_cases, transformer_block_build, "torch",
+                               ("T", "rate")),
 }
 
 

@@ -431,21 +431,25 @@ def add_bench_parser(sub) -> None:
                        description="Time every backend of an op side by side and print median ms "
                        "(p20-p80), TFLOP/s or GB/s, peak memory and the speedup over the naive "
                        "backend measured in the same run. `train` times whole training steps.")
-    p.add_argument("what", nargs="?", default="all", choices=list(SUITES) + ["train", "all"])
+    # suites are spelled with dashes; the op names' underscores are accepted too
+    p.add_argument("what", nargs="?", default="all", choices=list(SUITES) + ["train", "all"],
+                   type=lambda name: name.replace("_", "-"))
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 "
-                   "(default: bfloat16 on cuda, float32 on cpu)")
+                   "(default: bfloat16 on cuda, float32 on cpu; transformer-block: both)")
     p.add_argument("--providers", nargs="+", default=None, help="backend names, comma- or "
                    "space-separated (default: all that run on the device)")
     p.add_argument("--modes", nargs="+", default=None, help="fwd, bwd, fwd+bwd (comma- or "
                    "space-separated; default: all, fwd+bwd for cross-entropy)")
-    p.add_argument("--T", type=int, nargs="+", default=None, help="attention sequence lengths")
+    p.add_argument("--T", type=int, nargs="+", default=None,
+                   help="attention / transformer-block sequence lengths")
     p.add_argument("--D", type=int, nargs="+", default=None, help="attention head dims")
-    p.add_argument("--B", type=int, default=None, help="attention batch")
-    p.add_argument("--H", type=int, default=None, help="attention heads")
+    p.add_argument("--B", type=int, default=None, help="attention / transformer-block batch")
+    p.add_argument("--H", type=int, default=None, help="attention / transformer-block heads")
     p.add_argument("--N", type=int, nargs="+", default=None,
                    help="cross-entropy rows / embedding tokens")
-    p.add_argument("--C", type=int, nargs="+", default=None, help="hidden / embedding width")
+    p.add_argument("--C", type=int, nargs="+", default=None,
+                   help="hidden / embedding / transformer-block width")
     p.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
     p.add_argument("--quick", action="store_true", help="the smallest sizes only")
     p.add_argument("--min-run-time", type=float, default=0.5,

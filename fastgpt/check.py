@@ -26,7 +26,7 @@ import torch
 
 from fastgpt.errors import FastGPTError
 
-OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding")
+OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding", "transformer_block")
 REFERENCE = "torch"     # every op's plain-PyTorch backend: the float64 reference and the baseline
 # Teaching versions checked in float32/float64 only unless named with --backend: the lecture's
 # loop adds each row's dK/dV contribution into bfloat16/float16 gradients one step at a time, so
@@ -110,6 +110,31 @@ def _embedding_case(V, C, idx_shape, padding_idx):
     return f"V={V} C={C} idx={tuple(idx_shape)} (strided) padding_idx={padding_idx}", make
 
 
+def _block_case(B, T, C, n_head, bias, strided=False):
+    def make(gen):
+        from fastgpt.ops import BlockWeights
+
+        def randn(*shape, scale=1.0):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+        # a realistic scale (unit activations, fan-in-scaled linears, LayerNorm weights near 1),
+        # so low-precision errors are of the size training sees
+        shapes = dict(ln_1_weight=(C,), c_attn_weight=(3 * C, C), attn_c_proj_weight=(C, C),
+                      ln_2_weight=(C,), c_fc_weight=(4 * C, C), mlp_c_proj_weight=(C, 4 * C))
+        leaves = {"x": randn(B, T, C + 5 if strided else C)}
+        for name, shape in shapes.items():
+            leaves[name] = 1 + randn(C, scale=0.1) if name.startswith("ln") else \
+                randn(*shape, scale=shape[1] ** -0.5)
+            if bias:
+                leaves[name.replace("weight", "bias")] = randn(shape[0], scale=0.1)
+
+        def view(leaves):   # x (B, T, C); strided: inside a wider buffer, row stride C + 5
+            w = BlockWeights(**{f: leaves.get(f) for f in BlockWeights._fields})
+            return leaves["x"][..., :C], w, n_head
+        return leaves, view, lambda fn, x, w, nh: fn(x, w, nh)
+    return (f"B={B} T={T} C={C} n_head={n_head} bias={bias}"
+            + (" (strided x)" if strided else "")), make
+
+
 def grid(op: str, quick: bool) -> list:
     if op == "attention":
         shapes = [(2, 3, 7, 48), (1, 2, 33, 16)] if quick else \
@@ -130,6 +155,12 @@ def grid(op: str, quick: bool) -> list:
         cases = [_embedding_case(65, 32, (4, 7), None), _embedding_case(1000, 48, (9, 11), 999)]
         if not quick:
             cases += [_embedding_case(50257, 64, (8, 16), 0)]
+        return cases
+    if op == "transformer_block":
+        cases = [_block_case(2, 7, 48, 3, bias=False), _block_case(1, 33, 32, 2, bias=True)]
+        if not quick:
+            cases += [_block_case(3, 1, 64, 4, bias=True), _block_case(2, 97, 64, 4, bias=False),
+                      _block_case(2, 7, 48, 3, bias=True, strided=True)]
         return cases
     raise FastGPTError(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
 
@@ -243,12 +274,14 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "-" if x is None else ("inf" if x == float("inf") else format(x, spec))
 
 
-HEADER = (f"{'op':<21} {'backend':<8} {'dtype':<9} {'pass':<10} {'max abs err':>11} "
+PART_WIDTH = 22     # "bwd dmlp_c_proj_weight", the longest gradient name (transformer_block)
+HEADER = (f"{'op':<21} {'backend':<8} {'dtype':<9} {'pass':<{PART_WIDTH}} {'max abs err':>11} "
           f"{'plain err':>10} {'ratio':>6}  {'result':<6} shape")
 
 
 def format_row(r: CheckRow) -> str:
-    line = (f"{r.op:<21} {r.backend:<8} {r.dtype:<9} {r.part:<10} {_fmt(r.max_abs_err, '.3g'):>11} "
+    line = (f"{r.op:<21} {r.backend:<8} {r.dtype:<9} {r.part:<{PART_WIDTH}} "
+            f"{_fmt(r.max_abs_err, '.3g'):>11} "
             f"{_fmt(r.plain_err, '.3g'):>10} {_fmt(r.ratio, '.2f'):>6}  {r.result:<6} {r.shape}")
     return line + (f"  ({r.note})" if r.note else "")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastgpt import cli
+from fastgpt.bench_suites import build
 from fastgpt.bench_train import parse_config
 from fastgpt.benchmark import (CSV_FIELDS, Case, device_peak, environment, run_cases,
                                summarize)
@@ -87,6 +88,33 @@ def test_bench_cross_entropy_and_embedding(tmp_path, capsys):
     assert pngs and all(_png(p) for p in pngs)
 
 
+def test_bench_transformer_block(tmp_path, capsys):
+    out_csv = tmp_path / "tb.csv"
+    # the op's spelling works as well as the suite's (transformer-block)
+    assert cli.main(["bench", "transformer_block", *FAST, "--B", "1", "--T", "8", "--C", "16",
+                     "--H", "2", "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "transformer_block fwd+bwd bfloat16" in text and "vs torch" in text
+    rows = _csv(out_csv)
+    assert len(rows) == 2 * 3 * 2     # dtypes x modes x providers
+    assert {r["provider"] for r in rows} == {"torch", "ext"}
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert {r["mode"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(r["unit"] == "TFLOP/s" and float(r["rate"]) > 0 for r in rows), rows
+    assert all(float(r["speedup"]) == 1.0 for r in rows if r["provider"] == "torch")
+
+
+def test_transformer_block_flops():
+    B, T, C, H = 2, 16, 32, 4
+    flops = {mode: build(Case("transformer-block", "transformer_block", "torch", mode,
+                              dict(B=B, T=T, C=C, H=H), "float32"), "cpu").flops
+             for mode in ("fwd", "bwd", "fwd+bwd")}
+    linear, attention = 2 * B * T * 12 * C * C, 4 * B * H * T * T * (C // H) / 2
+    assert flops["fwd"] == linear + attention
+    assert flops["bwd"] == 2 * linear + 2.5 * attention
+    assert flops["fwd+bwd"] == flops["fwd"] + flops["bwd"]
+
+
 def test_isolated_case_reports_memory():
     case = Case("cross-entropy", "linear_cross_entropy", "torch", "fwd+bwd",
                 dict(N=256, C=16, V=2048), "float32")
@@ -127,6 +155,8 @@ def test_train_config_specs():
     (["bench", "attention", "--device", "cuda"], "sees no CUDA device"),
     (["bench", "attention", "--device", "cpu", "--modes", "sideways"], "--modes sideways"),
     (["bench", "train", "--device", "cpu", "--iters", "5"], "--iters 5"),
+    (["bench", "transformer-block", "--device", "cpu", "--C", "10", "--H", "4"],
+     "--C 10 is not a multiple of --H 4"),
 ])
 def test_bad_arguments(argv, message, capsys):
     if torch.cuda.is_available() and "cuda" in argv:

@@ -90,6 +90,43 @@ def test_attention_triton_quick(capsys):
     assert sum(" triton " in line and " PASS " in line for line in lines) == 4
 
 
+def test_transformer_block_quick(capsys):
+    rc = cli.main(["check", "--op", "transformer-block", "--quick", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0, "\n".join(lines)
+    rows = [line.split() for line in lines if line.startswith("transformer_block ")]
+    # torch and ext x float32, bfloat16 x 2 shapes x (fwd, bwd)
+    assert len(rows) == 16 and all("PASS" in r for r in rows)
+    assert {r[1] for r in rows} == {"torch", "ext"}
+    assert {r[2] for r in rows} == {"float32", "bfloat16"}
+
+
+def test_broken_transformer_block_fails(monkeypatch, capsys):
+    class Scaled(torch.autograd.Function):   # right forward, gradient off by 1%
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.01
+    good = registry.get("transformer_block", "ext").fn
+    _patch(monkeypatch, "transformer_block", "ext", lambda x, w, nh, **k: good(
+        x, w._replace(c_fc_weight=Scaled.apply(w.c_fc_weight)), nh, **k))
+    argv = ["check", "--op", "transformer_block", "--backend", "ext", "--quick", "--dtype",
+            "float32"]
+    assert cli.main(argv) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(" bwd dc_fc_weight " in line and " FAIL " in line for line in lines) == 2
+    assert not any(" fwd " in line and " FAIL " in line for line in lines)
+
+    _patch(monkeypatch, "transformer_block", "ext",
+           lambda x, w, nh, **k: good(x, w, nh, **k) + 1e-3)     # forward off
+    assert cli.main(argv) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(" fwd " in line and " FAIL " in line for line in lines) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--op", "softmax"], "--op 'softmax'"),
     (["--dtype", "int8"], "--dtype 'int8'"),
