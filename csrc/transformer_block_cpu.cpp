@@ -9,12 +9,14 @@
 // Algorithm (x: (B, T, C), N = B*T, H heads of D = C/H):
 //   forward  ln_1 -> c_attn (one matmul for q, k, v) -> (3, B, H, T, D) copy -> scores =
 //            causal mask + q k^T / sqrt(D) (one baddbmm) -> softmax -> @ v -> (N, C) copy ->
-//            c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU -> mlp c_proj -> + x1;
+//            c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU, which also writes its
+//            derivative -> mlp c_proj -> + x1;
 //   backward the chain rule in reverse, with aten's own layer_norm, softmax and gelu backward
 //            kernels; dq, dk, dv are written straight into one (3, B, H, T, D) buffer.
 // Saved for backward (the `saved` list, in this order): ln_1 out, its mean and rstd, q/k/v as
 // (3, B, H, T, D), the attention probabilities (B*H, T, T), the attention output (N, C), x1,
-// ln_2 out, its mean and rstd, the c_fc output and the GELU output.
+// ln_2 out, its mean and rstd, gelu'(c_fc output) in fp32 (fp64 for fp64 input; written by
+// the forward's GELU pass, gelu_cpu.h) and the GELU output.
 // Limits: no dropout (the ops layer routes dropout > 0 to the `torch` backend); CPU only; any
 // float dtype, all inputs of one dtype. T is any length; attention is O(T^2) memory per head.
 // Precision: the dtype of the inputs throughout, like the eager module in that dtype: matmuls
@@ -28,6 +30,7 @@
 #include <optional>
 #include <vector>
 
+#include "gelu_cpu.h"
 #include "transformer_block.h"
 
 namespace fastgpt {
@@ -106,10 +109,17 @@ at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t 
   auto [ln2, mean2, rstd2] =
       at::native_layer_norm(x1, {C}, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
   const at::Tensor h = dense(ln2, w.c_fc_weight, w.c_fc_bias);  // (N, F)
-  const at::Tensor g = at::gelu(h);
+  at::Tensor g, gelu_grad;  // gelu(h) and gelu'(h), the latter in fp32 (fp64 for fp64 input)
+  if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) {
+    std::tie(g, gelu_grad) = gelu_with_derivative(h);
+  } else {  // float16, float64: aten's kernels
+    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    g = at::gelu(h);
+    gelu_grad = at::gelu_backward(at::ones(h.sizes(), h.options().dtype(acc)), h.to(acc));
+  }
   at::Tensor out = dense(g, w.mlp_c_proj_weight, w.mlp_c_proj_bias).add_(x1);
   if (saved != nullptr) {
-    *saved = {ln1, mean1, rstd1, qkv, probs, att, x1, ln2, mean2, rstd2, h, g};
+    *saved = {ln1, mean1, rstd1, qkv, probs, att, x1, ln2, mean2, rstd2, gelu_grad, g};
   }
   return out.view({B, T, C});
 }
@@ -134,7 +144,8 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor &ln1 = saved[0], &mean1 = saved[1], &rstd1 = saved[2], &qkv = saved[3],
                    &probs = saved[4], &att = saved[5], &x1 = saved[6], &ln2 = saved[7],
-                   &mean2 = saved[8], &rstd2 = saved[9], &h = saved[10], &g = saved[11];
+                   &mean2 = saved[8], &rstd2 = saved[9], &gelu_grad = saved[10],
+                   &g = saved[11];
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), N = B * T;
   const int64_t H = n_head, D = C / H;
   const at::Tensor dout = grad_out.reshape({N, C}).contiguous();
@@ -143,7 +154,10 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
 
   // MLP: out = x1 + g @ Wp^T + bp, g = gelu(h), h = ln2 @ Wfc^T + bfc
   const at::Tensor d_mlp_proj_w = dout.t().mm(g);
-  const at::Tensor dh = at::gelu_backward(dout.mm(w.mlp_c_proj_weight), h);
+  const at::Tensor dg = dout.mm(w.mlp_c_proj_weight);
+  const at::Tensor dh = dg.scalar_type() == at::kFloat || dg.scalar_type() == at::kBFloat16
+                            ? scale_by_derivative(dg, gelu_grad)
+                            : at::mul(dg, gelu_grad).to(dg.scalar_type());
   const at::Tensor d_fc_w = dh.t().mm(ln2);
   auto [dx1, d_ln2_w, d_ln2_b] = at::native_layer_norm_backward(
       dh.mm(w.c_fc_weight), x1, {C}, mean2, rstd2, w.ln_2_weight, w.ln_2_bias, ln_2_mask);

@@ -64,9 +64,10 @@ def _register_fake() -> None:
         B, T, C = x.shape
         N, H, F = B * T, n_head, c_fc_weight.shape[0]
         new = x.new_empty   # LayerNorm's mean and rstd are (N, 1), in x's dtype on CPU
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # gelu'(h)
         saved = [new((N, C)), new((N, 1)), new((N, 1)), new((3, B, H, T, C // H)),
                  new((B * H, T, T)), new((N, C)), new((N, C)), new((N, C)), new((N, 1)),
-                 new((N, 1)), new((N, F)), new((N, F))]
+                 new((N, 1)), new((N, F), dtype=acc), new((N, F))]
         assert len(saved) == _SAVED
         return block_out(x), saved
 
