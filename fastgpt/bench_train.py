@@ -8,7 +8,8 @@ noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nan
 the device's peak for the dtype (fastgpt.benchmark.DEVICE_PEAKS); "unknown" for other devices.
 
 A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
-``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding).
+``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding,
+transformer_block). ``default bf16`` names no backend: what `fastgpt train` runs in bfloat16.
 """
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ CONFIGS = {
     "sdpa bf16": dict(attention="sdpa", dtype="bfloat16"),
     "triton bf16": dict(attention="triton", dtype="bfloat16"),
     "tril bf16": dict(attention="tril", dtype="bfloat16"),
+    "torch-block bf16": dict(transformer_block="torch", dtype="bfloat16"),
+    "default bf16": dict(dtype="bfloat16"),
 }
-DEFAULT = {"cpu": ["sdpa fp32", "tril fp32", "sdpa bf16"],
+DEFAULT = {"cpu": ["sdpa fp32", "tril fp32", "sdpa bf16", "torch-block bf16", "default bf16"],
            "cuda": ["triton bf16", "sdpa bf16", "tril bf16"]}
 _FIELDS = {"attention": "attention", "cross_entropy": "cross_entropy",
-           "cross-entropy": "cross_entropy", "embedding": "embedding"}
+           "cross-entropy": "cross_entropy", "embedding": "embedding",
+           "transformer_block": "transformer_block", "transformer-block": "transformer_block",
+           "block": "transformer_block"}
 
 
 def parse_config(spec: str) -> dict:
@@ -45,7 +50,7 @@ def parse_config(spec: str) -> dict:
         if not eq or op.strip() not in _FIELDS:
             raise FastGPTError(f"bad train config {spec!r}: use a name ({', '.join(CONFIGS)}) or "
                                f"op=backend[,op=backend][@dtype] with ops "
-                               f"attention, cross_entropy, embedding")
+                               f"attention, cross_entropy, embedding, transformer_block")
         out[_FIELDS[op.strip()]] = name.strip()
     return out
 
