@@ -59,7 +59,7 @@ class BigramLanguageModel(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """A block's attention weights under nanoGPT's names; the math is in fastgpt.ops.transformer_block."""
+    """A block's attention weights (nanoGPT's names); the math is in ops.transformer_block."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -68,7 +68,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """A block's MLP weights under nanoGPT's names; the math is in fastgpt.ops.transformer_block."""
+    """A block's MLP weights (nanoGPT's names); the math is in ops.transformer_block."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
