@@ -12,33 +12,6 @@
 namespace fastgpt {
 namespace gelu_detail {
 
-__attribute__((always_inline)) inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-__attribute__((always_inline)) inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
-// bfloat16 data is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser
-// will not load or store)
-__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
-  return bits_to_float(uint32_t(p[i]) << 16);
-}
-
-__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
-__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
-  // round to nearest even; NaN stays a (quiet) NaN
-  const uint32_t u = float_to_bits(v);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  p[i] = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-}
-
 // The math is written once over a "float" type F that is either float or a vector of 16 floats
 // (GCC vector extensions: lowered to AVX-512, AVX2 or SSE2 by each clone below), with U the
 // matching unsigned type and I the signed integer type.
@@ -60,6 +33,25 @@ __attribute__((always_inline)) inline F from_bits(U u) {
   F x;
   std::memcpy(&x, &u, sizeof(F));
   return x;
+}
+
+// the bfloat16 bits of v (in the low 16 bits of U): round to nearest even; NaN stays a quiet NaN
+template <typename U, typename F>
+__attribute__((always_inline)) inline U bfloat16_bits(F v) {
+  const U u = as_bits<U>(v);
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? U{} + 0x7FC0u : rounded;
+}
+
+// bfloat16 data is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser
+// will not load or store)
+__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
+__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
+  return from_bits<float>(uint32_t(p[i]) << 16);
+}
+__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
+__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
+  p[i] = static_cast<uint16_t>(bfloat16_bits<uint32_t>(v));
 }
 
 // e^x for x <= 0 (here x = -u^2), range-reduced: 2^n * e^r with |r| <= ln2 / 2; below -87 the
@@ -117,9 +109,7 @@ __attribute__((always_inline)) inline void store16(float* p, vfloat v) {
   std::memcpy(p, &v, sizeof v);
 }
 __attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
-  const vuint u = as_bits<vuint>(v);
-  const vuint rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;   // nearest even
-  const vhalf h = __builtin_convertvector(v != v ? vuint{} + 0x7FC0u : rounded, vhalf);
+  const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
   std::memcpy(p, &h, sizeof h);
 }
 

@@ -79,7 +79,7 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
     const variable_list s = ctx->get_saved_variables();
     TORCH_INTERNAL_ASSERT(s.size() == kInputs + kSaved);
     const std::vector<at::Tensor> grads = call_backward(
-        grad_outputs[0].contiguous(), at::TensorList(s.data() + kInputs, kSaved), s[0], s[1],
+        grad_outputs[0], at::TensorList(s.data() + kInputs, kSaved), s[0], s[1],
         optional(s[2]), s[3], optional(s[4]), s[5], optional(s[6]), s[7], optional(s[8]), s[9],
         optional(s[10]), s[11], optional(s[12]), ctx->saved_data["n_head"].toInt());
     variable_list result(kInputs + 1);  // + n_head, which has no gradient

@@ -50,12 +50,12 @@ def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *
 
 @on_load
 def _register_fake() -> None:
-    def block_out(x, *args):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def like(t):   # the kernels return fresh contiguous tensors
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fastgpt::transformer_block")
     def _block_fake(x, *weights_and_n_head):
-        return block_out(x)
+        return like(x)
 
     @torch.library.register_fake("fastgpt::transformer_block_train")
     def _train_fake(x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
@@ -69,13 +69,11 @@ def _register_fake() -> None:
                  new((B * H, T, T)), new((N, C)), new((N, C)), new((N, C)), new((N, 1)),
                  new((N, 1)), new((N, F), dtype=acc), new((N, F))]
         assert len(saved) == _SAVED
-        return block_out(x), saved
+        return like(x), saved
 
     @torch.library.register_fake("fastgpt::transformer_block_backward")
     def _backward_fake(grad_out, saved, x, *weights_and_n_head):
-        return [torch.empty_like(x, memory_format=torch.contiguous_format)] + [
-            torch.empty_like(t, memory_format=torch.contiguous_format)
-            for t in weights_and_n_head[:-1] if t is not None]
+        return [like(x)] + [like(t) for t in weights_and_n_head[:-1] if t is not None]
 
 
 registry.register("transformer_block", "ext", transformer_block_ext, supports=supports,
