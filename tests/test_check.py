@@ -50,18 +50,21 @@ def test_broken_kernel_fails(monkeypatch, capsys):
     assert "failed" in text.splitlines()[-1]
 
 
-def test_broken_gradient_fails(monkeypatch, capsys):
-    class Scaled(torch.autograd.Function):   # right forward, gradient off by 1%
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
+class GradientOffByOnePercent(torch.autograd.Function):   # right forward, gradient off by 1%
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
 
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
+    @staticmethod
+    def backward(ctx, g):
+        return g * 1.01
+
+
+def test_broken_gradient_fails(monkeypatch, capsys):
     good = registry.get("embedding", "ext").fn
     _patch(monkeypatch, "embedding", "ext",
-           lambda i, w, padding_idx=None: good(i, Scaled.apply(w), padding_idx=padding_idx))
+           lambda i, w, padding_idx=None: good(i, GradientOffByOnePercent.apply(w),
+                                               padding_idx=padding_idx))
     rc = cli.main(["check", "--op", "embedding", "--backend", "ext", "--quick", "--dtype",
                    "float32"])
     lines = capsys.readouterr().out.splitlines()
@@ -102,17 +105,9 @@ def test_transformer_block_quick(capsys):
 
 
 def test_broken_transformer_block_fails(monkeypatch, capsys):
-    class Scaled(torch.autograd.Function):   # right forward, gradient off by 1%
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.01
     good = registry.get("transformer_block", "ext").fn
     _patch(monkeypatch, "transformer_block", "ext", lambda x, w, nh, **k: good(
-        x, w._replace(c_fc_weight=Scaled.apply(w.c_fc_weight)), nh, **k))
+        x, w._replace(c_fc_weight=GradientOffByOnePercent.apply(w.c_fc_weight)), nh, **k))
     argv = ["check", "--op", "transformer_block", "--backend", "ext", "--quick", "--dtype",
             "float32"]
     assert cli.main(argv) == 1
