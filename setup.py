@@ -34,8 +34,9 @@ def _extension():
     # Linking libgomp resolves to the copy torch has already loaded (same soname).
     cxx = ["-O3", "-fopenmp"]
     sources = [os.path.join(CSRC, f) for f in (
-        "library.cpp", "embedding_autograd.cpp", "embedding_cpu.cpp", "gelu_cpu.cpp",
-        "transformer_block_autograd.cpp", "transformer_block_cpu.cpp")]
+        "library.cpp", "attention_autograd.cpp", "attention_cpu.cpp", "embedding_autograd.cpp",
+        "embedding_cpu.cpp", "gelu_cpu.cpp", "transformer_block_autograd.cpp",
+        "transformer_block_cpu.cpp")]
     kwargs = dict(extra_link_args=["-fopenmp"])
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:

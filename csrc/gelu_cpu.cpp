@@ -1,81 +1,16 @@
 // Exact (erf) GELU with its derivative in one pass; see gelu_cpu.h.
 
 #include "gelu_cpu.h"
+#include "vec_cpu.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
 
 namespace fastgpt {
 namespace gelu_detail {
-
-// The math is written once over a "float" type F that is either float or a vector of 16 floats
-// (GCC vector extensions: lowered to AVX-512, AVX2 or SSE2 by each clone below), with U the
-// matching unsigned type and I the signed integer type.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint16_t vhalf __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 16;
-
-template <typename U, typename F>
-__attribute__((always_inline)) inline U as_bits(F x) {
-  U u;
-  std::memcpy(&u, &x, sizeof(F));
-  return u;
-}
-
-template <typename F, typename U>
-__attribute__((always_inline)) inline F from_bits(U u) {
-  F x;
-  std::memcpy(&x, &u, sizeof(F));
-  return x;
-}
-
-// the bfloat16 bits of v (in the low 16 bits of U): round to nearest even; NaN stays a quiet NaN
-template <typename U, typename F>
-__attribute__((always_inline)) inline U bfloat16_bits(F v) {
-  const U u = as_bits<U>(v);
-  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return v != v ? U{} + 0x7FC0u : rounded;
-}
-
-// bfloat16 data is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser
-// will not load or store)
-__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
-__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
-  return from_bits<float>(uint32_t(p[i]) << 16);
-}
-__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
-__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
-  p[i] = static_cast<uint16_t>(bfloat16_bits<uint32_t>(v));
-}
-
-// e^x for x <= 0 (here x = -u^2), range-reduced: 2^n * e^r with |r| <= ln2 / 2; below -87 the
-// result flushes to 0. round(x / ln2) uses the 1.5 * 2^23 trick (plain arithmetic).
-template <typename F, typename U, typename I>
-__attribute__((always_inline)) inline F exp_nonpositive(F x) {
-  x = x < -87.0f ? F{} - 87.0f : x;
-  const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;   // x - n ln2, in two parts
-  F p = F{} + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  I ni;
-  if constexpr (std::is_same_v<F, float>) {
-    ni = static_cast<I>(n);
-  } else {
-    ni = __builtin_convertvector(n, I);
-  }
-  return p * from_bits<F>(as_bits<U>(ni + 127) << 23);   // * 2^n
-}
+using namespace vec;
 
 // gelu(x) and gelu'(x)
 template <typename F, typename U, typename I>
@@ -93,24 +28,6 @@ __attribute__((always_inline)) inline void gelu_math(F x, F& g, F& d) {
   const F cdf = 0.5f * (1.0f + erf_u);
   g = x * cdf;
   d = cdf + x * e * kInvSqrt2Pi;
-}
-
-__attribute__((always_inline)) inline vfloat load16(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline vfloat load16(const uint16_t* p) {
-  vhalf h;
-  std::memcpy(&h, p, sizeof h);
-  return from_bits<vfloat>(__builtin_convertvector(h, vuint) << 16);
-}
-__attribute__((always_inline)) inline void store16(float* p, vfloat v) {
-  std::memcpy(p, &v, sizeof v);
-}
-__attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
-  const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
-  std::memcpy(p, &h, sizeof h);
 }
 
 template <typename scalar_t>
@@ -141,7 +58,6 @@ __attribute__((always_inline)) inline void scale_by_derivative_body(
 
 // One multiversioned copy per dtype (GCC does not clone templates): each inlines the body
 // above, so it is vectorised for the ISA of its clone.
-#define FASTGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 FASTGPT_CLONES void gelu_with_derivative_range(const float* h, float* out, float* deriv,
                                                int64_t begin, int64_t end) {
   gelu_with_derivative_body(h, out, deriv, begin, end);
@@ -158,7 +74,6 @@ FASTGPT_CLONES void scale_by_derivative_range(const uint16_t* grad, const float*
                                               uint16_t* out, int64_t begin, int64_t end) {
   scale_by_derivative_body(grad, deriv, out, begin, end);
 }
-#undef FASTGPT_CLONES
 
 }  // namespace gelu_detail
 

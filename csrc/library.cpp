@@ -16,9 +16,16 @@
 // transformer_block_backward(grad_out, saved, x, <weights>, n_head) -> the gradients of x and
 //   of every weight that is not None, in argument order.
 //
-// The kernels live in embedding_cpu.cpp, embedding_cuda.cu and transformer_block_cpu.cpp
-// (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta) kernels are registered from
-// Python (fastgpt/ops/embedding_ext.py, fastgpt/ops/transformer_block_ext.py).
+// causal_attention(q, k, v (B, H, T, D), scale) -> (B, H, T, D)
+//   softmax(scale * q k^T + causal mask) v; the result is laid out as (B, T, H, D) (a transposed
+//   view), so that merging the heads back into (B, T, C) rows costs no copy. Autograd calls
+// causal_attention_train -> (out, saved) and
+// causal_attention_backward(grad_out, q, k, v, saved, scale) -> (dq, dk, dv), laid out like out.
+//
+// The kernels live in embedding_cpu.cpp, embedding_cuda.cu, attention_cpu.cpp and
+// transformer_block_cpu.cpp (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta)
+// kernels are registered from Python (fastgpt/ops/embedding_ext.py, attention_ext.py,
+// transformer_block_ext.py).
 // Python ops of the same namespace (fastgpt::attention_*) are added with torch.library
 // fragments, which coexist with this one TORCH_LIBRARY block.
 
@@ -29,6 +36,10 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("embedding_forward(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
   m.def("embedding_backward(Tensor grad_out, Tensor indices, SymInt num_weights, "
         "int padding_idx, bool deterministic) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_attention_train(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor saved, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
 #define FASTGPT_BLOCK_ARGS                                                              \
   "Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor c_attn_weight, "             \
   "Tensor? c_attn_bias, Tensor attn_c_proj_weight, Tensor? attn_c_proj_bias, "          \

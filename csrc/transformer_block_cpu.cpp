@@ -7,20 +7,21 @@
 // forward and ~40 backward ATen calls go straight to the kernels (below the autograd keys).
 //
 // Algorithm (x: (B, T, C), N = B*T, H heads of D = C/H):
-//   forward  ln_1 -> c_attn (one matmul for q, k, v) -> (3, B, H, T, D) copy -> scores =
-//            causal mask + q k^T / sqrt(D) (one baddbmm) -> softmax -> @ v -> (N, C) copy ->
-//            c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU, which also writes its
-//            derivative -> mlp c_proj -> + x1;
-//   backward the chain rule in reverse, with aten's own layer_norm, softmax and gelu backward
-//            kernels; dq, dk, dv are written straight into one (3, B, H, T, D) buffer.
+//   forward  ln_1 -> c_attn (one matmul for q, k, v, as (N, 3C) rows) -> causal attention
+//            (attention_cpu.h: reads q, k, v from those rows and writes its output straight
+//            into (N, C) rows) -> c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU, which also
+//            writes its derivative -> mlp c_proj -> + x1;
+//   backward the chain rule in reverse, with aten's own layer_norm backward and the attention
+//            backward of attention_cpu.h, which writes dq, dk, dv into one (N, 3C) buffer.
 // Saved for backward (the `saved` list, in this order): ln_1 out, its mean and rstd, q/k/v as
-// (3, B, H, T, D), the attention probabilities (B*H, T, T), the attention output (N, C), x1,
-// ln_2 out, its mean and rstd, gelu'(c_fc output) in fp32 (fp64 for fp64 input; written by
-// the forward's GELU pass, gelu_cpu.h) and the GELU output.
+// (N, 3C) rows, what the attention forward saves (its probabilities), the attention output
+// (N, C), x1, ln_2 out, its mean and rstd, gelu'(c_fc output) in fp32 (fp64 for fp64 input;
+// written by the forward's GELU pass, gelu_cpu.h) and the GELU output.
 // Limits: no dropout (the ops layer routes dropout > 0 to the `torch` backend); CPU only; any
 // float dtype, all inputs of one dtype. T is any length; attention is O(T^2) memory per head.
 // Precision: the dtype of the inputs throughout, like the eager module in that dtype: matmuls
-// accumulate in fp32 (oneDNN/BLAS), LayerNorm statistics and softmax are computed in fp32.
+// accumulate in fp32 (oneDNN/BLAS), LayerNorm statistics and softmax are computed in fp32, and
+// for float32/bfloat16 the whole attention is computed in fp32 (attention_cpu.cpp).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -30,6 +31,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "gelu_cpu.h"
 #include "transformer_block.h"
 
@@ -40,6 +42,11 @@ constexpr double kLayerNormEps = 1e-5;  // nn.LayerNorm's default, which nanoGPT
 
 at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
   return has(b) ? at::addmm(*b, x, w.t()) : at::mm(x, w.t());
+}
+
+// part `s` of (B*T, P*H*D) rows (P parts side by side, e.g. q, k, v) as (B, H, T, D) heads
+at::Tensor heads(const at::Tensor& rows, int64_t B, int64_t T, int64_t H, int64_t D, int64_t s) {
+  return rows.view({B, T, rows.size(1) / (H * D), H, D}).select(2, s).transpose(1, 2);
 }
 
 #define OP_NAME "fastgpt::transformer_block"
@@ -89,21 +96,13 @@ at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t 
 
   auto [ln1, mean1, rstd1] =
       at::native_layer_norm(x, {C}, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);
-  const at::Tensor qkv = dense(ln1, w.c_attn_weight, w.c_attn_bias)
-                             .view({B, T, 3, H, D})
-                             .permute({2, 0, 3, 1, 4})
-                             .contiguous();  // (3, B, H, T, D)
-  const at::Tensor q = qkv[0].view({B * H, T, D}), k = qkv[1].view({B * H, T, D}),
-                   v = qkv[2].view({B * H, T, D});
-  const at::Tensor mask =
-      at::full({T, T}, -std::numeric_limits<double>::infinity(), x.options()).triu_(1);
-  const at::Tensor scores = at::baddbmm(mask.expand({B * H, T, T}), q, k.transpose(1, 2),
-                                        /*beta=*/1.0, /*alpha=*/1.0 / std::sqrt(double(D)));
-  const at::Tensor probs = at::_softmax(scores, -1, /*half_to_float=*/false);  // (B*H, T, T)
-  const at::Tensor att = at::bmm(probs, v)
-                             .view({B, H, T, D})
-                             .transpose(1, 2)
-                             .reshape({N, C});  // heads side by side again
+  // q, k, v and the attention output stay in their (N, 3C) and (N, C) rows: the attention
+  // kernel reads and writes them as (B, H, T, D) views
+  const at::Tensor qkv = dense(ln1, w.c_attn_weight, w.c_attn_bias);  // (N, 3C)
+  const at::Tensor att = at::empty({N, C}, x.options());
+  at::Tensor probs = causal_attention_forward(
+      heads(qkv, B, T, H, D, 0), heads(qkv, B, T, H, D, 1), heads(qkv, B, T, H, D, 2),
+      1.0 / std::sqrt(double(D)), heads(att, B, T, H, D, 0), /*save=*/saved != nullptr);
   const at::Tensor x1 = dense(att, w.attn_c_proj_weight, w.attn_c_proj_bias).add_(x);
 
   auto [ln2, mean2, rstd2] =
@@ -148,6 +147,12 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                    &g = saved[11];
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), N = B * T;
   const int64_t H = n_head, D = C / H;
+  const at::Tensor expected_probs = causal_attention_saved_like(heads(qkv, B, T, H, D, 0));
+  TORCH_CHECK_VALUE(qkv.sizes() == at::IntArrayRef({N, 3 * C}) &&
+                        probs.sizes() == expected_probs.sizes() &&
+                        probs.scalar_type() == expected_probs.scalar_type() && probs.is_contiguous(),
+                    "fastgpt::transformer_block_backward: `saved` is not what "
+                    "transformer_block_train returned for x of shape ", x.sizes());
   const at::Tensor dout = grad_out.reshape({N, C}).contiguous();
   const std::array<bool, 3> ln_1_mask{true, true, has(w.ln_1_bias)};
   const std::array<bool, 3> ln_2_mask{true, true, has(w.ln_2_bias)};
@@ -165,23 +170,12 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
 
   // attention: x1 = x + att @ Wo^T + bo
   const at::Tensor d_attn_proj_w = dx1.t().mm(att);
-  const at::Tensor datt = dx1.mm(w.attn_c_proj_weight)
-                              .view({B, T, H, D})
-                              .transpose(1, 2)
-                              .reshape({B * H, T, D});
-  const at::Tensor q = qkv[0].view({B * H, T, D}), k = qkv[1].view({B * H, T, D}),
-                   v = qkv[2].view({B * H, T, D});
-  at::Tensor dqkv = at::empty({3, B, H, T, D}, x.options());
-  at::Tensor dq = dqkv[0].view({B * H, T, D}), dk = dqkv[1].view({B * H, T, D}),
-             dv = dqkv[2].view({B * H, T, D});
-  at::bmm_out(dv, probs.transpose(1, 2), datt);
-  // softmax backward; the masked probabilities are exactly 0, so their scores get 0 gradient
-  at::Tensor dscores =
-      at::_softmax_backward_data(at::bmm(datt, v.transpose(1, 2)), probs, -1, probs.scalar_type());
-  dscores.mul_(1.0 / std::sqrt(double(D)));
-  at::bmm_out(dq, dscores, k);
-  at::bmm_out(dk, dscores.transpose(1, 2), q);
-  const at::Tensor dqkv_rows = dqkv.permute({1, 3, 0, 2, 4}).reshape({N, 3 * C});
+  const at::Tensor datt = dx1.mm(w.attn_c_proj_weight);  // (N, C)
+  const at::Tensor dqkv_rows = at::empty({N, 3 * C}, x.options());
+  causal_attention_backward(heads(datt, B, T, H, D, 0), heads(qkv, B, T, H, D, 0),
+                            heads(qkv, B, T, H, D, 1), heads(qkv, B, T, H, D, 2), probs,
+                            1.0 / std::sqrt(double(D)), heads(dqkv_rows, B, T, H, D, 0),
+                            heads(dqkv_rows, B, T, H, D, 1), heads(dqkv_rows, B, T, H, D, 2));
   const at::Tensor d_attn_w = dqkv_rows.t().mm(ln1);
   auto [dx, d_ln1_w, d_ln1_b] =
       at::native_layer_norm_backward(dqkv_rows.mm(w.c_attn_weight), x.contiguous().view({N, C}),

@@ -205,7 +205,8 @@ def test_dropout_and_named_attention_backends_go_to_torch():
                                dtype=torch.bfloat16).name
     assert auto(dropout_p=0.1) == "torch"
     assert auto(attention="sdpa") == "torch"
-    assert auto(attention="torch") == "ext"    # the same math as the C++ block
+    assert auto(attention="torch") == "torch"
+    assert auto(attention="ext") == "ext"    # the kernel the C++ block runs
     with ops.use_backends(attention="tril"):
         assert auto() == "torch"
     with pytest.raises(FastGPTError, match="no dropout"):

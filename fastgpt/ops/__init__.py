@@ -14,6 +14,7 @@ from fastgpt.ops.transformer_block import BlockWeights, transformer_block
 # --- fast backends: each module registers its backends and default order on import ---
 # (one line per module; keep this block)
 from fastgpt.ops import attention_triton  # noqa: F401  (triton, compile)
+from fastgpt.ops import attention_ext  # noqa: F401  (ext)
 from fastgpt.ops import embedding_ext  # noqa: F401  (ext)
 from fastgpt.ops import cross_entropy_triton  # noqa: F401  (triton)
 from fastgpt.ops import linear_cross_entropy_chunked  # noqa: F401  (chunked, compile, triton)

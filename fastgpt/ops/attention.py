@@ -8,7 +8,7 @@ All backends take q, k, v of shape (B, H, T, D) and return (B, H, T, D):
               and the CPU default for bfloat16;
 * ``sdpa``  - ``F.scaled_dot_product_attention(is_causal=True)``, the CPU default otherwise.
 
-Fast backends (``triton``, ``compile``) register themselves from their own modules.
+Fast backends (``triton``, ``compile``, ``ext``) register themselves from their own modules.
 """
 
 from __future__ import annotations
@@ -70,9 +70,10 @@ registry.register("attention", "tril", attention_tril)
 registry.register("attention", "torch", attention_torch)
 registry.register("attention", "sdpa", attention_sdpa)
 registry.set_default_order("attention", "cpu", ["sdpa"])
-# PyTorch's CPU flash kernel is 3-4x slower in bfloat16 than the plain batched matmuls at the
-# presets' shapes (B=12, H=4, T=64, D=32, fwd+bwd; bench/bench_attention.py)
-registry.set_default_order("attention", "cpu", ["torch", "sdpa"], dtype=torch.bfloat16)
+# bfloat16 on CPU: our fused kernel (attention_ext), then the plain batched matmuls; PyTorch's
+# CPU flash kernel is 3-4x slower in bfloat16 than the batched matmuls at the presets' shapes
+# (B=12, H=4, T=64, D=32, fwd+bwd; bench/bench_attention.py)
+registry.set_default_order("attention", "cpu", ["ext", "torch", "sdpa"], dtype=torch.bfloat16)
 registry.set_default_order("attention", "cuda", ["triton", "sdpa"])
 registry.set_default_order("attention", "default", ["sdpa", "torch"])
 

@@ -3,7 +3,7 @@
 The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transformer_block_train``
 and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
 kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, and
-attention is the ``torch`` backend's math (baddbmm with the causal mask, softmax, bmm), so an
+attention is the ``ext`` attention backend's kernel (csrc/attention_cpu.cpp), so another
 attention backend named by the user sends the automatic choice to the ``torch`` block instead.
 """
 
@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fastgpt.ops import registry
+from fastgpt.ops.attention_ext import saved_fake as attention_saved_fake
 from fastgpt.ops.extension import available, on_load
 from fastgpt.ops.transformer_block import BlockWeights
 
@@ -30,10 +31,10 @@ def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: 
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}"
     requested = registry.requested("attention", preferred=attention)
-    if requested is not None and requested[0] != "torch":
+    if requested is not None and requested[0] != "ext":
         name, source = requested
         return (f"attention backend {name!r} was requested ({source}); the C++ block computes "
-                f"attention as the 'torch' attention backend does")
+                f"attention with the 'ext' attention backend's kernel")
     return None
 
 
@@ -65,9 +66,9 @@ def _register_fake() -> None:
         N, H, F = B * T, n_head, c_fc_weight.shape[0]
         new = x.new_empty   # LayerNorm's mean and rstd are (N, 1), in x's dtype on CPU
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # gelu'(h)
-        saved = [new((N, C)), new((N, 1)), new((N, 1)), new((3, B, H, T, C // H)),
-                 new((B * H, T, T)), new((N, C)), new((N, C)), new((N, C)), new((N, 1)),
-                 new((N, 1)), new((N, F), dtype=acc), new((N, F))]
+        saved = [new((N, C)), new((N, 1)), new((N, 1)), new((N, 3 * C)),
+                 attention_saved_fake(x, B, H, T, C // H), new((N, C)), new((N, C)), new((N, C)),
+                 new((N, 1)), new((N, 1)), new((N, F), dtype=acc), new((N, F))]
         assert len(saved) == _SAVED
         return like(x), saved
 

@@ -1,0 +1,550 @@
+// Causal self-attention on the CPU: one fused pass per head, forward and backward.
+//
+// Why: at the presets' CPU shapes (T = 64, D = 32) attention as batched matmuls costs about a
+// millisecond per layer and step: each bmm runs at ~100 GFLOP/s on (64 x 64) tiles, half of the
+// scores it computes are masked away, and q/k/v and the output are copied between (B, T, H, D)
+// and (B, H, T, D) layouts on the way in and out. Here each head is done in registers and L1:
+// only the causal half is computed, and the tensors are read and written in place.
+//
+// Algorithm, per (batch, head), heads spread over threads with at::parallel_for. Inputs are
+// widened to fp32 scratch copies (D zero-padded to 16, 32, 64 or 128: Dv vectors of 16 lanes),
+// with k (and v in the backward) transposed so that 16 keys form one vector.
+//   forward, for each block of 4 query rows i:
+//     S = scale * q k^T over keys j < (last row of the block) + 1, in register tiles of
+//         4 rows x 64 keys (outer products over d);
+//     P = softmax over j <= i (max-subtracted exp, vectorised, see vec_cpu.h), 0 for j > i;
+//     out_i = sum_j P_ij v_j (4 rows x Dv vectors of accumulators).
+//   backward, with P saved by the forward:
+//     dP = dout v^T (the same tiles as S), dS_ij = scale * P_ij (dP_ij - sum_j P_ij dP_ij),
+//     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j:
+//     dv_j = sum_{i >= j} P_ij dout_i and dk_j = sum_{i >= j} dS_ij q_i.
+// Saved state: P in fp32, (B*H, T, Tp) with rows padded to Tp = T rounded up to 16 (entries
+// with j > i that the kernel reads are written as 0).
+// Limits: float32 and bfloat16 with D <= 128 take this path; other dtypes (float16, float64) or
+// larger D use the batched-matmul path below (aten bmm/softmax, probabilities in the input
+// dtype), which is also the float64 reference of the gradchecks. Memory is O(T^2) per head
+// (P), as in the batched-matmul path. Register tiles assume AVX-512 (32 vector registers);
+// the AVX2 and baseline copies are correct but spill.
+// Precision: every product and sum in fp32 (bf16 inputs are widened exactly); outputs round
+// once to the input dtype. exp has a relative error of about 2e-7.
+
+#include "attention_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "checks.h"
+#include "vec_cpu.h"
+
+namespace fastgpt {
+namespace attention_detail {
+using namespace vec;
+
+constexpr int64_t kRows = 4;      // query rows (or keys) per register tile
+constexpr int64_t kKeyVecs = 4;   // key vectors of 16 per score tile: 4 x 64 scores
+constexpr int64_t kMaxD = 128;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// one head's rows: element (i, d) of the head at p[i * row_stride + d]
+template <typename raw_t>
+struct Rows {
+  raw_t* p;
+  int64_t row_stride;
+};
+
+// rows [0, n) of src into dst (row stride Dp, fp32, times `mul`); d >= D and rows n..n_pad are 0
+template <typename raw_t>
+__attribute__((always_inline)) inline void widen_rows(Rows<const raw_t> src, int64_t n,
+                                                      int64_t n_pad, int64_t D, int64_t Dp,
+                                                      float mul, float* dst) {
+  for (int64_t i = 0; i < n_pad; ++i) {
+    float* row = dst + i * Dp;
+    int64_t d = 0;
+    if (i < n) {
+      const raw_t* s = src.p + i * src.row_stride;
+      for (; d + kLanes <= D; d += kLanes) store16(row + d, load16(s + d) * mul);
+      for (; d < D; ++d) row[d] = load(s, d) * mul;
+    }
+    for (; d < Dp; ++d) row[d] = 0.0f;
+  }
+}
+
+// src^T into dst: dst[d * Tp + j] = src(j, d) for d < D, j < T; 0 for T <= j < Tp
+template <typename raw_t>
+__attribute__((always_inline)) inline void transpose_rows(Rows<const raw_t> src, int64_t T,
+                                                          int64_t Tp, int64_t D, float* dst) {
+  for (int64_t d = 0; d < D; ++d) std::fill(dst + d * Tp + T, dst + (d + 1) * Tp, 0.0f);
+  for (int64_t j = 0; j < T; ++j) {
+    const raw_t* s = src.p + j * src.row_stride;
+    for (int64_t d = 0; d < D; ++d) dst[d * Tp + j] = load(s, d);
+  }
+}
+
+// the first D lanes of a row of Dv accumulators into dst, rounded to raw_t
+template <int Dv, typename raw_t>
+__attribute__((always_inline)) inline void store_row(raw_t* dst, const vfloat (&acc)[Dv],
+                                                     int64_t D) {
+  for (int c = 0; c < Dv; ++c) {
+    const int64_t d0 = c * kLanes;
+    if (d0 + kLanes <= D) {
+      store16(dst + d0, acc[c]);
+    } else {
+      for (int64_t d = d0; d < D; ++d) store(dst, d, acc[c][d - d0]);
+    }
+  }
+}
+
+// A (rows x D, row stride Dp) times Bt (D x Tp, the transposed right operand) for 4 rows and
+// key vectors [c0, c0 + Nv): out[r * Tp + j] for j in [16 c0, 16 (c0 + Nv))
+template <int Nv>
+__attribute__((always_inline)) inline void score_tile(const float* a, int64_t Dp, const float* bt,
+                                                      int64_t Tp, int64_t D, int64_t c0,
+                                                      float* out) {
+  vfloat acc[kRows][Nv] = {};
+  const float* b = bt + c0 * kLanes;
+  for (int64_t d = 0; d < D; ++d) {
+    vfloat bv[Nv];
+    for (int c = 0; c < Nv; ++c) bv[c] = load16(b + d * Tp + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float ad = a[r * Dp + d];
+      for (int c = 0; c < Nv; ++c) acc[r][c] += ad * bv[c];
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < Nv; ++c) store16(out + r * Tp + (c0 + c) * kLanes, acc[r][c]);
+}
+
+// score_tile over key vectors [0, nv) for the 4 rows at a
+__attribute__((always_inline)) inline void scores(const float* a, int64_t Dp, const float* bt,
+                                                  int64_t Tp, int64_t D, int64_t nv, float* out) {
+  int64_t c = 0;
+  for (; c + kKeyVecs <= nv; c += kKeyVecs) score_tile<kKeyVecs>(a, Dp, bt, Tp, D, c, out);
+  for (; c < nv; ++c) score_tile<1>(a, Dp, bt, Tp, D, c, out);
+}
+
+// out[r] = sum_{j < n} w[r * w_stride + j] * m[j] (m: rows of Dv vectors), for 4 rows
+template <int Dv>
+__attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t w_stride,
+                                                         const float* m, int64_t n,
+                                                         vfloat (&out)[kRows][Dv]) {
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < Dv; ++c) out[r][c] = vfloat{};
+  for (int64_t j = 0; j < n; ++j) {
+    vfloat mv[Dv];
+    for (int c = 0; c < Dv; ++c) mv[c] = load16(m + j * Dv * kLanes + c * kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float wj = w[r * w_stride + j];
+      for (int c = 0; c < Dv; ++c) out[r][c] += wj * mv[c];
+    }
+  }
+}
+
+__attribute__((always_inline)) inline vint lane_index() {
+  return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+
+// row s (scores of keys 0..i, nv vectors) -> softmax probabilities, 0 for keys j > i
+__attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t i, int64_t nv) {
+  const vfloat neg_inf = vfloat{} - std::numeric_limits<float>::infinity();
+  vfloat vmax = neg_inf;
+  for (int64_t c = 0; c < nv; ++c) {
+    const vint keep = lane_index() + int32_t(c * kLanes) <= int32_t(i);
+    const vfloat v = keep ? load16(s + c * kLanes) : neg_inf;
+    vmax = vmax > v ? vmax : v;
+  }
+  float m = vmax[0];
+  for (int l = 1; l < kLanes; ++l) m = std::max(m, vmax[l]);
+  vfloat vsum = {};
+  for (int64_t c = 0; c < nv; ++c) {
+    const vint keep = lane_index() + int32_t(c * kLanes) <= int32_t(i);
+    const vfloat e = exp_nonpositive<vfloat, vuint, vint>(load16(s + c * kLanes) - m);
+    const vfloat p = keep ? e : vfloat{};
+    vsum += p;
+    store16(s + c * kLanes, p);
+  }
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += vsum[l];
+  const float inv = 1.0f / sum;
+  for (int64_t c = 0; c < nv; ++c) store16(s + c * kLanes, load16(s + c * kLanes) * inv);
+}
+
+// one head forward; scratch holds at least forward_scratch(T, Dp) floats
+inline int64_t forward_scratch(int64_t T, int64_t Dp) {
+  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  return Tr * Dp + Dp * Tp + T * Dp + kRows * Tp;
+}
+
+template <int Dv, typename raw_t>
+__attribute__((always_inline)) inline void forward_head(Rows<const raw_t> q, Rows<const raw_t> k,
+                                                        Rows<const raw_t> v, Rows<raw_t> out,
+                                                        float* probs, int64_t T, int64_t D,
+                                                        float scale, float* scratch) {
+  constexpr int64_t Dp = Dv * kLanes;
+  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  float* qs = scratch;          // (Tr, Dp): scale * q
+  float* kt = qs + Tr * Dp;     // (D, Tp): k^T
+  float* vs = kt + Dp * Tp;     // (T, Dp)
+  float* s = vs + T * Dp;       // (4, Tp): one tile's scores, then probabilities
+  widen_rows(q, T, Tr, D, Dp, scale, qs);
+  transpose_rows(k, T, Tp, D, kt);
+  widen_rows(v, T, T, D, Dp, 1.0f, vs);
+  for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+    const int64_t rows = std::min(kRows, T - i0), keys = i0 + rows;
+    const int64_t nv = (keys + kLanes - 1) / kLanes;
+    scores(qs + i0 * Dp, Dp, kt, Tp, D, nv, s);
+    for (int64_t r = 0; r < rows; ++r) {
+      causal_softmax_row(s + r * Tp, i0 + r, nv);
+      if (probs != nullptr) {   // the rest of the row as 0, so the saved tensor is all defined
+        float* row = probs + (i0 + r) * Tp;
+        std::copy(s + r * Tp, s + r * Tp + nv * kLanes, row);
+        std::fill(row + nv * kLanes, row + Tp, 0.0f);
+      }
+    }
+    vfloat acc[kRows][Dv];
+    weighted_rows<Dv>(s, Tp, vs, keys, acc);
+    for (int64_t r = 0; r < rows; ++r) store_row<Dv>(out.p + (i0 + r) * out.row_stride, acc[r], D);
+  }
+}
+
+inline int64_t backward_scratch(int64_t T, int64_t Dp) {
+  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  return Tr * Dp + Dp * Tp + 2 * T * Dp + Tr * Tp + kRows * Tp;
+}
+
+template <int Dv, typename raw_t>
+__attribute__((always_inline)) inline void backward_head(
+    Rows<const raw_t> dout, Rows<const raw_t> q, Rows<const raw_t> k, Rows<const raw_t> v,
+    const float* probs, Rows<raw_t> dq, Rows<raw_t> dk, Rows<raw_t> dv, int64_t T, int64_t D,
+    float scale, float* scratch) {
+  constexpr int64_t Dp = Dv * kLanes;
+  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  float* dos = scratch;         // (Tr, Dp): dout
+  float* vt = dos + Tr * Dp;    // (D, Tp): v^T
+  float* ks = vt + Dp * Tp;     // (T, Dp)
+  float* qs = ks + T * Dp;      // (T, Dp)
+  float* ds = qs + T * Dp;      // (Tr, Tp): dS, rows >= T stay 0
+  float* dp = ds + Tr * Tp;     // (4, Tp): one tile of dP
+  widen_rows(dout, T, Tr, D, Dp, 1.0f, dos);
+  transpose_rows(v, T, Tp, D, vt);
+  widen_rows(k, T, T, D, Dp, 1.0f, ks);
+  widen_rows(q, T, T, D, Dp, 1.0f, qs);
+  std::fill(ds + T * Tp, ds + Tr * Tp, 0.0f);
+  for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+    const int64_t rows = std::min(kRows, T - i0), keys = i0 + rows;
+    const int64_t nv = (keys + kLanes - 1) / kLanes;
+    scores(dos + i0 * Dp, Dp, vt, Tp, D, nv, dp);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* p = probs + (i0 + r) * Tp;
+      const float* dpr = dp + r * Tp;
+      vfloat vdot = {};
+      for (int64_t c = 0; c < nv; ++c) vdot += load16(p + c * kLanes) * load16(dpr + c * kLanes);
+      float dot = 0.0f;
+      for (int l = 0; l < kLanes; ++l) dot += vdot[l];
+      float* dsr = ds + (i0 + r) * Tp;
+      for (int64_t c = 0; c < nv; ++c) {
+        const vfloat pv = load16(p + c * kLanes);
+        store16(dsr + c * kLanes, pv * (load16(dpr + c * kLanes) - dot) * scale);
+      }
+    }
+    vfloat acc[kRows][Dv];
+    weighted_rows<Dv>(ds + i0 * Tp, Tp, ks, keys, acc);
+    for (int64_t r = 0; r < rows; ++r) store_row<Dv>(dq.p + (i0 + r) * dq.row_stride, acc[r], D);
+  }
+  // dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time. Reads
+  // P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
+  // row i (j0 is a multiple of 4, rows are written up to a multiple of 16 past their block).
+  for (int64_t j0 = 0; j0 < T; j0 += kRows) {
+    const int64_t nkeys = std::min(kRows, T - j0);
+    vfloat acc_v[kRows][Dv] = {}, acc_k[kRows][Dv] = {};
+    for (int64_t i = j0; i < T; ++i) {
+      vfloat dov[Dv], qv[Dv];
+      for (int c = 0; c < Dv; ++c) {
+        dov[c] = load16(dos + i * Dp + c * kLanes);
+        qv[c] = load16(qs + i * Dp + c * kLanes);
+      }
+      for (int jj = 0; jj < kRows; ++jj) {
+        const float pij = probs[i * Tp + j0 + jj], dsij = ds[i * Tp + j0 + jj];
+        for (int c = 0; c < Dv; ++c) {
+          acc_v[jj][c] += pij * dov[c];
+          acc_k[jj][c] += dsij * qv[c];
+        }
+      }
+    }
+    for (int64_t jj = 0; jj < nkeys; ++jj) {
+      store_row<Dv>(dv.p + (j0 + jj) * dv.row_stride, acc_v[jj], D);
+      store_row<Dv>(dk.p + (j0 + jj) * dk.row_stride, acc_k[jj], D);
+    }
+  }
+}
+
+// Per-dtype entry points (one target_clones copy each), dispatching on Dv. A head's tensors
+// are addressed as base + b * stride_b + h * stride_h; `strides` holds (b, h, row) per tensor.
+struct HeadLayout {
+  int64_t B, H, T, D;
+};
+
+template <typename raw_t>
+__attribute__((always_inline)) inline void forward_heads(const raw_t* q, const raw_t* k,
+                                                         const raw_t* v, raw_t* out, float* probs,
+                                                         const int64_t (*st)[3], HeadLayout L,
+                                                         float scale, int64_t begin, int64_t end) {
+  const int64_t Dv = round_up(L.D, kLanes) / kLanes;
+  const int64_t Dv_pow2 = Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
+  std::vector<float> scratch(forward_scratch(L.T, Dv_pow2 * kLanes));
+  const int64_t Tp = round_up(L.T, kLanes);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / L.H, h = bh % L.H;
+    auto head = [&](auto* base, int t) { return base + b * st[t][0] + h * st[t][1]; };
+    const Rows<const raw_t> qr{head(q, 0), st[0][2]}, kr{head(k, 1), st[1][2]}, vr{head(v, 2), st[2][2]};
+    const Rows<raw_t> o{head(out, 3), st[3][2]};
+    float* pr = probs == nullptr ? nullptr : probs + bh * L.T * Tp;
+    switch (Dv_pow2) {
+      case 1: forward_head<1>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
+      case 2: forward_head<2>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
+      case 4: forward_head<4>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
+      default: forward_head<8>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
+    }
+  }
+}
+
+template <typename raw_t>
+__attribute__((always_inline)) inline void backward_heads(
+    const raw_t* dout, const raw_t* q, const raw_t* k, const raw_t* v, const float* probs,
+    raw_t* dq, raw_t* dk, raw_t* dv, const int64_t (*st)[3], HeadLayout L, float scale,
+    int64_t begin, int64_t end) {
+  const int64_t Dv = round_up(L.D, kLanes) / kLanes;
+  const int64_t Dv_pow2 = Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
+  std::vector<float> scratch(backward_scratch(L.T, Dv_pow2 * kLanes));
+  const int64_t Tp = round_up(L.T, kLanes);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / L.H, h = bh % L.H;
+    auto head = [&](auto* base, int t) { return base + b * st[t][0] + h * st[t][1]; };
+    const Rows<const raw_t> dor{head(dout, 0), st[0][2]}, qr{head(q, 1), st[1][2]},
+        kr{head(k, 2), st[2][2]}, vr{head(v, 3), st[3][2]};
+    const Rows<raw_t> dqr{head(dq, 4), st[4][2]}, dkr{head(dk, 5), st[5][2]}, dvr{head(dv, 6), st[6][2]};
+    const float* pr = probs + bh * L.T * Tp;
+    switch (Dv_pow2) {
+#define FASTGPT_BACKWARD(N) \
+  backward_head<N>(dor, qr, kr, vr, pr, dqr, dkr, dvr, L.T, L.D, scale, scratch.data()); break
+      case 1: FASTGPT_BACKWARD(1);
+      case 2: FASTGPT_BACKWARD(2);
+      case 4: FASTGPT_BACKWARD(4);
+      default: FASTGPT_BACKWARD(8);
+#undef FASTGPT_BACKWARD
+    }
+  }
+}
+
+FASTGPT_CLONES void forward_range(const float* q, const float* k, const float* v, float* out,
+                                  float* probs, const int64_t (*st)[3], HeadLayout L, float scale,
+                                  int64_t begin, int64_t end) {
+  forward_heads(q, k, v, out, probs, st, L, scale, begin, end);
+}
+FASTGPT_CLONES void forward_range(const uint16_t* q, const uint16_t* k, const uint16_t* v,
+                                  uint16_t* out, float* probs, const int64_t (*st)[3],
+                                  HeadLayout L, float scale, int64_t begin, int64_t end) {
+  forward_heads(q, k, v, out, probs, st, L, scale, begin, end);
+}
+FASTGPT_CLONES void backward_range(const float* dout, const float* q, const float* k,
+                                   const float* v, const float* probs, float* dq, float* dk,
+                                   float* dv, const int64_t (*st)[3], HeadLayout L, float scale,
+                                   int64_t begin, int64_t end) {
+  backward_heads(dout, q, k, v, probs, dq, dk, dv, st, L, scale, begin, end);
+}
+FASTGPT_CLONES void backward_range(const uint16_t* dout, const uint16_t* q, const uint16_t* k,
+                                   const uint16_t* v, const float* probs, uint16_t* dq,
+                                   uint16_t* dk, uint16_t* dv, const int64_t (*st)[3],
+                                   HeadLayout L, float scale, int64_t begin, int64_t end) {
+  backward_heads(dout, q, k, v, probs, dq, dk, dv, st, L, scale, begin, end);
+}
+
+bool fused_path(const at::Tensor& q) {
+  return (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
+         q.size(3) <= kMaxD;
+}
+
+// the raw element pointer (bf16 as its 16 bits)
+template <typename raw_t>
+raw_t* raw(const at::Tensor& t) {
+  return static_cast<raw_t*>(t.data_ptr());
+}
+
+template <typename raw_t>
+void forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                   const at::Tensor& out, float* probs) {
+  const HeadLayout L{q.size(0), q.size(1), q.size(2), q.size(3)};
+  int64_t st[4][3];
+  const at::Tensor* ts[4] = {&q, &k, &v, &out};
+  for (int t = 0; t < 4; ++t)
+    for (int d = 0; d < 3; ++d) st[t][d] = ts[t]->stride(d);
+  at::parallel_for(0, L.B * L.H, 1, [&](int64_t begin, int64_t end) {
+    forward_range(raw<const raw_t>(q), raw<const raw_t>(k), raw<const raw_t>(v), raw<raw_t>(out),
+                  probs, st, L, float(scale), begin, end);
+  });
+}
+
+template <typename raw_t>
+void backward_fused(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& probs, double scale,
+                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  const HeadLayout L{q.size(0), q.size(1), q.size(2), q.size(3)};
+  int64_t st[7][3];
+  const at::Tensor* ts[7] = {&dout, &q, &k, &v, &dq, &dk, &dv};
+  for (int t = 0; t < 7; ++t)
+    for (int d = 0; d < 3; ++d) st[t][d] = ts[t]->stride(d);
+  at::parallel_for(0, L.B * L.H, 1, [&](int64_t begin, int64_t end) {
+    backward_range(raw<const raw_t>(dout), raw<const raw_t>(q), raw<const raw_t>(k),
+                   raw<const raw_t>(v), probs.const_data_ptr<float>(), raw<raw_t>(dq),
+                   raw<raw_t>(dk), raw<raw_t>(dv), st, L, float(scale), begin, end);
+  });
+}
+
+}  // namespace attention_detail
+
+using attention_detail::fused_path;
+
+at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                    const at::Tensor& v_in, double scale, const at::Tensor& out,
+                                    bool save) {
+  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
+  if (fused_path(q_in)) {
+    // the kernel needs unit stride along D only
+    const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+    const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+    const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+    TORCH_INTERNAL_ASSERT(out.stride(3) == 1);
+    at::Tensor probs;
+    if (save) probs = at::empty({B * H, T, attention_detail::round_up(T, 16)},
+                                q.options().dtype(at::kFloat));
+    if (q.scalar_type() == at::kFloat) {
+      attention_detail::forward_fused<float>(q, k, v, scale, out,
+                                             save ? probs.mutable_data_ptr<float>() : nullptr);
+    } else {
+      attention_detail::forward_fused<uint16_t>(q, k, v, scale, out,
+                                                save ? probs.mutable_data_ptr<float>() : nullptr);
+    }
+    return probs;
+  }
+  // batched matmuls: scores = causal mask + scale * q k^T in one baddbmm
+  const at::Tensor qb = q_in.reshape({B * H, T, D}), kb = k_in.reshape({B * H, T, D}),
+                   vb = v_in.reshape({B * H, T, D});
+  const at::Tensor mask =
+      at::full({T, T}, -std::numeric_limits<double>::infinity(), q_in.options()).triu_(1);
+  const at::Tensor scores =
+      at::baddbmm(mask.expand({B * H, T, T}), qb, kb.transpose(1, 2), /*beta=*/1.0, scale);
+  const at::Tensor probs = at::_softmax(scores, -1, /*half_to_float=*/false);
+  out.copy_(at::bmm(probs, vb).view({B, H, T, D}));
+  return save ? probs : at::Tensor();
+}
+
+void causal_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& saved,
+                               double scale, const at::Tensor& dq, const at::Tensor& dk,
+                               const at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  if (fused_path(q)) {
+    auto unit = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+    TORCH_INTERNAL_ASSERT(dq.stride(3) == 1 && dk.stride(3) == 1 && dv.stride(3) == 1);
+    if (q.scalar_type() == at::kFloat) {
+      attention_detail::backward_fused<float>(unit(grad_out), unit(q), unit(k), unit(v), saved,
+                                              scale, dq, dk, dv);
+    } else {
+      attention_detail::backward_fused<uint16_t>(unit(grad_out), unit(q), unit(k), unit(v),
+                                                 saved, scale, dq, dk, dv);
+    }
+    return;
+  }
+  const at::Tensor dout = grad_out.reshape({B * H, T, D}), qb = q.reshape({B * H, T, D}),
+                   kb = k.reshape({B * H, T, D}), vb = v.reshape({B * H, T, D});
+  dv.copy_(at::bmm(saved.transpose(1, 2), dout).view({B, H, T, D}));
+  // softmax backward; the masked probabilities are exactly 0, so their scores get 0 gradient
+  at::Tensor dscores = at::_softmax_backward_data(at::bmm(dout, vb.transpose(1, 2)), saved, -1,
+                                                  saved.scalar_type());
+  dscores.mul_(scale);
+  dq.copy_(at::bmm(dscores, kb).view({B, H, T, D}));
+  dk.copy_(at::bmm(dscores.transpose(1, 2), qb).view({B, H, T, D}));
+}
+
+at::Tensor causal_attention_saved_like(const at::Tensor& q) {
+  const int64_t BH = q.size(0) * q.size(1), T = q.size(2);
+  return fused_path(q) ? at::empty({BH, T, attention_detail::round_up(T, 16)},
+                                   q.options().dtype(at::kFloat).device(at::kMeta))
+                       : at::empty({BH, T, T}, q.options().device(at::kMeta));
+}
+
+// ---- the fastgpt::causal_attention ops on CPU ----
+namespace {
+
+#define OP_NAME "fastgpt::causal_attention"
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  CHECK_DIM(q, 4);
+  TORCH_CHECK_VALUE(k.sizes() == q.sizes() && v.sizes() == q.sizes(), OP_NAME ": q, k, v must "
+                    "have one shape (B, H, T, D); got ", q.sizes(), ", ", k.sizes(), ", ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(q.is_floating_point() && k.scalar_type() == q.scalar_type() &&
+                        v.scalar_type() == q.scalar_type(),
+                    OP_NAME ": q, k, v must have one floating dtype; got ", q.scalar_type(), ", ",
+                    k.scalar_type(), ", ", v.scalar_type());
+  CHECK_DEVICE(k, q.device());
+  CHECK_DEVICE(v, q.device());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, OP_NAME ": the head size D must be >= 1; got shape ",
+                    q.sizes());
+}
+
+// (B, H, T, D) as a view of a fresh (B, T, H, D) tensor: the heads of a row sit side by side
+at::Tensor new_like_heads(const at::Tensor& q) {
+  return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2);
+}
+
+at::Tensor causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                double scale) {
+  check_qkv(q, k, v);
+  at::Tensor out = new_like_heads(q);
+  causal_attention_forward(q, k, v, scale, out, /*save=*/false);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> causal_attention_train_cpu(const at::Tensor& q,
+                                                              const at::Tensor& k,
+                                                              const at::Tensor& v, double scale) {
+  check_qkv(q, k, v);
+  at::Tensor out = new_like_heads(q);
+  at::Tensor saved = causal_attention_forward(q, k, v, scale, out, /*save=*/true);
+  return {out, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& saved, double scale) {
+  check_qkv(q, k, v);
+  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type(),
+                    OP_NAME ": grad_out must have q's shape ", q.sizes(), " and dtype ",
+                    q.scalar_type(), "; got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  const at::Tensor expected = causal_attention_saved_like(q);
+  TORCH_CHECK_VALUE(saved.sizes() == expected.sizes() &&
+                        saved.scalar_type() == expected.scalar_type() && saved.is_contiguous(),
+                    OP_NAME ": `saved` must be what causal_attention_train returned for these "
+                    "inputs, a contiguous ", expected.scalar_type(), " tensor of shape ",
+                    expected.sizes(), "; got ", saved.scalar_type(), " ", saved.sizes());
+  at::Tensor dq = new_like_heads(q), dk = new_like_heads(q), dv = new_like_heads(q);
+  causal_attention_backward(grad_out, q, k, v, saved, scale, dq, dk, dv);
+  return {dq, dk, dv};
+}
+#undef OP_NAME
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("causal_attention", &causal_attention_cpu);
+  m.impl("causal_attention_train", &causal_attention_train_cpu);
+  m.impl("causal_attention_backward", &causal_attention_backward_cpu);
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,102 @@
+// Vector helpers for the CPU kernels (gelu_cpu.cpp, attention_cpu.cpp).
+//
+// Kernels are written over GCC vector extensions: a vfloat is 16 floats, which each
+// target_clones copy lowers to AVX-512, AVX2 or SSE2. bfloat16 data is passed as its raw 16
+// bits (at::BFloat16 is a class, which GCC's vectoriser will not load or store).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fastgpt {
+namespace vec {
+
+// one multiversioned copy of each function marked with it; GCC does not clone templates, so
+// the marked functions are plain ones that inline always_inline templates
+#define FASTGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// Math helpers are written once over a "float" type F that is either float or vfloat, with U
+// the matching unsigned type and I the signed integer type.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint16_t vhalf __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 16;
+
+template <typename U, typename F>
+__attribute__((always_inline)) inline U as_bits(F x) {
+  U u;
+  std::memcpy(&u, &x, sizeof(F));
+  return u;
+}
+
+template <typename F, typename U>
+__attribute__((always_inline)) inline F from_bits(U u) {
+  F x;
+  std::memcpy(&x, &u, sizeof(F));
+  return x;
+}
+
+// the bfloat16 bits of v (in the low 16 bits of U): round to nearest even; NaN stays a quiet NaN
+template <typename U, typename F>
+__attribute__((always_inline)) inline U bfloat16_bits(F v) {
+  const U u = as_bits<U>(v);
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return v != v ? U{} + 0x7FC0u : rounded;
+}
+
+__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
+__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
+  return from_bits<float>(uint32_t(p[i]) << 16);
+}
+__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
+__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
+  p[i] = static_cast<uint16_t>(bfloat16_bits<uint32_t>(v));
+}
+
+// e^x for x <= 0 (GELU's exp(-u^2), softmax's exp(s - max)), range-reduced: 2^n * e^r with
+// |r| <= ln2 / 2 and a degree-6 polynomial (relative error about 2e-7); x is clamped at
+// -87, so anything below gives e^-87 (~1.6e-38), not 0. round(x / ln2) uses the 1.5 * 2^23
+// trick (plain arithmetic).
+template <typename F, typename U, typename I>
+__attribute__((always_inline)) inline F exp_nonpositive(F x) {
+  x = x < -87.0f ? F{} - 87.0f : x;
+  const F n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;   // x - n ln2, in two parts
+  F p = F{} + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  I ni;
+  if constexpr (std::is_same_v<F, float>) {
+    ni = static_cast<I>(n);
+  } else {
+    ni = __builtin_convertvector(n, I);
+  }
+  return p * from_bits<F>(as_bits<U>(ni + 127) << 23);   // * 2^n
+}
+
+__attribute__((always_inline)) inline vfloat load16(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline vfloat load16(const uint16_t* p) {
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  return from_bits<vfloat>(__builtin_convertvector(h, vuint) << 16);
+}
+__attribute__((always_inline)) inline void store16(float* p, vfloat v) {
+  std::memcpy(p, &v, sizeof v);
+}
+__attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
+  const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
+  std::memcpy(p, &h, sizeof h);
+}
+
+}  // namespace vec
+}  // namespace fastgpt
