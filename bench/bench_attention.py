@@ -1,9 +1,9 @@
 """Causal attention: every backend of fastgpt.ops.causal_attention, timed side by side.
 
 A thin front end of the shared harness (fastgpt/benchmark.py, cases in fastgpt/bench_suites.py):
-the same as `fastgpt bench attention ...`. Providers: loop, tril, torch, sdpa, compile, and
-triton (CUDA only: on CPU it would be the Triton interpreter, a correctness tool, not a fast
-path). Modes: fwd, bwd (backward alone, from a kept graph), fwd+bwd. Reports median ms with the
+the same as `fastgpt bench attention ...`. Providers: loop, tril, torch, sdpa, compile, ext
+(CPU: the C++ fused kernel), and triton (CUDA only: on CPU it would be the Triton interpreter,
+a correctness tool, not a fast path). Modes: fwd, bwd (backward alone, from a kept graph), fwd+bwd. Reports median ms with the
 p20-p80 spread, TFLOP/s (causal FLOPs: 2*B*H*T*T*D forward, 2.5x that backward), peak memory
 and the speedup over tril.
 

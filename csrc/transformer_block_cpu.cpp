@@ -11,9 +11,10 @@
 //            (attention_cpu.h: reads q, k, v from those rows and writes its output straight
 //            into (N, C) rows) -> c_proj -> + x -> ln_2 -> c_fc -> exact (erf) GELU, which also
 //            writes its derivative -> mlp c_proj -> + x1;
-//   backward the chain rule in reverse, with aten's own layer_norm backward and the attention
-//            backward of attention_cpu.h, which writes dq, dk, dv into one (N, 3C) buffer.
-// Saved for backward (the `saved` list, in this order): ln_1 out, its mean and rstd, q/k/v as
+//   backward the chain rule in reverse, with the attention backward of attention_cpu.h, which
+//            writes dq, dk, dv into one (N, 3C) buffer. LayerNorm is layer_norm_cpu.h's.
+// Saved for backward (the `saved` list, in this order): ln_1 out, its mean and rstd (fp32 for
+// float32/bfloat16 x), q/k/v as
 // (N, 3C) rows, what the attention forward saves (its probabilities), the attention output
 // (N, C), x1, ln_2 out, its mean and rstd, gelu'(c_fc output) in fp32 (fp64 for fp64 input;
 // written by the forward's GELU pass, gelu_cpu.h) and the GELU output.
@@ -33,6 +34,7 @@
 
 #include "attention_cpu.h"
 #include "gelu_cpu.h"
+#include "layer_norm_cpu.h"
 #include "transformer_block.h"
 
 namespace fastgpt {
@@ -94,8 +96,7 @@ at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t 
   const int64_t H = n_head, D = C / H;
   const at::Tensor x = x_in.contiguous().view({N, C});
 
-  auto [ln1, mean1, rstd1] =
-      at::native_layer_norm(x, {C}, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);
+  auto [ln1, mean1, rstd1] = layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);
   // q, k, v and the attention output stay in their (N, 3C) and (N, C) rows: the attention
   // kernel reads and writes them as (B, H, T, D) views
   const at::Tensor qkv = dense(ln1, w.c_attn_weight, w.c_attn_bias);  // (N, 3C)
@@ -105,8 +106,7 @@ at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t 
       1.0 / std::sqrt(double(D)), heads(att, B, T, H, D, 0), /*save=*/saved != nullptr);
   const at::Tensor x1 = dense(att, w.attn_c_proj_weight, w.attn_c_proj_bias).add_(x);
 
-  auto [ln2, mean2, rstd2] =
-      at::native_layer_norm(x1, {C}, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
+  auto [ln2, mean2, rstd2] = layer_norm_forward(x1, w.ln_2_weight, w.ln_2_bias, kLayerNormEps);
   const at::Tensor h = dense(ln2, w.c_fc_weight, w.c_fc_bias);  // (N, F)
   at::Tensor g, gelu_grad;  // gelu(h) and gelu'(h), the latter in fp32 (fp64 for fp64 input)
   if (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) {
@@ -154,8 +154,6 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                     "fastgpt::transformer_block_backward: `saved` is not what "
                     "transformer_block_train returned for x of shape ", x.sizes());
   const at::Tensor dout = grad_out.reshape({N, C}).contiguous();
-  const std::array<bool, 3> ln_1_mask{true, true, has(w.ln_1_bias)};
-  const std::array<bool, 3> ln_2_mask{true, true, has(w.ln_2_bias)};
 
   // MLP: out = x1 + g @ Wp^T + bp, g = gelu(h), h = ln2 @ Wfc^T + bfc
   const at::Tensor d_mlp_proj_w = dout.t().mm(g);
@@ -164,8 +162,8 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                             ? scale_by_derivative(dg, gelu_grad)
                             : at::mul(dg, gelu_grad).to(dg.scalar_type());
   const at::Tensor d_fc_w = dh.t().mm(ln2);
-  auto [dx1, d_ln2_w, d_ln2_b] = at::native_layer_norm_backward(
-      dh.mm(w.c_fc_weight), x1, {C}, mean2, rstd2, w.ln_2_weight, w.ln_2_bias, ln_2_mask);
+  auto [dx1, d_ln2_w, d_ln2_b] =
+      layer_norm_backward(dh.mm(w.c_fc_weight), x1, mean2, rstd2, w.ln_2_weight, w.ln_2_bias);
   dx1.add_(dout);  // the residual path
 
   // attention: x1 = x + att @ Wo^T + bo
@@ -177,9 +175,9 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                             1.0 / std::sqrt(double(D)), heads(dqkv_rows, B, T, H, D, 0),
                             heads(dqkv_rows, B, T, H, D, 1), heads(dqkv_rows, B, T, H, D, 2));
   const at::Tensor d_attn_w = dqkv_rows.t().mm(ln1);
-  auto [dx, d_ln1_w, d_ln1_b] =
-      at::native_layer_norm_backward(dqkv_rows.mm(w.c_attn_weight), x.contiguous().view({N, C}),
-                                     {C}, mean1, rstd1, w.ln_1_weight, w.ln_1_bias, ln_1_mask);
+  auto [dx, d_ln1_w, d_ln1_b] = layer_norm_backward(
+      dqkv_rows.mm(w.c_attn_weight), x.contiguous().view({N, C}), mean1, rstd1, w.ln_1_weight,
+      w.ln_1_bias);
   dx.add_(dx1);
 
   // the gradients of x and of each weight that is present, in argument order

@@ -1,4 +1,4 @@
-// Vector helpers for the CPU kernels (gelu_cpu.cpp, attention_cpu.cpp).
+// Vector helpers for the CPU kernels (gelu_cpu.cpp, attention_cpu.cpp, layer_norm_cpu.cpp).
 //
 // Kernels are written over GCC vector extensions: a vfloat is 16 floats, which each
 // target_clones copy lowers to AVX-512, AVX2 or SSE2. bfloat16 data is passed as its raw 16

@@ -64,11 +64,14 @@ def _register_fake() -> None:
                     mlp_c_proj_weight, mlp_c_proj_bias, n_head):
         B, T, C = x.shape
         N, H, F = B * T, n_head, c_fc_weight.shape[0]
-        new = x.new_empty   # LayerNorm's mean and rstd are (N, 1), in x's dtype on CPU
+        new = x.new_empty
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32   # gelu'(h)
-        saved = [new((N, C)), new((N, 1)), new((N, 1)), new((N, 3 * C)),
+        # LayerNorm's mean and rstd: (N, 1), fp32 from our kernel (fp32/bf16), else aten's (x's dtype)
+        stat = torch.float32 if x.dtype in (torch.float32, torch.bfloat16) else x.dtype
+        saved = [new((N, C)), new((N, 1), dtype=stat), new((N, 1), dtype=stat), new((N, 3 * C)),
                  attention_saved_fake(x, B, H, T, C // H), new((N, C)), new((N, C)), new((N, C)),
-                 new((N, 1)), new((N, 1)), new((N, F), dtype=acc), new((N, F))]
+                 new((N, 1), dtype=stat), new((N, 1), dtype=stat), new((N, F), dtype=acc),
+                 new((N, F))]
         assert len(saved) == _SAVED
         return like(x), saved
 
