@@ -30,9 +30,10 @@ __attribute__((always_inline)) inline float hsum(vfloat v) {
   return s;
 }
 
+// w and b have x's dtype (the block's weights all do); b may be null (no bias)
 template <typename raw_t>
-__attribute__((always_inline)) inline void forward_rows(const raw_t* x, const float* w,
-                                                        const float* b, raw_t* y, float* mean,
+__attribute__((always_inline)) inline void forward_rows(const raw_t* x, const raw_t* w,
+                                                        const raw_t* b, raw_t* y, float* mean,
                                                         float* rstd, int64_t C, float eps,
                                                         int64_t begin, int64_t end) {
   const int64_t Cv = C / kLanes * kLanes;
@@ -52,9 +53,14 @@ __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const fl
     float q = hsum(vq);
     for (int64_t c = Cv; c < C; ++c) q += (load(xr, c) - mu) * (load(xr, c) - mu);
     const float rs = 1.0f / std::sqrt(q / C + eps);
-    for (int64_t c = 0; c < Cv; c += kLanes)
-      store16(yr + c, (load16(xr + c) - mu) * rs * load16(w + c) + load16(b + c));
-    for (int64_t c = Cv; c < C; ++c) store(yr, c, (load(xr, c) - mu) * rs * w[c] + b[c]);
+    for (int64_t c = 0; c < Cv; c += kLanes) {
+      const vfloat v = (load16(xr + c) - mu) * rs * load16(w + c);
+      store16(yr + c, b != nullptr ? v + load16(b + c) : v);
+    }
+    for (int64_t c = Cv; c < C; ++c) {
+      const float v = (load(xr, c) - mu) * rs * load(w, c);
+      store(yr, c, b != nullptr ? v + load(b, c) : v);
+    }
     mean[r] = mu;
     rstd[r] = rs;
   }
@@ -64,7 +70,7 @@ __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const fl
 template <typename raw_t>
 __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const raw_t* x,
                                                          const float* mean, const float* rstd,
-                                                         const float* w, raw_t* dx,
+                                                         const raw_t* w, raw_t* dx,
                                                          float* dw_part, float* db_part,
                                                          int64_t C, int64_t begin, int64_t end) {
   const int64_t Cv = C / kLanes * kLanes;
@@ -82,7 +88,7 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
     }
     float sg = hsum(vg), sgx = hsum(vgx);
     for (int64_t c = Cv; c < C; ++c) {
-      const float d = load(dyr, c), xh = (load(xr, c) - mu) * rs, g = d * w[c];
+      const float d = load(dyr, c), xh = (load(xr, c) - mu) * rs, g = d * load(w, c);
       sg += g;
       sgx += g * xh;
       dw_part[c] += d * xh;
@@ -95,7 +101,7 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
     }
     for (int64_t c = Cv; c < C; ++c) {
       const float xh = (load(xr, c) - mu) * rs;
-      store(dx + r * C, c, (load(dyr, c) * w[c] - a - xh * bb) * rs);
+      store(dx + r * C, c, (load(dyr, c) * load(w, c) - a - xh * bb) * rs);
     }
   }
 }
@@ -105,7 +111,8 @@ FASTGPT_CLONES void forward_range(const float* x, const float* w, const float* b
                                   int64_t end) {
   forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
 }
-FASTGPT_CLONES void forward_range(const uint16_t* x, const float* w, const float* b, uint16_t* y,
+FASTGPT_CLONES void forward_range(const uint16_t* x, const uint16_t* w, const uint16_t* b,
+                                  uint16_t* y,
                                   float* mean, float* rstd, int64_t C, float eps, int64_t begin,
                                   int64_t end) {
   forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
@@ -116,7 +123,7 @@ FASTGPT_CLONES void backward_range(const float* dy, const float* x, const float*
   backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
 }
 FASTGPT_CLONES void backward_range(const uint16_t* dy, const uint16_t* x, const float* mean,
-                                   const float* rstd, const float* w, uint16_t* dx,
+                                   const float* rstd, const uint16_t* w, uint16_t* dx,
                                    float* dw_part, float* db_part, int64_t C, int64_t begin,
                                    int64_t end) {
   backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
@@ -131,20 +138,15 @@ raw_t* raw(const at::Tensor& t) {
   return static_cast<raw_t*>(t.data_ptr());
 }
 
-// weight or bias widened to fp32 (zeros for a missing bias)
-at::Tensor widened(const std::optional<at::Tensor>& t, int64_t C, const at::Tensor& like) {
-  if (!t.has_value() || !t->defined()) return at::zeros({C}, like.options().dtype(at::kFloat));
-  return t->to(at::kFloat).contiguous();
-}
-
 template <typename raw_t>
-void forward_typed(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+void forward_typed(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                    const at::Tensor& y, const at::Tensor& mean, const at::Tensor& rstd,
                    double eps) {
+  const raw_t* bias = b.has_value() && b->defined() ? raw<const raw_t>(*b) : nullptr;
   const int64_t N = x.size(0), C = x.size(1);
   at::parallel_for(0, N, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(C, 1)),
                    [&](int64_t begin, int64_t end) {
-    forward_range(raw<const raw_t>(x), w.const_data_ptr<float>(), b.const_data_ptr<float>(),
+    forward_range(raw<const raw_t>(x), raw<const raw_t>(w), bias,
                   raw<raw_t>(y), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(),
                   C, float(eps), begin, end);
   });
@@ -158,12 +160,29 @@ void backward_typed(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       backward_range(raw<const raw_t>(dy), raw<const raw_t>(x), mean.const_data_ptr<float>(),
-                     rstd.const_data_ptr<float>(), w.const_data_ptr<float>(), raw<raw_t>(dx),
+                     rstd.const_data_ptr<float>(), raw<const raw_t>(w), raw<raw_t>(dx),
                      dw_parts.mutable_data_ptr<float>() + blk * C,
                      db_parts.mutable_data_ptr<float>() + blk * C, C, blk * kRowBlock,
                      std::min(N, (blk + 1) * kRowBlock));
     }
   });
+}
+
+// the blocks' partial column sums, added in block order, into dw and db (if defined)
+template <typename raw_t>
+void sum_blocks(const at::Tensor& dw_parts, const at::Tensor& db_parts, const at::Tensor& dw,
+                const at::Tensor& db) {
+  const int64_t blocks = dw_parts.size(0), C = dw_parts.size(1);
+  const float *pw = dw_parts.const_data_ptr<float>(), *pb = db_parts.const_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    float sw = 0.0f, sb = 0.0f;
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      sw += pw[blk * C + c];
+      sb += pb[blk * C + c];
+    }
+    store(raw<raw_t>(dw), c, sw);
+    if (db.defined()) store(raw<raw_t>(db), c, sb);
+  }
 }
 
 }  // namespace layer_norm_detail
@@ -179,8 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({N, 1}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));
-  const at::Tensor w = layer_norm_detail::widened(weight, C, x);
-  const at::Tensor b = layer_norm_detail::widened(bias, C, x);
+  const at::Tensor w = weight.contiguous();
+  const std::optional<at::Tensor> b =
+      bias.has_value() && bias->defined() ? std::optional<at::Tensor>(bias->contiguous())
+                                          : std::nullopt;
   if (x.scalar_type() == at::kFloat) {
     layer_norm_detail::forward_typed<float>(x, w, b, y, mean, rstd, eps);
   } else {
@@ -204,22 +225,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(
   at::Tensor dx = at::empty_like(x);
   at::Tensor dw_parts = at::empty({blocks, C}, x.options().dtype(at::kFloat));
   at::Tensor db_parts = at::empty({blocks, C}, x.options().dtype(at::kFloat));
-  const at::Tensor w = layer_norm_detail::widened(weight, C, x);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor dw = at::empty({C}, weight.options());
+  at::Tensor db = with_bias ? at::empty({C}, bias->options()) : at::Tensor();
   if (x.scalar_type() == at::kFloat) {
     layer_norm_detail::backward_typed<float>(dy, x, mean, rstd, w, dx, dw_parts, db_parts);
+    layer_norm_detail::sum_blocks<float>(dw_parts, db_parts, dw, db);
   } else {
     layer_norm_detail::backward_typed<uint16_t>(dy, x, mean, rstd, w, dx, dw_parts, db_parts);
+    layer_norm_detail::sum_blocks<uint16_t>(dw_parts, db_parts, dw, db);
   }
-  // the blocks' partial sums, added in block order (blocks x C values, in fp32)
-  float *dw_sum = dw_parts.mutable_data_ptr<float>(), *db_sum = db_parts.mutable_data_ptr<float>();
-  for (int64_t blk = 1; blk < blocks; ++blk) {
-    for (int64_t c = 0; c < C; ++c) {
-      dw_sum[c] += dw_sum[blk * C + c];
-      db_sum[c] += db_sum[blk * C + c];
-    }
-  }
-  at::Tensor dw = dw_parts[0].to(weight.scalar_type());
-  at::Tensor db = with_bias ? db_parts[0].to(bias->scalar_type()) : at::Tensor();
   return {dx, dw, db};
 }
 
