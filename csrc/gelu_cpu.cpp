@@ -1,58 +1,18 @@
 // Exact (erf) GELU with its derivative in one pass; see gelu_cpu.h.
 
 #include "gelu_cpu.h"
+#include "simd16.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 namespace fastgpt {
 namespace gelu_detail {
 
-// The math is written once over a "float" type F that is either float or a vector of 16 floats
-// (GCC vector extensions: lowered to AVX-512, AVX2 or SSE2 by each clone below), with U the
-// matching unsigned type and I the signed integer type.
-typedef float vfloat __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint16_t vhalf __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 16;
-
-template <typename U, typename F>
-__attribute__((always_inline)) inline U as_bits(F x) {
-  U u;
-  std::memcpy(&u, &x, sizeof(F));
-  return u;
-}
-
-template <typename F, typename U>
-__attribute__((always_inline)) inline F from_bits(U u) {
-  F x;
-  std::memcpy(&x, &u, sizeof(F));
-  return x;
-}
-
-// the bfloat16 bits of v (in the low 16 bits of U): round to nearest even; NaN stays a quiet NaN
-template <typename U, typename F>
-__attribute__((always_inline)) inline U bfloat16_bits(F v) {
-  const U u = as_bits<U>(v);
-  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return v != v ? U{} + 0x7FC0u : rounded;
-}
-
-// bfloat16 data is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser
-// will not load or store)
-__attribute__((always_inline)) inline float load(const float* p, int64_t i) { return p[i]; }
-__attribute__((always_inline)) inline float load(const uint16_t* p, int64_t i) {
-  return from_bits<float>(uint32_t(p[i]) << 16);
-}
-__attribute__((always_inline)) inline void store(float* p, int64_t i, float v) { p[i] = v; }
-__attribute__((always_inline)) inline void store(uint16_t* p, int64_t i, float v) {
-  p[i] = static_cast<uint16_t>(bfloat16_bits<uint32_t>(v));
-}
+using namespace simd16;
 
 // e^x for x <= 0 (here x = -u^2), range-reduced: 2^n * e^r with |r| <= ln2 / 2; below -87 the
 // result flushes to 0. round(x / ln2) uses the 1.5 * 2^23 trick (plain arithmetic).
@@ -93,24 +53,6 @@ __attribute__((always_inline)) inline void gelu_math(F x, F& g, F& d) {
   const F cdf = 0.5f * (1.0f + erf_u);
   g = x * cdf;
   d = cdf + x * e * kInvSqrt2Pi;
-}
-
-__attribute__((always_inline)) inline vfloat load16(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline vfloat load16(const uint16_t* p) {
-  vhalf h;
-  std::memcpy(&h, p, sizeof h);
-  return from_bits<vfloat>(__builtin_convertvector(h, vuint) << 16);
-}
-__attribute__((always_inline)) inline void store16(float* p, vfloat v) {
-  std::memcpy(p, &v, sizeof v);
-}
-__attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
-  const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
-  std::memcpy(p, &h, sizeof h);
 }
 
 template <typename scalar_t>
