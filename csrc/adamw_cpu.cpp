@@ -75,19 +75,26 @@ __attribute__((always_inline)) inline vfloat fma16(vfloat a, vfloat b, vfloat c)
   return r;
 }
 
-// sum of g^2 over [begin, end), in double
+// sum of g^2 over [begin, end), in double; four accumulators hide the adds' latency
 template <typename raw_t>
 __attribute__((always_inline)) inline double sum_squares_body(const raw_t* g, int64_t begin,
                                                               int64_t end) {
   typedef double vdouble __attribute__((vector_size(128)));
-  vdouble acc{};
+  vdouble acc[4] = {};
   int64_t i = begin;
+  for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
+    for (int a = 0; a < 4; ++a) {
+      const vdouble x = __builtin_convertvector(load16(g + i + a * kLanes), vdouble);
+      acc[a] += x * x;
+    }
+  }
   for (; i + kLanes <= end; i += kLanes) {
     const vdouble x = __builtin_convertvector(load16(g + i), vdouble);
-    acc += x * x;
+    acc[0] += x * x;
   }
+  const vdouble sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
   double total = 0;
-  for (int k = 0; k < kLanes; ++k) total += acc[k];
+  for (int k = 0; k < kLanes; ++k) total += sum[k];
   for (; i < end; ++i) {
     const double x = load(g, i);
     total += x * x;
