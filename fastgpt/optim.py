@@ -80,6 +80,9 @@ class FlatAdamW:
     def __init__(self, params, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, max_grad_norm: float = 0.0):
+        reason = unavailable()   # also loads the extension
+        if reason is not None:
+            raise RuntimeError(f"FlatAdamW needs fastgpt._C: {reason}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     **TORCH_GROUP_FLAGS}
         params = list(params)

@@ -58,6 +58,17 @@ def test_resume_in_the_other_dtype(tmp_path, first, then):
     assert all(g["fused"] and g["lr"] > 0 for g in opt["param_groups"])
 
 
+def test_bf16_without_the_extension_matches_flat_adamw(tmp_path, monkeypatch):
+    """Without fastgpt._C the bf16 step falls back to torch.optim.AdamW and the same losses."""
+    kw = dict(overrides={"max_iters": 12, "dropout": 0.0})
+    run(tmp_path / "flat", "bfloat16", **kw)
+    from fastgpt import optim
+    monkeypatch.setattr(optim, "unavailable", lambda: "pretend it is not built")
+    run(tmp_path / "torch", "bfloat16", **kw)
+    a, b = step_losses(tmp_path / "flat"), step_losses(tmp_path / "torch")
+    assert a.keys() == b.keys() and max(abs(a[i] - b[i]) for i in a) < 1e-3 * a[0]
+
+
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "fastgpt", "train", "--preset", "baby", "--out-dir", str(out),
