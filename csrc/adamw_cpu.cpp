@@ -1,11 +1,11 @@
 // fastgpt::flat_adamw_step_: gradient clipping, AdamW and the bf16 working-copy refresh in one
 // op, for CPU training with fp32 master weights (fastgpt/optim.py).
 //
-// Why: the unfused step reads and writes every parameter element about ten times (bf16 grads to
-// an fp32 buffer, its norm, the clip multiply, AdamW, the fp32 -> bf16 copy), each in its own
-// op over ~30 small tensors; at the baby preset's size the dispatch costs as much as the math.
-// Here the grads are read once for the norm and once more for the update, which writes the
-// master, both moments and the bf16 copy in the same pass.
+// Why: the unfused step makes five passes over every parameter element (bf16 grads to an fp32
+// buffer, their norm, the clip multiply, AdamW, the fp32 -> bf16 copy), each an op over ~30
+// small tensors, plus torch.optim's Python around them. Here the grads are read once for the
+// norm and once more for the update, which writes the master, both moments and the bf16 copy in
+// the same pass; both passes run at::parallel_for over blocks of 4096 elements.
 // Algorithm: tensor i owns [offsets[i], offsets[i+1]) of the flat fp32 buffers (master,
 //   exp_avg, exp_avg_sq) and of the flat bf16 working copy; grads[i] is its gradient (bf16 or
 //   fp32, None = no gradient: the tensor is skipped, as torch.optim skips it, and counts 0 in
@@ -18,12 +18,14 @@
 // Precision: the fp32 arithmetic is torch's CPU fused AdamW's, operation for operation and with
 //   the FMAs its build has (16-lane body; per tensor a tail whose first multiple of 8 lanes
 //   fuses exp_avg_sq's update like the body, the rest the other way), so the master, exp_avg
-//   and exp_avg_sq are bitwise torch.optim.AdamW(fused=True) given the same clipped grads
-//   (tested with torch 2.13's AVX-512 kernels; other builds may differ by 1 ulp in exp_avg_sq). The clip factor is
-//   clip_grad_norm_'s (reciprocal, times max_norm, clamped in fp32); the norm itself may differ
-//   from clip_grad_norm_'s by an ulp (a different summation order). bf16 rounding is round to
-//   nearest even, as .to(torch.bfloat16).
-// Limits: CPU; contiguous buffers; no amsgrad, maximize or grad scaling (Python checks).
+//   and exp_avg_sq are bitwise torch.optim.AdamW(fused=True)'s given the same clipped grads
+//   (tested against torch 2.13's AVX-512 kernels; other builds may differ by an ulp). The clip
+//   factor is computed as clip_grad_norm_ does (reciprocal, times max_norm, clamped, in fp32);
+//   the norm, summed in double, is at least as accurate as clip_grad_norm_'s and may differ from
+//   it in the last bits. bf16 rounding is round to nearest even, as .to(torch.bfloat16).
+// Limits: CPU; contiguous buffers; no amsgrad, maximize or grad scaling (Python checks). The
+//   AVX-512 clone is the fast one; the haswell clone does the FMAs lane by lane, the baseline
+//   one calls fmaf.
 
 // torch's kernel rounds every product and sum except its explicit FMAs: keep GCC from fusing
 // others (-ffp-contract=fast is its default for C++). setup.py's -fno-math-errno lets GCC
@@ -75,26 +77,33 @@ __attribute__((always_inline)) inline vfloat fma16(vfloat a, vfloat b, vfloat c)
   return r;
 }
 
-// sum of g^2 over [begin, end), in double; four accumulators hide the adds' latency
+// sum of g^2 over [begin, end), in double: 8-lane halves (a 16-lane double vector would live on
+// the stack), four pairs of accumulators to hide the adds' latency
 template <typename raw_t>
 __attribute__((always_inline)) inline double sum_squares_body(const raw_t* g, int64_t begin,
                                                               int64_t end) {
-  typedef double vdouble __attribute__((vector_size(128)));
-  vdouble acc[4] = {};
+  typedef float vfloat8 __attribute__((vector_size(32)));
+  typedef double vdouble8 __attribute__((vector_size(64)));
+  vdouble8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+  auto add = [](vdouble8& lo_acc, vdouble8& hi_acc, vfloat x) __attribute__((always_inline)) {
+    const vdouble8 lo = __builtin_convertvector(
+        __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), vdouble8);
+    const vdouble8 hi = __builtin_convertvector(
+        __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), vdouble8);
+    lo_acc += lo * lo;
+    hi_acc += hi * hi;
+  };
   int64_t i = begin;
   for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
-    for (int a = 0; a < 4; ++a) {
-      const vdouble x = __builtin_convertvector(load16(g + i + a * kLanes), vdouble);
-      acc[a] += x * x;
-    }
+    add(a0, a1, load16(g + i));
+    add(a2, a3, load16(g + i + kLanes));
+    add(a4, a5, load16(g + i + 2 * kLanes));
+    add(a6, a7, load16(g + i + 3 * kLanes));
   }
-  for (; i + kLanes <= end; i += kLanes) {
-    const vdouble x = __builtin_convertvector(load16(g + i), vdouble);
-    acc[0] += x * x;
-  }
-  const vdouble sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  for (; i + kLanes <= end; i += kLanes) add(a0, a1, load16(g + i));
+  const vdouble8 sum = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
   double total = 0;
-  for (int k = 0; k < kLanes; ++k) total += sum[k];
+  for (int k = 0; k < 8; ++k) total += sum[k];
   for (; i < end; ++i) {
     const double x = load(g, i);
     total += x * x;

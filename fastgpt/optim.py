@@ -102,7 +102,8 @@ class FlatAdamW:
             raise ValueError("FlatAdamW: some parameters appear more than once")
         working_of = {id(m): w for m, w in pairs}
         for i, m in enumerate(masters):
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.float32 or m.device.type != "cpu":
+            if (not isinstance(m, torch.Tensor) or m.dtype != torch.float32
+                    or m.device.type != "cpu"):
                 raise ValueError(f"FlatAdamW: parameter {i} must be a float32 CPU tensor; got "
                                  f"{_describe(m)}")
             w = working_of.get(id(m))
@@ -111,7 +112,9 @@ class FlatAdamW:
                                  f"working copy in pairs")
             if w.dtype != torch.bfloat16 or w.device.type != "cpu" or w.shape != m.shape:
                 raise ValueError(f"FlatAdamW: the working copy of parameter {i} must be a "
-                                 f"bfloat16 CPU tensor of shape {tuple(m.shape)}; got {_describe(w)}")
+                                 f"bfloat16 CPU tensor of shape {tuple(m.shape)}; got "
+                                 f"{_describe(w)}")
+        self._masters = masters
         self._working = [working_of[id(m)] for m in masters]
         self._group_of = [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]]
         self._offsets = [0]
@@ -134,8 +137,8 @@ class FlatAdamW:
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """flat's piece of every parameter, shaped like it."""
-        ms = [p for g in self.param_groups for p in g["params"]]
-        return [flat[a:b].view(m.shape) for m, a, b in zip(ms, self._offsets, self._offsets[1:])]
+        return [flat[a:b].view(m.shape)
+                for m, a, b in zip(self._masters, self._offsets, self._offsets[1:])]
 
     def step(self, closure=None):
         """Clip (if max_grad_norm > 0), update the masters and refresh the working copy."""
@@ -163,10 +166,11 @@ class FlatAdamW:
     def state_dict(self) -> dict:
         """torch.optim.AdamW's format: per-parameter state by index, groups with indices."""
         state = {}
-        for i, (m, v) in enumerate(zip(self._views(self._exp_avg), self._views(self._exp_avg_sq))):
-            if self._steps[i] > 0:   # torch has state only for parameters it has stepped
-                state[i] = {"step": self._steps[i].clone(), "exp_avg": m.clone(),
-                            "exp_avg_sq": v.clone()}
+        for i, (step, m, v) in enumerate(zip(self._steps.tolist(), self._views(self._exp_avg),
+                                             self._views(self._exp_avg_sq))):
+            if step > 0:   # torch has state only for parameters it has stepped
+                state[i] = {"step": torch.tensor(step, dtype=torch.float32),
+                            "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
         groups, start = [], 0
         for g in self.param_groups:
             n = len(g["params"])
@@ -189,8 +193,7 @@ class FlatAdamW:
                                  f"{len(g['params'])}")
             _check_group({**g, **s}, f"loaded parameter group {gi}")
         saved_ids = [i for s in saved_groups for i in s["params"]]
-        masters = [p for g in self.param_groups for p in g["params"]]
-        for i, (sid, m) in enumerate(zip(saved_ids, masters)):
+        for sid, m in zip(saved_ids, self._masters):
             st = state_dict["state"].get(sid)
             if st is None:
                 continue
