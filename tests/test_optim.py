@@ -1,6 +1,7 @@
 """FlatAdamW (fastgpt/optim.py, csrc/adamw_cpu.cpp) against torch.optim.AdamW(fused=True).
 
-Given the same clipped grads the update must be bitwise torch's; the grad norm must meet the
+Given the same clipped grads the update must be bitwise torch's (where torch runs its AVX-512
+kernel, whose FMAs the op mirrors; elsewhere within an ulp); the grad norm must meet the
 accuracy rule against float64; the working copy must be master.to(bfloat16); state dicts must
 move between the two optimizers both ways; training must not import torch._dynamo.
 """
@@ -59,15 +60,23 @@ def _clip_like_ours(params, max_norm, norm):
     torch._foreach_mul_([p.grad for p in params if p.grad is not None], coef)
 
 
+def _assert_same(a, b, what):
+    """Bitwise where torch runs the AVX-512 kernel the C++ op mirrors, else within an ulp."""
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert torch.equal(a, b), f"{what}: max diff {(a - b).abs().max()}"
+    else:
+        torch.testing.assert_close(a, b, rtol=2.5e-7, atol=0, msg=what)
+
+
 def _assert_same_state(flat, ref, masters, refs, work):
     for i, (m, r, w) in enumerate(zip(masters, refs, work)):
-        assert torch.equal(m.detach(), r.detach()), f"param {i}: max diff {(m - r).abs().max()}"
+        _assert_same(m.detach(), r.detach(), f"param {i}")
         assert torch.equal(w.detach(), m.detach().to(torch.bfloat16)), f"working copy {i}"
     ours, theirs = flat.state_dict()["state"], ref.state_dict()["state"]
     assert ours.keys() == theirs.keys()
     for k in ours:
         for key in ("step", "exp_avg", "exp_avg_sq"):
-            assert torch.equal(ours[k][key], theirs[k][key]), f"state {k} {key}"
+            _assert_same(ours[k][key], theirs[k][key], f"state {k} {key}")
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 1e6, 0.5], ids=["no-clip", "clip-inactive", "clip"])
@@ -153,7 +162,8 @@ def test_state_dict_round_trips_with_torch_adamw():
         assert list(ours["state"][k]) == list(theirs["state"][k])
         for key, v in ours["state"][k].items():
             t = theirs["state"][k][key]
-            assert (v.dtype, v.shape) == (t.dtype, t.shape) and torch.equal(v, t)
+            assert (v.dtype, v.shape) == (t.dtype, t.shape)
+            _assert_same(v, t, f"state {k} {key}")
 
     # torch's state into a fresh FlatAdamW and ours into a fresh torch AdamW: both go on equal
     flat2, ref2, masters2, work2, refs2 = _make()
