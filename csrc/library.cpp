@@ -22,8 +22,16 @@
 // causal_attention_train -> (out, saved) and
 // causal_attention_backward(grad_out, q, k, v, saved, scale) -> (dq, dk, dv), laid out like out.
 //
-// The kernels live in embedding_cpu.cpp, embedding_cuda.cu, attention_cpu.cpp and
-// transformer_block_cpu.cpp (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta)
+// flat_adamw_step_(master, exp_avg, exp_avg_sq, working, steps, grads, offsets, group, lr,
+//                  weight_decay, beta1, beta2, eps, max_norm) -> grad norm (0-d; NaN if no clip)
+//   Clip the grads to max_norm (max_norm <= 0: no clipping), one AdamW step of the flat fp32
+//   master weights and moments, and the new bf16 working copy, in place. Tensor i owns
+//   [offsets[i], offsets[i+1]) of the flat buffers, grads[i] is its gradient (None: skipped) and
+//   group[i] indexes the per-group lr, weight_decay, beta1, beta2, eps; steps holds each
+//   tensor's step count (CPU only, csrc/adamw_cpu.cpp).
+//
+// The kernels live in embedding_cpu.cpp, embedding_cuda.cu, attention_cpu.cpp, adamw_cpu.cpp
+// and transformer_block_cpu.cpp (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta)
 // kernels are registered from Python (fastgpt/ops/embedding_ext.py, attention_ext.py,
 // transformer_block_ext.py).
 // Python ops of the same namespace (fastgpt::attention_*) are added with torch.library
@@ -50,6 +58,10 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("transformer_block_backward(Tensor grad_out, Tensor[] saved, " FASTGPT_BLOCK_ARGS
         ") -> Tensor[]");
 #undef FASTGPT_BLOCK_ARGS
+  m.def("flat_adamw_step_(Tensor(a!) master, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!) working, Tensor(e!) steps, Tensor?[] grads, int[] offsets, int[] group, "
+        "float[] lr, float[] weight_decay, float[] beta1, float[] beta2, float[] eps, "
+        "float max_norm) -> Tensor");
 }
 
 // `import fastgpt._C` loads this library, which runs the registrations above; the module

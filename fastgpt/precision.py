@@ -4,8 +4,9 @@ Every mode keeps fp32 master weights (what the optimizer updates and checkpoints
 
 * float32  - plain fp32;
 * bfloat16 - on CUDA, autocast. On CPU, a bf16 working copy of the model runs forward and
-             backward and its gradients are copied to the fp32 master weights before the
-             optimizer step (LowPrecisionCopy). CPU autocast casts activations around every op
+             backward (LowPrecisionCopy); fastgpt.optim.FlatAdamW steps the fp32 master weights
+             from its gradients and refreshes it in one C++ op (without the extension, its
+             gradients are copied to the masters for torch.optim.AdamW and back). CPU autocast casts activations around every op
              and gains little (issue 7's profile: ~13% on nanoGPT's model); a model whose
              weights and activations are bf16 throughout keeps the matmuls on the CPU's bf16
              units without those casts. The loss head still runs in fp32 (fastgpt.model).
@@ -76,8 +77,10 @@ def grad_scaler(device_type: str, dtype: torch.dtype) -> torch.amp.GradScaler:
 class LowPrecisionCopy:
     """A low-precision copy of ``master`` that runs forward and backward.
 
-    After backward, ``grads_to_master()`` moves the gradients to the fp32 master parameters
-    (which the optimizer steps); after the step, ``refresh()`` copies the master weights back.
+    ``pairs`` lists (master, working) parameters for an optimizer that steps from the working
+    gradients (fastgpt.optim.FlatAdamW). For torch.optim: after backward, ``grads_to_master()``
+    moves the gradients to the fp32 master parameters (which the optimizer steps); after the
+    step, ``refresh()`` copies the master weights back.
     The master gradients are views of one flat fp32 buffer, so the copy is one foreach call and
     ``clip_grad_norm_`` is one norm and one multiply: per-tensor work costs more than the
     arithmetic at the baby preset's size (~30 small tensors).
@@ -86,21 +89,28 @@ class LowPrecisionCopy:
 
     def __init__(self, master: torch.nn.Module, dtype: torch.dtype):
         self.model = copy.deepcopy(master).to(dtype)
-        self._pairs = list(zip(master.parameters(), self.model.parameters()))
-        masters = [m for m, _ in self._pairs]
-        self._grad_flat = torch.zeros(sum(m.numel() for m in masters), dtype=torch.float32,
-                                      device=masters[0].device if masters else None)
-        self._grad_views = [g.view_as(m) for g, m in
-                            zip(self._grad_flat.split([m.numel() for m in masters]), masters)]
+        self.pairs = list(zip(master.parameters(), self.model.parameters()))
+
+    @functools.cached_property
+    def _grad_flat(self) -> torch.Tensor:
+        masters = [m for m, _ in self.pairs]
+        return torch.zeros(sum(m.numel() for m in masters), dtype=torch.float32,
+                           device=masters[0].device if masters else None)
+
+    @functools.cached_property
+    def _grad_views(self) -> list[torch.Tensor]:
+        masters = [m for m, _ in self.pairs]
+        return [g.view_as(m) for g, m in
+                zip(self._grad_flat.split([m.numel() for m in masters]), masters)]
 
     def grads_to_master(self) -> None:
-        have = [(view, work.grad) for (_, work), view in zip(self._pairs, self._grad_views)
+        have = [(view, work.grad) for (_, work), view in zip(self.pairs, self._grad_views)
                 if work.grad is not None]
-        if len(have) < len(self._pairs):
+        if len(have) < len(self.pairs):
             self._grad_flat.zero_()   # parameters without a gradient count as 0 in the norm
         if have:
             torch._foreach_copy_([v for v, _ in have], [g for _, g in have])
-        for (master, work), view in zip(self._pairs, self._grad_views):
+        for (master, work), view in zip(self.pairs, self._grad_views):
             master.grad = None if work.grad is None else view
             work.grad = None
 
@@ -113,4 +123,4 @@ class LowPrecisionCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        torch._foreach_copy_([w for _, w in self._pairs], [m for m, _ in self._pairs])
+        torch._foreach_copy_([w for _, w in self.pairs], [m for m, _ in self.pairs])

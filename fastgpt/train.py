@@ -26,7 +26,8 @@ from fastgpt import distributed, ops
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.data import CharTokenizer, TextDataset, read_text
 from fastgpt.errors import FastGPTError
-from fastgpt.model import build_model, make_optimizer
+from fastgpt.model import build_model, make_optimizer, optimizer_groups
+from fastgpt.optim import flat_adamw_or_none
 from fastgpt.precision import (LowPrecisionCopy, autocast, grad_scaler, parse_dtype,
                                resolve_dtype_name, uses_working_copy)
 
@@ -277,20 +278,25 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     batches = BatchStream(dataset, tcfg.batch_size, device, world)   # the same on every rank
     if world.enabled:
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
-    optimizer = make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay,
-                               (tcfg.beta1, tcfg.beta2))
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+    # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute, and
+    # FlatAdamW clips, steps and refreshes it in one C++ op (None: torch.optim.AdamW does)
+    low = LowPrecisionCopy(model, dtype) if uses_working_copy(device.type, dtype) else None
+    betas = (tcfg.beta1, tcfg.beta2)
+    flat = (flat_adamw_or_none(optimizer_groups(model, tcfg.weight_decay), low.pairs,
+                               tcfg.learning_rate, betas, tcfg.grad_clip)
+            if low is not None else None)
+    optimizer = flat or make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay, betas)
     scaler = grad_scaler(device.type, dtype)
     start_iter, best_val = 0, float("inf")
     losses = {"train": float("nan"), "val": float("nan")}
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed.get("scaler", {}))
         _resume_rng(resumed, world, device, batches)
         start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
         losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
-    # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute
-    low = LowPrecisionCopy(model, dtype) if uses_working_copy(device.type, dtype) else None
     compute_model = model if low is None else low.model
     # DDP averages the gradients over the ranks; eval uses the plain model
     ddp = (torch.nn.parallel.DistributedDataParallel(
@@ -377,19 +383,22 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                         _, loss = step_model(x, y)
                     batches.prefetch()   # the next batch, fetched while this one is in flight
                     scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
-            if low is not None:
-                low.grads_to_master()
-            if tcfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
+            if flat is not None:
+                flat.step()   # no scaler: bf16 needs no loss scaling
+            else:
                 if low is not None:
-                    low.clip_grad_norm_(tcfg.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+                    low.grads_to_master()
+                if tcfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    if low is not None:
+                        low.clip_grad_norm_(tcfg.grad_clip)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                if low is not None:
+                    low.refresh()
             optimizer.zero_grad(set_to_none=True)
-            if low is not None:
-                low.refresh()
             pending.append((it, loss.detach()))
             tokens_since_log += tokens_per_iter
             bar.update(1)

@@ -44,6 +44,31 @@ def test_resume_equals_uninterrupted(tmp_path, dtype):
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("first,then", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_resume_in_the_other_dtype(tmp_path, first, then):
+    """On CPU, bf16 steps with fastgpt.optim.FlatAdamW and float32 with torch.optim.AdamW: each
+    continues the other's optimizer state."""
+    run(tmp_path, first, overrides={"max_iters": 4})
+    resumed = run(tmp_path, then, resume=True, overrides={"max_iters": 8})
+    state = load_checkpoint(tmp_path)
+    opt = state["optimizer"]
+    assert state["dtype"] == then and resumed.iter_num == 8
+    assert len(opt["state"]) == sum(len(g["params"]) for g in opt["param_groups"])
+    assert {float(s["step"]) for s in opt["state"].values()} == {8.0}   # 4 + 4 steps
+    assert all(g["fused"] and g["lr"] > 0 for g in opt["param_groups"])
+
+
+def test_bf16_without_the_extension_matches_flat_adamw(tmp_path, monkeypatch):
+    """Without fastgpt._C the bf16 step falls back to torch.optim.AdamW and the same losses."""
+    kw = dict(overrides={"max_iters": 12, "dropout": 0.0})
+    run(tmp_path / "flat", "bfloat16", **kw)
+    from fastgpt import optim
+    monkeypatch.setattr(optim, "unavailable", lambda: "pretend it is not built")
+    run(tmp_path / "torch", "bfloat16", **kw)
+    a, b = step_losses(tmp_path / "flat"), step_losses(tmp_path / "torch")
+    assert a.keys() == b.keys() and max(abs(a[i] - b[i]) for i in a) < 1e-3 * a[0]
+
+
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "fastgpt", "train", "--preset", "baby", "--out-dir", str(out),

@@ -1,0 +1,336 @@
+// fastgpt::flat_adamw_step_: gradient clipping, AdamW and the bf16 working-copy refresh in one
+// op, for CPU training with fp32 master weights (fastgpt/optim.py).
+//
+// Why: the unfused step makes five passes over every parameter element (bf16 grads to an fp32
+// buffer, their norm, the clip multiply, AdamW, the fp32 -> bf16 copy), each an op over ~30
+// small tensors, plus torch.optim's Python around them. Here the grads are read once for the
+// norm and once more for the update, which writes the master, both moments and the bf16 copy in
+// the same pass; both passes run at::parallel_for over blocks of 4096 elements.
+// Algorithm: tensor i owns [offsets[i], offsets[i+1]) of the flat fp32 buffers (master,
+//   exp_avg, exp_avg_sq) and of the flat bf16 working copy; grads[i] is its gradient (bf16 or
+//   fp32, None = no gradient: the tensor is skipped, as torch.optim skips it, and counts 0 in
+//   the norm). Pass 1: total = ||all grads||_2 (squares summed in double per block, blocks added
+//   in order, so the result does not depend on the thread count). Pass 2, per element:
+//     g *= min(1, max_norm / (total + 1e-6))                  (only when max_norm > 0)
+//     p *= 1 - lr * wd;  m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g^2
+//     p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps);  work = bf16(p)
+//   with t = ++steps[i]; lr and wd come from the tensor's group.
+// Precision: the fp32 arithmetic is torch's CPU fused AdamW's, operation for operation and with
+//   the FMAs its build has (16-lane body; per tensor a tail whose first multiple of 8 lanes
+//   fuses exp_avg_sq's update like the body, the rest the other way), so the master, exp_avg
+//   and exp_avg_sq are bitwise torch.optim.AdamW(fused=True)'s given the same clipped grads
+//   (tested against torch 2.13's AVX-512 kernels; other builds may differ by an ulp). The clip
+//   factor is computed as clip_grad_norm_ does (reciprocal, times max_norm, clamped, in fp32);
+//   the norm, summed in double, is at least as accurate as clip_grad_norm_'s and may differ from
+//   it in the last bits. bf16 rounding is round to nearest even, as .to(torch.bfloat16).
+// Limits: CPU; contiguous buffers; no amsgrad, maximize or grad scaling (Python checks). The
+//   AVX-512 clone is the fast one; the haswell clone does the FMAs lane by lane, the baseline
+//   one calls fmaf.
+
+// torch's kernel rounds every product and sum except its explicit FMAs: keep GCC from fusing
+// others (-ffp-contract=fast is its default for C++). setup.py's -fno-math-errno lets GCC
+// vectorise sqrt (exact either way).
+#pragma GCC optimize("fp-contract=off")
+
+#include "vec_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace fastgpt {
+namespace {
+
+using namespace vec;
+
+#define OP_NAME "fastgpt::flat_adamw_step_"
+
+// elements per unit of parallel work: a multiple of the 16 lanes, so blocks inside a tensor
+// keep torch's vector/tail split (which starts at each tensor's first element)
+constexpr int64_t kBlock = 4096;
+
+// one tensor's gradient and its constants for this step, as torch's kernel computes them
+struct Segment {
+  const void* grad;        // nullptr: no gradient, skipped
+  bool grad_bf16;
+  int64_t offset, numel;
+  float decay;             // 1 - lr * wd (1 when wd == 0: torch skips the multiply)
+  bool decays;
+  float lerp_coeff;        // w = 1 - beta1 for m + w (g - m) when |w| < 0.5, else w - 1 for
+  bool lerp_from_m;        // g + (w - 1)(g - m): torch's lerp, exact at both ends
+  float beta2, one_minus_beta2, bias_correction2_sqrt, eps, neg_step_size;
+};
+
+struct Block {
+  int32_t segment;
+  int64_t begin, end;      // relative to the segment's first element
+};
+
+__attribute__((always_inline)) inline vfloat fma16(vfloat a, vfloat b, vfloat c) {
+  vfloat r;
+  for (int k = 0; k < kLanes; ++k) r[k] = __builtin_fmaf(a[k], b[k], c[k]);
+  return r;
+}
+
+// sum of g^2 over [begin, end), in double: 8-lane halves (a 16-lane double vector would live on
+// the stack), four pairs of accumulators to hide the adds' latency
+template <typename raw_t>
+__attribute__((always_inline)) inline double sum_squares_body(const raw_t* g, int64_t begin,
+                                                              int64_t end) {
+  typedef float vfloat8 __attribute__((vector_size(32)));
+  typedef double vdouble8 __attribute__((vector_size(64)));
+  vdouble8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
+  auto add = [](vdouble8& lo_acc, vdouble8& hi_acc, vfloat x) __attribute__((always_inline)) {
+    const vdouble8 lo = __builtin_convertvector(
+        __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), vdouble8);
+    const vdouble8 hi = __builtin_convertvector(
+        __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15), vdouble8);
+    lo_acc += lo * lo;
+    hi_acc += hi * hi;
+  };
+  int64_t i = begin;
+  for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
+    add(a0, a1, load16(g + i));
+    add(a2, a3, load16(g + i + kLanes));
+    add(a4, a5, load16(g + i + 2 * kLanes));
+    add(a6, a7, load16(g + i + 3 * kLanes));
+  }
+  for (; i + kLanes <= end; i += kLanes) add(a0, a1, load16(g + i));
+  const vdouble8 sum = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7));
+  double total = 0;
+  for (int k = 0; k < 8; ++k) total += sum[k];
+  for (; i < end; ++i) {
+    const double x = load(g, i);
+    total += x * x;
+  }
+  return total;
+}
+
+// AdamW on [begin, end) of one segment; torch's vector body (blocks of 16 from the tensor's
+// start) up to vec_end, its tail loop after
+template <typename raw_t>
+__attribute__((always_inline)) inline void update_body(const Segment& s, const raw_t* grad,
+                                                       float clip, bool clips, float* param,
+                                                       float* exp_avg, float* exp_avg_sq,
+                                                       uint16_t* work, int64_t begin,
+                                                       int64_t end) {
+  const int64_t vec_end = std::min(end, s.numel - s.numel % kLanes);
+  const int64_t tail8_end = s.numel - s.numel % 8;
+  int64_t i = begin;
+  for (; i < vec_end; i += kLanes) {
+    vfloat g = load16(grad + i);
+    if (clips) g = g * clip;
+    vfloat p = load16(param + i);
+    if (s.decays) p = p * s.decay;
+    vfloat m = load16(exp_avg + i);
+    m = fma16(vfloat{} + s.lerp_coeff, g - m, s.lerp_from_m ? m : g);
+    vfloat v = load16(exp_avg_sq + i);
+    v = fma16(s.one_minus_beta2 * g, g, v * s.beta2);
+    vfloat sq;
+    for (int k = 0; k < kLanes; ++k) sq[k] = __builtin_sqrtf(v[k]);
+    const vfloat denom = sq / s.bias_correction2_sqrt + s.eps;
+    p = p + s.neg_step_size * m / denom;
+    store16(exp_avg + i, m);
+    store16(exp_avg_sq + i, v);
+    store16(param + i, p);
+    store16(work + i, p);
+  }
+  for (; i < end; ++i) {
+    float g = load(grad, i);
+    if (clips) g = g * clip;
+    float p = param[i];
+    if (s.decays) p = p * s.decay;
+    float m = exp_avg[i];
+    m = __builtin_fmaf(s.lerp_coeff, g - m, s.lerp_from_m ? m : g);
+    // torch's tail loop is vectorised 8 wide by its compiler, which fuses this line the
+    // other way round than in the scalar remainder
+    const float c2g = s.one_minus_beta2 * g;
+    const float v = i < tail8_end ? __builtin_fmaf(c2g, g, exp_avg_sq[i] * s.beta2)
+                                  : __builtin_fmaf(exp_avg_sq[i], s.beta2, c2g * g);
+    const float denom = __builtin_sqrtf(v) / s.bias_correction2_sqrt + s.eps;
+    p = p + s.neg_step_size * m / denom;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    param[i] = p;
+    store(work, i, p);
+  }
+}
+
+// One multiversioned copy per grad dtype (GCC does not clone templates); unlike vec_cpu.h's
+// FASTGPT_CLONES the AVX2 copy targets haswell, for FMA. The AVX-512 clone has
+// FMA and sqrt for 16 lanes, the haswell one (AVX2 + FMA) for 8, the baseline calls fmaf.
+#define FASTGPT_FMA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+FASTGPT_FMA_CLONES double sum_squares(const float* g, int64_t begin, int64_t end) {
+  return sum_squares_body(g, begin, end);
+}
+FASTGPT_FMA_CLONES double sum_squares(const uint16_t* g, int64_t begin, int64_t end) {
+  return sum_squares_body(g, begin, end);
+}
+FASTGPT_FMA_CLONES void update(const Segment& s, const float* grad, float clip, bool clips,
+                           float* param, float* exp_avg, float* exp_avg_sq, uint16_t* work,
+                           int64_t begin, int64_t end) {
+  update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
+}
+FASTGPT_FMA_CLONES void update(const Segment& s, const uint16_t* grad, float clip, bool clips,
+                           float* param, float* exp_avg, float* exp_avg_sq, uint16_t* work,
+                           int64_t begin, int64_t end) {
+  update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
+}
+#undef FASTGPT_FMA_CLONES
+
+void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), OP_NAME ": ", name, " must be on the CPU; got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, OP_NAME ": ", name, " must be ", dtype, "; got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.is_contiguous() && t.numel() == numel, OP_NAME ": ", name,
+                    " must be contiguous with ", numel, " elements; got shape ", t.sizes(),
+                    " and strides ", t.strides());
+}
+
+at::Tensor flat_adamw_step_cpu(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                               at::Tensor& working, at::Tensor& steps,
+                               const c10::List<std::optional<at::Tensor>>& grads,
+                               at::IntArrayRef offsets, at::IntArrayRef group,
+                               at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                               at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                               at::ArrayRef<double> eps, double max_norm) {
+  const int64_t n = static_cast<int64_t>(grads.size());
+  const int64_t groups = static_cast<int64_t>(lr.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == n + 1 && offsets[0] == 0, OP_NAME
+                    ": offsets must hold 0 and the end of each of the ", n, " tensors; got ",
+                    offsets);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(group.size()) == n, OP_NAME ": group must name the "
+                    "group of each of the ", n, " tensors; got ", group.size(), " entries");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weight_decay.size()) == groups &&
+                        static_cast<int64_t>(beta1.size()) == groups &&
+                        static_cast<int64_t>(beta2.size()) == groups &&
+                        static_cast<int64_t>(eps.size()) == groups,
+                    OP_NAME ": lr, weight_decay, beta1, beta2 and eps need one value per group; "
+                    "got ", lr.size(), ", ", weight_decay.size(), ", ", beta1.size(), ", ",
+                    beta2.size(), " and ", eps.size());
+  const int64_t total = offsets[n];
+  check_flat(master, "master", at::kFloat, total);
+  check_flat(exp_avg, "exp_avg", at::kFloat, total);
+  check_flat(exp_avg_sq, "exp_avg_sq", at::kFloat, total);
+  check_flat(working, "working", at::kBFloat16, total);
+  check_flat(steps, "steps", at::kFloat, n);
+
+  // the tensors' segments
+  std::vector<at::Tensor> keep(n);   // contiguous copies of strided grads, if any
+  std::vector<Segment> segs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    Segment& s = segs[i];
+    s.offset = offsets[i];
+    s.numel = offsets[i + 1] - offsets[i];
+    TORCH_CHECK_VALUE(s.numel >= 0, OP_NAME ": offsets must not decrease; got ", offsets);
+    TORCH_CHECK_VALUE(group[i] >= 0 && group[i] < groups, OP_NAME ": tensor ", i,
+                      " names group ", group[i], "; there are ", groups, " groups");
+    const std::optional<at::Tensor> grad = grads.get(i);
+    s.grad = nullptr;
+    if (!grad.has_value() || !grad->defined()) continue;
+    TORCH_CHECK_VALUE(grad->device().is_cpu() && grad->layout() == at::kStrided, OP_NAME
+                      ": grads must be dense CPU tensors; grad ", i, " is ", grad->device(),
+                      " ", grad->layout());
+    TORCH_CHECK_VALUE(grad->scalar_type() == at::kBFloat16 || grad->scalar_type() == at::kFloat,
+                      OP_NAME ": grads must be bfloat16 or float32; grad ", i, " is ",
+                      grad->scalar_type());
+    TORCH_CHECK_VALUE(grad->numel() == s.numel, OP_NAME ": grad ", i, " has ", grad->numel(),
+                      " elements but its tensor has ", s.numel, " (offsets ", offsets, ")");
+    keep[i] = grad->contiguous();
+    s.grad = keep[i].const_data_ptr();
+    s.grad_bf16 = grad->scalar_type() == at::kBFloat16;
+  }
+
+  // every input checked: count the step (torch.optim increments each tensor's fp32 step, then
+  // its kernel works in double from it) and compute the constants torch's kernel computes
+  float* step_data = steps.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    Segment& s = segs[i];
+    if (s.grad == nullptr) continue;
+    const int64_t g = group[i];
+    step_data[i] += 1.0f;
+    const double step = step_data[i];
+    const double bias_correction1 = 1 - std::pow(beta1[g], step);
+    const double bias_correction2 = 1 - std::pow(beta2[g], step);
+    s.decays = weight_decay[g] != 0;
+    s.decay = static_cast<float>(1 - lr[g] * weight_decay[g]);
+    const float lerp_weight = static_cast<float>(1 - beta1[g]);
+    s.lerp_from_m = std::abs(lerp_weight) < 0.5f;
+    s.lerp_coeff = s.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
+    s.beta2 = static_cast<float>(beta2[g]);
+    s.one_minus_beta2 = static_cast<float>(1 - beta2[g]);
+    s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
+    s.eps = static_cast<float>(eps[g]);
+    s.neg_step_size = static_cast<float>(-(lr[g] / bias_correction1));
+  }
+
+  std::vector<Block> blocks;
+  for (int64_t i = 0; i < n; ++i) {
+    if (segs[i].grad == nullptr) continue;
+    for (int64_t b = 0; b < segs[i].numel; b += kBlock)
+      blocks.push_back({static_cast<int32_t>(i), b, std::min(b + kBlock, segs[i].numel)});
+  }
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock);
+
+  // pass 1: the norm, when clipping
+  const bool clips = max_norm > 0;
+  float norm = std::nanf("");
+  float clip = 1.0f;
+  if (clips) {
+    std::vector<double> partial(nblocks);
+    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const Block& k = blocks[b];
+        const Segment& s = segs[k.segment];
+        partial[b] = s.grad_bf16
+                         ? sum_squares(static_cast<const uint16_t*>(s.grad), k.begin, k.end)
+                         : sum_squares(static_cast<const float*>(s.grad), k.begin, k.end);
+      }
+    });
+    double sum = 0;
+    for (double x : partial) sum += x;
+    norm = static_cast<float>(std::sqrt(sum));
+    // clip_grad_norm_: clamp(max_norm / (norm + 1e-6), max=1) in fp32, where a / t is
+    // t.reciprocal() * a; a NaN norm stays NaN
+    const float coeff = (1.0f / (norm + 1e-6f)) * static_cast<float>(max_norm);
+    clip = coeff > 1.0f ? 1.0f : coeff;
+  }
+
+  // pass 2: the update
+  float* param = master.mutable_data_ptr<float>();
+  float* m = exp_avg.mutable_data_ptr<float>();
+  float* v = exp_avg_sq.mutable_data_ptr<float>();
+  uint16_t* work = reinterpret_cast<uint16_t*>(working.mutable_data_ptr<at::BFloat16>());
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block& k = blocks[b];
+      const Segment& s = segs[k.segment];
+      const int64_t o = s.offset;
+      if (s.grad_bf16) {
+        update(s, static_cast<const uint16_t*>(s.grad), clip, clips, param + o, m + o, v + o,
+               work + o, k.begin, k.end);
+      } else {
+        update(s, static_cast<const float*>(s.grad), clip, clips, param + o, m + o, v + o,
+               work + o, k.begin, k.end);
+      }
+    }
+  });
+  return at::scalar_tensor(norm, master.options());
+}
+
+#undef OP_NAME
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("flat_adamw_step_", &flat_adamw_step_cpu);
+}
+
+}  // namespace fastgpt
