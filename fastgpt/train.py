@@ -126,14 +126,15 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure draws itself to PNG without pyplot: no pyplot import, no figure manager, and
+    # the caller's matplotlib backend (a notebook's, say) stays as it was
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     steps = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["iter"] for r in steps], [r["train_loss"] for r in steps], lw=0.8, alpha=0.5,
             label="train (batch)")
     ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (est.)")
@@ -144,7 +145,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def _rng_state(device: torch.device, batches: "BatchStream") -> dict:

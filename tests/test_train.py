@@ -122,3 +122,18 @@ def test_bf16_training_tracks_float32(tmp_path):
     state = load_checkpoint(tmp_path / "bf16")
     assert state["dtype"] == "bfloat16"
     assert all(t.dtype == torch.float32 for t in state["model"].values())   # fp32 masters saved
+
+
+def test_loss_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    # a notebook's inline backend must survive train(): the plot draws a Figure, no pyplot
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(dict(kind="eval", iter=0, train_loss=4.2, val_loss=4.3)) + "\n"
+                       + json.dumps(dict(kind="train", iter=9, train_loss=3.9, val_loss=None)) + "\n")
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from pathlib import Path; "
+            "from fastgpt.train import plot_losses; "
+            f"plot_losses(Path({str(metrics)!r}), Path({str(tmp_path / 'loss.png')!r})); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
