@@ -105,3 +105,15 @@ def test_long_prompt_is_cropped_to_block_size(trained, capsys):
     assert main(["sample", "--out-dir", str(trained), "--prompt", prompt,
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_objects_are_frozen_only_at_exit(tmp_path):
+    # the command skips the collector's passes over torch's objects at interpreter exit, and
+    # leaves the collector alone while the process runs (tests and notebooks call main())
+    code = ("import atexit, gc; from fastgpt.cli import main; "
+            "atexit.register(lambda: print('at exit', gc.get_freeze_count() > 0)); "   # runs last
+            f"rc = main(['train', '--out-dir', {str(tmp_path / 'run')!r}, '--sample-chars', '0', "
+            f"*{TINY!r}]); print('after main', rc, gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["after main 0 0", "at exit True"]
