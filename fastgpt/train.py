@@ -10,6 +10,7 @@ start of iteration ``iter_num``, and ``resume`` continues from there bit for bit
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -126,6 +127,19 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    # Importing matplotlib allocates enough objects to set off full garbage collections, each a
+    # pass over everything torch has created (~0.2 s at the end of a run); it leaves no cyclic
+    # garbage worth collecting, so the collector pauses until the PNG is written.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _draw_losses(metrics_path, png_path)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _draw_losses(metrics_path: Path, png_path: Path) -> None:
     # A Figure draws itself to PNG without pyplot: no pyplot import, no figure manager, and
     # the caller's matplotlib backend (a notebook's, say) stays as it was
     from matplotlib.figure import Figure
