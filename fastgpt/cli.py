@@ -6,7 +6,9 @@ Errors meant for the user (FastGPTError) print as one line without a traceback a
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import gc
 import logging
 import sys
 
@@ -131,11 +133,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _freeze_objects_at_exit() -> None:
+    """At interpreter exit, move every live object out of the garbage collector's reach.
+
+    Finalization runs full collections over everything torch (and torch._dynamo, matplotlib)
+    created, ~0.4-0.9 s after the command's work is done; frozen objects are skipped. Nothing is
+    lost: those collections only look for cycles, and Python does not promise to finalize
+    objects still alive at exit. Registered once however often main() runs (tests call it).
+
+    Only after a command succeeded: a failed run under torchrun keeps its slower exit. There,
+    after a NaN every rank stops, but rank 0 first writes loss.png, and torchrun stops the job
+    when the first rank exits; exiting ~0.9 s sooner, the other ranks would cut rank 0 off.
+    """
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        if code == 0:
+            _freeze_objects_at_exit()
+        return code
     except FastGPTError as e:
         print(f"fastgpt: error: {e}", file=sys.stderr)
         return 2

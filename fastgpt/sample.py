@@ -12,7 +12,8 @@ from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import GPTConfig
 from fastgpt.data import CharTokenizer
 from fastgpt.errors import FastGPTError
-from fastgpt.model import build_model
+from fastgpt.kv_cache import KVCache
+from fastgpt.model import GPT, build_model
 
 
 @torch.no_grad()
@@ -28,10 +29,16 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
     if max_new_tokens < 0:
         raise FastGPTError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     block_size = model.config.block_size
+    # a GPT in eval mode keeps its keys and values between tokens (fastgpt.kv_cache)
+    cache = (KVCache(model)
+             if isinstance(model, GPT) and not model.training and max_new_tokens else None)
     for _ in range(max_new_tokens):
-        context = idx[:, -block_size:]
-        logits, _ = model(context)
-        logits = logits[:, -1, :].float() / temperature                     # (B, V)
+        if cache is not None:
+            logits = cache.logits(idx)
+        else:
+            logits, _ = model(idx[:, -block_size:])
+            logits = logits[:, -1, :]
+        logits = logits.float() / temperature                               # (B, V)
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

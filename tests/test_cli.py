@@ -105,3 +105,17 @@ def test_long_prompt_is_cropped_to_block_size(trained, capsys):
     assert main(["sample", "--out-dir", str(trained), "--prompt", prompt,
                  "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith(prompt)
+
+
+@pytest.mark.parametrize("extra,code", [([], 0), (["--preset", "huge"], 2)])
+def test_objects_are_frozen_at_exit_after_success(tmp_path, extra, code):
+    # a command that succeeded skips the collector's passes over torch's objects at interpreter
+    # exit; main() leaves the collector alone while the process runs (tests call it), and a
+    # failed command keeps the ordinary exit (see fastgpt.cli._freeze_objects_at_exit)
+    program = ("import atexit, gc; from fastgpt.cli import main; "
+               "atexit.register(lambda: print('at exit', gc.get_freeze_count() > 0)); "  # runs last
+               f"rc = main(['train', '--out-dir', {str(tmp_path / 'run')!r}, '--sample-chars', "
+               f"'0', *{TINY + extra!r}]); print('after main', rc, gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == [f"after main {code} 0", f"at exit {code == 0}"]

@@ -23,6 +23,21 @@ def test_tokenizer_round_trip_and_unknown_characters():
         tok.encode("hello Xz")
 
 
+@pytest.mark.parametrize("text", ["", "a", "hello world\n", "Grüße, €5 😀 ok", None])
+def test_encode_tensor_is_encode(text):
+    text = read_text() if text is None else text
+    tok = CharTokenizer.from_text(text or "a")
+    ids = tok.encode_tensor(text)
+    assert ids.dtype == torch.int64 and ids.tolist() == tok.encode(text)
+
+
+def test_encode_tensor_names_unknown_characters():
+    tok = CharTokenizer.from_text("ab€")
+    # one below and one above every code point of the vocabulary
+    with pytest.raises(FastGPTError, match=r"2 character\(s\) not in the model's vocabulary: ' ', '😀'"):
+        tok.encode_tensor("a €😀b")
+
+
 @pytest.mark.parametrize("content,match", [
     (None, "does not exist"),
     (b"", "is empty"),

@@ -13,7 +13,7 @@ from fastgpt import ops
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
-from fastgpt.train import RunOptions, train
+from fastgpt.train import RunOptions, plot_losses, train
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
             eval_interval=4, log_interval=1, warmup_iters=2, lr_decay_iters=30, dropout=0.1)
@@ -147,3 +147,32 @@ def test_bf16_training_tracks_float32(tmp_path):
     state = load_checkpoint(tmp_path / "bf16")
     assert state["dtype"] == "bfloat16"
     assert all(t.dtype == torch.float32 for t in state["model"].values())   # fp32 masters saved
+
+
+def test_loss_plot_leaves_the_matplotlib_backend_alone(tmp_path):
+    # a notebook's inline backend must survive train(): the plot draws a Figure, no pyplot
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(dict(kind="eval", iter=0, train_loss=4.2, val_loss=4.3)) + "\n"
+                       + json.dumps(dict(kind="train", iter=9, train_loss=3.9, val_loss=None)) + "\n")
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from pathlib import Path; "
+            "from fastgpt.train import plot_losses; "
+            f"plot_losses(Path({str(metrics)!r}), Path({str(tmp_path / 'loss.png')!r})); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loss_plot_restores_the_garbage_collector(tmp_path, enabled):
+    import gc
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps(dict(kind="eval", iter=0, train_loss=4.2, val_loss=4.3)) + "\n")
+    (gc.enable if enabled else gc.disable)()
+    try:
+        plot_losses(metrics, tmp_path / "loss.png")
+        assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+    assert (tmp_path / "loss.png").stat().st_size > 0

@@ -12,6 +12,7 @@ which runs them on chunks of logits it owns and overwrites each chunk with its g
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import Optional
 
@@ -20,24 +21,32 @@ import torch
 from fastgpt.ops import registry
 from fastgpt.ops.cross_entropy import reduce_rows
 
-try:
-    import triton  # noqa: F401
-    from torch.library import triton_op, wrap_triton
-
-    from fastgpt.kernels import cross_entropy as kernels
-    _IMPORT_ERROR = None
-except ImportError as e:  # the backend reports itself unavailable
-    _IMPORT_ERROR = f"triton is not importable ({e})"
-
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _kernels():
+    """fastgpt.kernels.cross_entropy, imported on first use, not with fastgpt.ops: importing
+    triton takes ~0.2 s, which a CPU training run (whose loss is the ``chunked`` one) never needs."""
+    return importlib.import_module("fastgpt.kernels.cross_entropy")
+
+
+@functools.cache
+def _import_error() -> Optional[str]:
+    try:
+        _kernels()
+    except ImportError as e:  # the backend reports itself unavailable
+        return f"triton is not importable ({e})"
+    return None
 
 
 @registry.constant_under_compile
 def triton_unavailable() -> Optional[str]:
     """None when triton is importable (and then the ops are defined), else why not."""
-    if _IMPORT_ERROR is None:
+    reason = _import_error()
+    if reason is None:
         _define_ops()
-    return _IMPORT_ERROR
+    return reason
 
 
 def triton_device_reason(t: torch.Tensor) -> Optional[str]:
@@ -55,17 +64,18 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _launch_args(V: int, label_smoothing: float, softcap: float):
-    block = kernels.block_v(V)
+    block = _kernels().block_v(V)
     return dict(HAS_SOFTCAP=softcap > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block,
-                num_warps=kernels.num_warps_for(block))
+                num_warps=_kernels().num_warps_for(block))
 
 
 def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softcap: float):
+    from torch.library import wrap_triton
     N, V = logits.shape
     rows = torch.empty(N, dtype=_acc(logits.dtype), device=logits.device)
     lse = torch.empty_like(rows)
     if N:
-        wrap_triton(kernels.cross_entropy_fwd_kernel)[(N,)](
+        wrap_triton(_kernels().cross_entropy_fwd_kernel)[(N,)](
             logits, logits.stride(0), logits.stride(1), targets, rows, lse,
             V, ignore_index, label_smoothing, softcap,
             **_launch_args(V, label_smoothing, softcap))
@@ -74,9 +84,10 @@ def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softc
 
 def launch_bwd(logits, targets, lse, a, b, label_smoothing: float, softcap: float, out):
     """Write the gradient into ``out`` (which may be ``logits`` itself)."""
+    from torch.library import wrap_triton
     N, V = logits.shape
     if N:
-        wrap_triton(kernels.cross_entropy_bwd_kernel)[(N,)](
+        wrap_triton(_kernels().cross_entropy_bwd_kernel)[(N,)](
             logits, logits.stride(0), logits.stride(1), targets, lse, a, b,
             out, out.stride(0), out.stride(1), V, label_smoothing, softcap,
             **_launch_args(V, label_smoothing, softcap))
@@ -93,6 +104,7 @@ def define_op(name: str, fn, fake):
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)
         return op
+    from torch.library import triton_op
     return triton_op(name, fn, mutates_args=())
 
 

@@ -1,0 +1,80 @@
+"""Incremental decoding for GPT: the next-token logits without recomputing what sampling has seen.
+
+Sampling needs the logits of the last position only. While the context still fits block_size,
+each block's keys and values of earlier positions do not change when a token is appended, so
+they are kept (the KV cache) and a step runs the new token alone through the blocks. Once the
+context is longer than block_size it is cropped to the last block_size tokens, as nanoGPT
+does; every position then moves, its position embedding and so all its keys and values with
+it, so that window is recomputed in full. Even then only the last block's keys and values are
+needed for every position: its queries, attention output and MLP run on the last position only.
+
+The math is the ``torch`` transformer_block's (fastgpt.ops.transformer_block) in eval mode: no
+dropout. It gives the same logits as ``model(idx)`` up to rounding (the matmuls see other
+shapes), so sampled tokens agree with full recomputation (tests/test_sample.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt.model import GPT, check_tokens
+from fastgpt.ops import BlockWeights
+
+
+def _block(x: torch.Tensor, w: BlockWeights, n_head: int, past: Optional[tuple], last_only: bool):
+    """One block on x (B, T, C), the positions after the ``past`` (keys, values) of this block,
+    each (B, nh, T_past, hs), or None. Returns the output, (B, 1, C) for the last position only
+    with ``last_only``, else (B, T, C), and the keys and values of all positions so far."""
+    B, T, C = x.shape
+    h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
+    qkv = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                   # (B, nh, T, hs)
+    if past is not None:
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    if last_only:
+        q, x, T = q[:, :, -1:], x[:, -1:], 1
+    # one query row sees every position so far; several rows (a prompt) come with no past
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)          # (B, nh, T, hs)
+    x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), w.attn_c_proj_weight,
+                     w.attn_c_proj_bias)
+    h = F.layer_norm(x, (C,), w.ln_2_weight, w.ln_2_bias)
+    x = x + F.linear(F.gelu(F.linear(h, w.c_fc_weight, w.c_fc_bias)), w.mlp_c_proj_weight,
+                     w.mlp_c_proj_bias)
+    return x, (k, v)
+
+
+class KVCache:
+    """Next-token logits of a GPT in eval mode for a growing sequence of token ids.
+
+    ``logits(idx)`` takes the whole sequence so far (B, T) each time and returns (B, V) for its
+    last position. When ``idx`` is one token longer than the previous call's sequence it must
+    extend it (as in a sampling loop: the cached positions are counted, not compared); any
+    other length recomputes from scratch.
+    """
+
+    def __init__(self, model: GPT):
+        self.model, self.cfg = model, model.config
+        self.weights = [block.weights() for block in model.transformer.h]
+        self.kv: list[Optional[tuple]] = [None] * len(self.weights)   # per block: (keys, values)
+        self.seen = 0                  # positions whose keys and values self.kv holds
+
+    @torch.no_grad()
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        cfg, tr = self.cfg, self.model.transformer
+        T = idx.shape[1]
+        if T > cfg.block_size:        # the cropped window: every position moved, start over
+            idx, T, self.seen = idx[:, -cfg.block_size:], cfg.block_size, 0
+        # one token more than last time: it alone goes through the blocks
+        start = self.seen if 0 < self.seen == T - 1 else 0
+        new = idx[:, start:]
+        check_tokens(new, cfg.vocab_size, cfg.block_size)
+        x = tr.wte.weight[new] + tr.wpe.weight[start:T]                      # (B, T', C)
+        last = len(self.weights) - 1
+        for i, w in enumerate(self.weights):
+            x, self.kv[i] = _block(x, w, cfg.n_head, self.kv[i] if start else None, i == last)
+        self.seen = T
+        x = F.layer_norm(x, (cfg.n_embd,), tr.ln_f.weight, tr.ln_f.bias)
+        return F.linear(x[:, -1], self.model.lm_head.weight)                 # (B, V)
