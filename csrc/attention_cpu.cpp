@@ -1,10 +1,11 @@
 // Causal self-attention on the CPU: one fused pass per head, forward and backward.
 //
-// Why: at the presets' CPU shapes (T = 64, D = 32) attention as batched matmuls costs about a
-// millisecond per layer and step: each bmm runs at ~100 GFLOP/s on (64 x 64) tiles, half of the
-// scores it computes are masked away, and q/k/v and the output are copied between (B, T, H, D)
-// and (B, H, T, D) layouts on the way in and out. Here each head is done in registers and L1:
-// only the causal half is computed, and the tensors are read and written in place.
+// Why: at the presets' CPU shapes (T = 64, D = 32) attention as batched matmuls runs each bmm
+// on (64 x 64) tiles at ~100 GFLOP/s, computes the masked half of the scores too, and copies
+// q/k/v and the output between (B, T, H, D) and (B, H, T, D) layouts on the way in and out.
+// Here each head is done in registers and L1: only the causal half is computed, and the tensors
+// are read and written in place. Measured at (B=12, H=4, T=64, D=32) bf16 on one thread of the
+// dev machine: forward 475 us -> 337 us, backward 596 us -> 427 us (aten path incl. its copies).
 //
 // Algorithm, per (batch, head), heads spread over threads with at::parallel_for. Inputs are
 // widened to fp32 scratch copies (D zero-padded to 16, 32, 64 or 128: Dv vectors of 16 lanes),
@@ -18,8 +19,8 @@
 //     dP = dout v^T (the same tiles as S), dS_ij = scale * P_ij (dP_ij - sum_j P_ij dP_ij),
 //     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j:
 //     dv_j = sum_{i >= j} P_ij dout_i and dk_j = sum_{i >= j} dS_ij q_i.
-// Saved state: P in fp32, (B*H, T, Tp) with rows padded to Tp = T rounded up to 16 (entries
-// with j > i that the kernel reads are written as 0).
+// Saved state: P in fp32, (B*H, T, Tp) with rows padded to Tp = T rounded up to 16; entries
+// with j > i are 0.
 // Limits: float32 and bfloat16 with D <= 128 take this path; other dtypes (float16, float64) or
 // larger D use the batched-matmul path below (aten bmm/softmax, probabilities in the input
 // dtype), which is also the float64 reference of the gradchecks. Memory is O(T^2) per head
