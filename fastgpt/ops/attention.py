@@ -4,11 +4,11 @@ All backends take q, k, v of shape (B, H, T, D) and return (B, H, T, D):
 
 * ``loop``  - explicit Python loops over batch and time, the lecture's first version;
 * ``tril``  - the lecture's matmul with a ``torch.tril`` mask, ``masked_fill(-inf)``, softmax;
-* ``torch`` - the plain vectorised reference every fast kernel is tested against (in float64),
-              and the CPU default for bfloat16;
-* ``sdpa``  - ``F.scaled_dot_product_attention(is_causal=True)``, the CPU default otherwise.
+* ``torch`` - the plain vectorised reference every fast kernel is tested against (in float64);
+* ``sdpa``  - ``F.scaled_dot_product_attention(is_causal=True)``, the CPU default for float32.
 
-Fast backends (``triton``, ``compile``, ``ext``) register themselves from their own modules.
+Fast backends register themselves from their own modules: ``triton`` and ``compile``, and
+``ext`` (C++, attention_ext.py), the CPU default for bfloat16.
 """
 
 from __future__ import annotations
