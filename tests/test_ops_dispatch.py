@@ -158,3 +158,15 @@ def test_importing_fastgpt_does_not_import_dynamo_or_inductor():
             "('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_on_load_runs_at_once_when_the_extension_is_already_loaded(monkeypatch):
+    from fastgpt.ops import extension
+    ran = []
+    monkeypatch.setattr(extension, "_on_load", [])
+    monkeypatch.setitem(extension._state, "reason", extension._UNTRIED)
+    extension.on_load(lambda: ran.append("before"))
+    assert ran == []                       # waits for the first availability check
+    monkeypatch.setitem(extension._state, "reason", None)   # loaded
+    extension.on_load(lambda: ran.append("after"))
+    assert ran == ["after"]                # a module imported later still registers its fakes

@@ -19,8 +19,11 @@ _on_load: list[Callable[[], None]] = []
 
 
 def on_load(fn: Callable[[], None]) -> Callable[[], None]:
-    """Run ``fn`` once fastgpt._C has been imported (decorator)."""
+    """Run ``fn`` once fastgpt._C has been imported (decorator); at once if it already was
+    (a module imported after the first availability check, e.g. fastgpt.optim)."""
     _on_load.append(fn)
+    if _state["reason"] is None:
+        fn()
     return fn
 
 
