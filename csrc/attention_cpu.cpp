@@ -286,32 +286,48 @@ __attribute__((always_inline)) inline void backward_head(
 }
 
 // Per-dtype entry points (one target_clones copy each), dispatching on Dv. A head's tensors
-// are addressed as base + b * stride_b + h * stride_h; `strides` holds (b, h, row) per tensor.
+// are addressed as base + b * stride_b + h * stride_h; `st` holds (b, h, row) per tensor.
 struct HeadLayout {
   int64_t B, H, T, D;
+  // vectors of 16 lanes per padded row: D rounds up to 16, 32, 64 or 128
+  int64_t vectors() const {
+    const int64_t Dv = round_up(D, kLanes) / kLanes;
+    return Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
+  }
 };
+
+// the rows of head bh of tensor number t
+template <typename raw_t>
+__attribute__((always_inline)) inline Rows<raw_t> head_rows(raw_t* base, const int64_t (*st)[3],
+                                                            int t, int64_t bh, HeadLayout L) {
+  return {base + bh / L.H * st[t][0] + bh % L.H * st[t][1], st[t][2]};
+}
+
+// calls body.template operator()<Dv>() with the compile-time vector count of L
+template <typename Body>
+__attribute__((always_inline)) inline void with_vectors(HeadLayout L, Body&& body) {
+  switch (L.vectors()) {
+    case 1: body.template operator()<1>(); break;
+    case 2: body.template operator()<2>(); break;
+    case 4: body.template operator()<4>(); break;
+    default: body.template operator()<8>(); break;
+  }
+}
 
 template <typename raw_t>
 __attribute__((always_inline)) inline void forward_heads(const raw_t* q, const raw_t* k,
                                                          const raw_t* v, raw_t* out, float* probs,
                                                          const int64_t (*st)[3], HeadLayout L,
                                                          float scale, int64_t begin, int64_t end) {
-  const int64_t Dv = round_up(L.D, kLanes) / kLanes;
-  const int64_t Dv_pow2 = Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
-  std::vector<float> scratch(forward_scratch(L.T, Dv_pow2 * kLanes));
+  std::vector<float> scratch(forward_scratch(L.T, L.vectors() * kLanes));
   const int64_t Tp = round_up(L.T, kLanes);
   for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / L.H, h = bh % L.H;
-    auto head = [&](auto* base, int t) { return base + b * st[t][0] + h * st[t][1]; };
-    const Rows<const raw_t> qr{head(q, 0), st[0][2]}, kr{head(k, 1), st[1][2]}, vr{head(v, 2), st[2][2]};
-    const Rows<raw_t> o{head(out, 3), st[3][2]};
     float* pr = probs == nullptr ? nullptr : probs + bh * L.T * Tp;
-    switch (Dv_pow2) {
-      case 1: forward_head<1>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
-      case 2: forward_head<2>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
-      case 4: forward_head<4>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
-      default: forward_head<8>(qr, kr, vr, o, pr, L.T, L.D, scale, scratch.data()); break;
-    }
+    with_vectors(L, [&]<int Dv>() __attribute__((always_inline)) {
+      forward_head<Dv>(head_rows(q, st, 0, bh, L), head_rows(k, st, 1, bh, L),
+                       head_rows(v, st, 2, bh, L), head_rows(out, st, 3, bh, L), pr, L.T, L.D,
+                       scale, scratch.data());
+    });
   }
 }
 
@@ -320,26 +336,16 @@ __attribute__((always_inline)) inline void backward_heads(
     const raw_t* dout, const raw_t* q, const raw_t* k, const raw_t* v, const float* probs,
     raw_t* dq, raw_t* dk, raw_t* dv, const int64_t (*st)[3], HeadLayout L, float scale,
     int64_t begin, int64_t end) {
-  const int64_t Dv = round_up(L.D, kLanes) / kLanes;
-  const int64_t Dv_pow2 = Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
-  std::vector<float> scratch(backward_scratch(L.T, Dv_pow2 * kLanes));
+  std::vector<float> scratch(backward_scratch(L.T, L.vectors() * kLanes));
   const int64_t Tp = round_up(L.T, kLanes);
   for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / L.H, h = bh % L.H;
-    auto head = [&](auto* base, int t) { return base + b * st[t][0] + h * st[t][1]; };
-    const Rows<const raw_t> dor{head(dout, 0), st[0][2]}, qr{head(q, 1), st[1][2]},
-        kr{head(k, 2), st[2][2]}, vr{head(v, 3), st[3][2]};
-    const Rows<raw_t> dqr{head(dq, 4), st[4][2]}, dkr{head(dk, 5), st[5][2]}, dvr{head(dv, 6), st[6][2]};
-    const float* pr = probs + bh * L.T * Tp;
-    switch (Dv_pow2) {
-#define FASTGPT_BACKWARD(N) \
-  backward_head<N>(dor, qr, kr, vr, pr, dqr, dkr, dvr, L.T, L.D, scale, scratch.data()); break
-      case 1: FASTGPT_BACKWARD(1);
-      case 2: FASTGPT_BACKWARD(2);
-      case 4: FASTGPT_BACKWARD(4);
-      default: FASTGPT_BACKWARD(8);
-#undef FASTGPT_BACKWARD
-    }
+    with_vectors(L, [&]<int Dv>() __attribute__((always_inline)) {
+      backward_head<Dv>(head_rows(dout, st, 0, bh, L), head_rows(q, st, 1, bh, L),
+                        head_rows(k, st, 2, bh, L), head_rows(v, st, 3, bh, L),
+                        probs + bh * L.T * Tp, head_rows(dq, st, 4, bh, L),
+                        head_rows(dk, st, 5, bh, L), head_rows(dv, st, 6, bh, L), L.T, L.D,
+                        scale, scratch.data());
+    });
   }
 }
 
@@ -365,6 +371,9 @@ FASTGPT_CLONES void backward_range(const uint16_t* dout, const uint16_t* q, cons
                                    HeadLayout L, float scale, int64_t begin, int64_t end) {
   backward_heads(dout, q, k, v, probs, dq, dk, dv, st, L, scale, begin, end);
 }
+
+// t itself when its D dimension has stride 1 (all the fused kernel needs), else a copy
+at::Tensor unit_stride_d(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 bool fused_path(const at::Tensor& q) {
   return (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16) &&
@@ -410,16 +419,14 @@ void backward_fused(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 }  // namespace attention_detail
 
 using attention_detail::fused_path;
+using attention_detail::unit_stride_d;
 
 at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                     const at::Tensor& v_in, double scale, const at::Tensor& out,
                                     bool save) {
   const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
   if (fused_path(q_in)) {
-    // the kernel needs unit stride along D only
-    const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-    const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-    const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+    const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
     TORCH_INTERNAL_ASSERT(out.stride(3) == 1);
     at::Tensor probs;
     if (save) probs = at::empty({B * H, T, attention_detail::round_up(T, 16)},
@@ -451,14 +458,13 @@ void causal_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                const at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   if (fused_path(q)) {
-    auto unit = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
     TORCH_INTERNAL_ASSERT(dq.stride(3) == 1 && dk.stride(3) == 1 && dv.stride(3) == 1);
+    const at::Tensor dout = unit_stride_d(grad_out), qu = unit_stride_d(q),
+                     ku = unit_stride_d(k), vu = unit_stride_d(v);
     if (q.scalar_type() == at::kFloat) {
-      attention_detail::backward_fused<float>(unit(grad_out), unit(q), unit(k), unit(v), saved,
-                                              scale, dq, dk, dv);
+      attention_detail::backward_fused<float>(dout, qu, ku, vu, saved, scale, dq, dk, dv);
     } else {
-      attention_detail::backward_fused<uint16_t>(unit(grad_out), unit(q), unit(k), unit(v),
-                                                 saved, scale, dq, dk, dv);
+      attention_detail::backward_fused<uint16_t>(dout, qu, ku, vu, saved, scale, dq, dk, dv);
     }
     return;
   }
