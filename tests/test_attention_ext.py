@@ -19,6 +19,8 @@ from fastgpt.ops.attention_ext import attention_ext
 from fastgpt.ops.extension import available
 from fastgpt.testing import assert_matches_reference
 
+from attention_helpers import check_all, qkv, run
+
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -31,24 +33,6 @@ CASES = [
     (1, 2, 17, 24, F32), (1, 2, 33, 48, BF16), (3, 4, 64, 32, BF16), (3, 4, 64, 32, F32),
     (1, 1, 97, 64, F32), (1, 2, 40, 128, BF16), (1, 1, 17, 200, F32), (2, 2, 33, 32, F16),
 ]
-
-
-def qkv(B, H, T, D, dtype, requires_grad=True):
-    x = torch.randn(B, T, 3, H, D, dtype=dtype)
-    return [t.transpose(1, 2).requires_grad_(requires_grad) for t in x.unbind(2)]
-
-
-def run(fn, q, k, v, dout, dtype=None):
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
-def check_all(fast, base, ref, label):
-    for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
-                             [base[0], *base[1]], [ref[0], *ref[1]]):
-        assert_matches_reference(f, b, r, f"{label} {name}")
 
 
 @pytest.mark.parametrize("B,H,T,D,dtype", CASES,

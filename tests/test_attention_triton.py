@@ -16,6 +16,8 @@ from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_triton import _available, attention_triton, dropout_keep_mask
 from fastgpt.testing import assert_matches_reference
 
+from attention_helpers import check_all, qkv, run
+
 assert _available() is None, _available()   # also defines torch.ops.fastgpt.attention_*
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -28,26 +30,6 @@ CASES = [
     (1, 2, 33, 80, F16), (2, 1, 20, 96, F32), (1, 2, 40, 32, BF16), (1, 1, 256, 64, F16),
     (1, 1, 256, 16, BF16),
 ]
-
-
-def qkv(B, H, T, D, dtype, requires_grad=True):
-    """q, k, v of shape (B, H, T, D): non-contiguous slices of one (B, T, 3, H, D) tensor."""
-    x = torch.randn(B, T, 3, H, D, dtype=dtype)
-    return [t.transpose(1, 2).requires_grad_(requires_grad) for t in x.unbind(2)]
-
-
-def run(fn, q, k, v, dout, dtype=None):
-    """Output and input gradients of fn, run on copies of q, k, v cast to ``dtype``."""
-    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), [t.grad for t in leaves]
-
-
-def check_all(fast, base, ref, label):
-    for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
-                             [base[0], *base[1]], [ref[0], *ref[1]]):
-        assert_matches_reference(f, b, r, f"{label} {name}")
 
 
 @pytest.mark.parametrize("B,H,T,D,dtype", CASES,

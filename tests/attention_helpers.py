@@ -1,0 +1,31 @@
+"""Helpers the attention backend tests share (test_attention_triton.py, test_attention_ext.py).
+
+q, k, v are strided views of one (B, T, 3, H, D) tensor, as the model makes them; a backend's
+output and input gradients are checked against the float64 reference with fastgpt.testing's
+accuracy rule.
+"""
+
+import torch
+
+from fastgpt.testing import assert_matches_reference
+
+
+def qkv(B, H, T, D, dtype, requires_grad=True):
+    """q, k, v of shape (B, H, T, D): non-contiguous slices of one (B, T, 3, H, D) tensor."""
+    x = torch.randn(B, T, 3, H, D, dtype=dtype)
+    return [t.transpose(1, 2).requires_grad_(requires_grad) for t in x.unbind(2)]
+
+
+def run(fn, q, k, v, dout, dtype=None):
+    """Output and input gradients of fn, run on copies of q, k, v cast to ``dtype``."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+def check_all(fast, base, ref, label):
+    """fast's output and gradients against ref (float64), with base (plain PyTorch) as yardstick."""
+    for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
+                             [base[0], *base[1]], [ref[0], *ref[1]]):
+        assert_matches_reference(f, b, r, f"{label} {name}")
