@@ -38,13 +38,18 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
         else:
             logits, _ = model(idx[:, -block_size:])
             logits = logits[:, -1, :]
-        logits = logits.float() / temperature                               # (B, V)
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        idx = torch.cat([idx, next_tokens(logits, temperature, top_k, generator)], dim=1)
     return idx
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row (B, 1), drawn from last-position logits (B, V) as nanoGPT draws it."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 from fastgpt.config import GPTConfig
 from fastgpt.kv_cache import KVCache
 from fastgpt.model import BigramLanguageModel, GPT
-from fastgpt.sample import generate
+from fastgpt.sample import generate, next_tokens
 
 
 def _gpt(dtype=torch.float32, bias=True, **kw) -> GPT:
@@ -23,12 +23,7 @@ def _reference(model, idx, n, temperature=1.0, top_k=None, generator=None):
     """nanoGPT's sampling loop: the whole cropped context through model() for every token."""
     for _ in range(n):
         logits, _ = model(idx[:, -model.config.block_size:])
-        logits = logits[:, -1, :].float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        idx = torch.cat([idx, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        idx = torch.cat([idx, next_tokens(logits[:, -1, :], temperature, top_k, generator)], dim=1)
     return idx
 
 
