@@ -27,6 +27,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "huge_pages.h"
+#include "vec_cpu.h"
 
 namespace fastgpt {
 namespace {
@@ -41,6 +43,50 @@ template <typename index_t>
   TORCH_INTERNAL_ASSERT(false, "an index was out of range but the rescan found none");
 }
 
+// Copies rows [begin, end) of the output; returns false if an index was out of range (that row
+// is zeroed, nothing outside the table is read). Rows are copied in 64-byte blocks inline: a
+// memcpy call per row costs about as much as copying a 512-byte row itself.
+template <typename index_t>
+__attribute__((always_inline)) inline bool gather_range(const char* weight, const index_t* idx,
+                                                       char* out, int64_t begin, int64_t end,
+                                                       int64_t num_weights, int64_t row_bytes) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = row_bytes / kBlock, tail = row_bytes % kBlock;
+  bool ok = true;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t k = static_cast<int64_t>(idx[i]);
+    char* dst = out + i * row_bytes;
+    if (k < 0 || k >= num_weights) {  // never read outside the table
+      ok = false;
+      std::memset(dst, 0, row_bytes);
+      continue;
+    }
+    const char* src = weight + k * row_bytes;
+    for (int64_t b = 0; b < blocks; ++b) __builtin_memcpy(dst + b * kBlock, src + b * kBlock, kBlock);
+    if (tail) std::memcpy(dst + blocks * kBlock, src + blocks * kBlock, tail);
+  }
+  return ok;
+}
+
+FASTGPT_CLONES bool gather_range_long(const char* weight, const int64_t* idx, char* out,
+                                      int64_t begin, int64_t end, int64_t num_weights,
+                                      int64_t row_bytes) {
+  return gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
+}
+FASTGPT_CLONES bool gather_range_int(const char* weight, const int32_t* idx, char* out,
+                                     int64_t begin, int64_t end, int64_t num_weights,
+                                     int64_t row_bytes) {
+  return gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
+}
+bool gather_range_any(const char* w, const int64_t* idx, char* o, int64_t b, int64_t e,
+                      int64_t V, int64_t rb) {
+  return gather_range_long(w, idx, o, b, e, V, rb);
+}
+bool gather_range_any(const char* w, const int32_t* idx, char* o, int64_t b, int64_t e,
+                      int64_t V, int64_t rb) {
+  return gather_range_int(w, idx, o, b, e, V, rb);
+}
+
 template <typename index_t>
 void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
                  int64_t num_weights, int64_t row_bytes, int64_t row_elems) {
@@ -48,17 +94,8 @@ void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
   // ~32k elements per task, torch's own grain for memory-bound loops
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_elems));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    bool local_bad = false;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t k = static_cast<int64_t>(idx[i]);
-      if (k < 0 || k >= num_weights) {  // never read outside the table
-        local_bad = true;
-        std::memset(out + i * row_bytes, 0, row_bytes);
-        continue;
-      }
-      std::memcpy(out + i * row_bytes, weight + k * row_bytes, row_bytes);
-    }
-    if (local_bad) bad.store(true, std::memory_order_relaxed);
+    if (!gather_range_any(weight, idx, out, begin, end, num_weights, row_bytes))
+      bad.store(true, std::memory_order_relaxed);
   });
   if (bad.load()) throw_first_bad_index(idx, n, num_weights);
 }
@@ -71,6 +108,7 @@ at::Tensor embedding_forward_cpu(const at::Tensor& weight_, const at::Tensor& in
   std::vector<int64_t> out_sizes = indices.sizes().vec();
   out_sizes.push_back(weight.size(1));
   at::Tensor out = at::empty(out_sizes, weight.options());  // (*indices.shape, C)
+  advise_huge_pages(out);
 
   const int64_t n = indices.numel(), V = weight.size(0), C = weight.size(1);
   const int64_t row_bytes = C * static_cast<int64_t>(weight.element_size());
@@ -117,6 +155,7 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
     const int64_t row_work = v < V ? start[v + 1] - start[v] + 1 : 0;
     return (start[v] + v) * blocks + b * row_work;
   };
+  auto no_gradient = [&](int64_t v) { return v == padding_idx || start[v] == start[v + 1]; };
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
   const int64_t total = work_before(items);
   std::vector<int64_t> bounds(parts + 1, items);
@@ -131,8 +170,16 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
   }
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     float local[kColumnBlock];
-    for (int64_t it = bounds[pbegin]; it < bounds[pend]; ++it) {
+    const int64_t last = bounds[pend];
+    for (int64_t it = bounds[pbegin]; it < last; ++it) {
       const int64_t v = it / blocks, c0 = (it % blocks) * kColumnBlock;
+      if (c0 == 0 && no_gradient(v)) {  // a run of whole rows without tokens: one memset
+        int64_t v_end = v + 1;
+        while ((v_end + 1) * blocks <= last && no_gradient(v_end)) ++v_end;
+        std::memset(out + v * C, 0, (v_end - v) * C * sizeof(scalar_t));
+        it = v_end * blocks - 1;
+        continue;
+      }
       const int64_t width = std::min(kColumnBlock, C - c0);
       scalar_t* dst = out + v * C + c0;
       // fp32 gradients accumulate in place; fp16/bf16 ones in a local fp32 block
@@ -236,6 +283,7 @@ at::Tensor embedding_backward_cpu(const at::Tensor& grad_out_, const at::Tensor&
   const at::Tensor indices = indices_.contiguous();
   const at::Tensor grad = grad_out_.contiguous();
   at::Tensor out = at::empty({V, grad.size(-1)}, grad.options());
+  advise_huge_pages(out);
   switch (grad.scalar_type()) {
     case at::kFloat: backward_index_dispatch<float>(grad, indices, out, padding_idx); break;
     case at::kHalf: backward_index_dispatch<at::Half>(grad, indices, out, padding_idx); break;

@@ -59,7 +59,8 @@ def _ext_grad(indices, weight, grad_out, padding_idx=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("V,C,shape", [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)),
-                                       (50, 1, (1, 1)), (8, 16, (0, 4))])
+                                       (50, 1, (1, 1)), (8, 16, (0, 4)),
+                                       (65, 512, (4096,))])   # 4-8 MiB: huge-page advice
 def test_forward_bitwise_equal(dtype, index_dtype, V, C, shape):
     weight = _weight(V, C, dtype)
     indices = torch.randint(0, V, shape, dtype=index_dtype)
@@ -118,12 +119,14 @@ def test_backward_deterministic_across_runs_and_threads(dtype, V):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_backward_algorithms_agree_bitwise(dtype):
-    """A small table takes the streaming algorithm, a large one the sorted one: same bits."""
+@pytest.mark.parametrize("C", [16, 300])   # rows of one and of two column blocks
+def test_backward_algorithms_agree_bitwise(dtype, C):
+    """A small table takes the streaming algorithm, a large one the sorted one: same bits.
+    The large table is mostly rows without tokens (zeroed in runs) around a padding row."""
     indices = torch.randint(0, 65, (4, 2048))
-    grad_out = torch.randn(4, 2048, 16).to(dtype)
-    small = bwd(grad_out, indices, 65, 3, True)          # 65 x 16 fp32 accumulators: streaming
-    large = bwd(grad_out, indices, 40000, 3, True)       # 40000 x 16 x 4 B > 2 MiB: sorted
+    grad_out = torch.randn(4, 2048, C).to(dtype)
+    small = bwd(grad_out, indices, 65, 3, True)          # 65 x C fp32 accumulators: streaming
+    large = bwd(grad_out, indices, 40000, 3, True)       # 40000 x C x 4 B > 2 MiB: sorted
     assert torch.equal(small, large[:65]) and not large[65:].any()
 
 

@@ -51,8 +51,8 @@ def embedding_ext(indices: torch.Tensor, weight: torch.Tensor, padding_idx: Opti
     if reason is not None:
         raise RuntimeError(reason)
     pad = -1 if padding_idx is None else padding_idx
-    if deterministic:  # the OpOverload, not the packet: skips overload resolution per call
-        return torch.ops.fastgpt.embedding_forward.default(weight, indices, pad)
+    if deterministic:
+        return _forward(weight, indices, pad)
     return _NonDeterministic.apply(weight, indices, pad)
 
 
@@ -77,8 +77,14 @@ class _NonDeterministic(torch.autograd.Function):
         return grad_weight, None, None
 
 
+_forward = None  # the OpOverload (not the packet: no overload resolution per call), once loaded
+
+
 @on_load
 def _register_fake() -> None:
+    global _forward
+    _forward = torch.ops.fastgpt.embedding_forward.default
+
     @torch.library.register_fake("fastgpt::embedding_forward")
     def _forward_fake(weight, indices, padding_idx):
         return weight.new_empty((*indices.shape, weight.shape[1]))
