@@ -1,16 +1,18 @@
 // CPU kernels of fastgpt::embedding_forward / embedding_backward.
 //
-// Forward: at::parallel_for over output rows; each row is one memcpy of C elements (libc's
-//   memcpy picks the widest vector loads the CPU has). Indices are checked in the same pass;
-//   a bad one is reported after the loop, naming the first offending value.
+// Forward: at::parallel_for over output rows, each row copied in 64-byte blocks (AVX-512,
+//   AVX2 or SSE clones). Indices are checked in the same pass; a bad one is reported after the
+//   loop, naming the first offending value.
+// Memory: outputs of 4 MiB or more are advised as transparent huge pages (huge_pages.h).
 // Backward (always deterministic on CPU), every output element summed over its tokens in token
 //   order in fp32, so the result does not depend on the thread count or on which of two
 //   algorithms ran (they give the same bits):
 //   - small tables (V x C fp32 <= 2 MiB, e.g. a character vocabulary): each thread owns a
 //     column slice of all rows and streams through the tokens in order (scan_tokens);
-//   - large tables: a counting sort groups token positions by row (one serial O(N + V) pass),
-//     the (row, column block) work items are split among threads by their token counts, and
-//     each item sums its tokens' rows (reduce_rows).
+//   - large tables: token positions are grouped by row (group_by_row: a stable sort when there
+//     are few tokens per row, else a counting sort), the (row, column block) work items and
+//     the runs of rows without tokens between them are split among threads by their cost, and
+//     each item sums its tokens' rows, each run is one memset (reduce_groups).
 // Precision: forward is an exact copy; backward accumulates in fp32 and rounds once to the
 //   gradient's dtype (fp16/bf16 gradients are more accurate than aten's, which adds in fp16/bf16).
 // Parallelism: at::parallel_for runs on torch's OpenMP pool only if this file is compiled with
@@ -121,41 +123,78 @@ at::Tensor embedding_forward_cpu(const at::Tensor& weight_, const at::Tensor& in
   return out;
 }
 
-// Token positions grouped by row: positions of row v are order[start[v] .. start[v + 1]),
-// in increasing token order. Also the bounds check of the backward.
+// The rows that get a gradient and their tokens: row rows[r] sums the gradient rows at positions
+// order[first[r] .. first[r + 1]), in increasing token order. rows ascend; padding tokens are
+// left out (that row is zeroed like any row without tokens). Indices are in [0, V).
+struct RowGroups {
+  std::vector<int64_t> rows, first, order;
+};
+
 template <typename index_t>
-void group_by_row(const index_t* idx, int64_t n, int64_t V, std::vector<int64_t>& start,
-                  std::vector<int64_t>& order) {
-  start.assign(V + 1, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = static_cast<int64_t>(idx[i]);
-#define OP_NAME "fastgpt::embedding_backward"
-    CHECK_INDEX_VALUE(k, V);
-#undef OP_NAME
-    ++start[k + 1];
+RowGroups group_by_row(const index_t* idx, int64_t n, int64_t V, int64_t padding_idx) {
+  RowGroups g;
+  g.order.reserve(n);
+  if (n < V / 8) {
+    // few tokens, many rows: sort the positions by row, O(n log n) with no pass over all V rows
+    for (int64_t i = 0; i < n; ++i)
+      if (idx[i] != padding_idx) g.order.push_back(i);
+    std::stable_sort(g.order.begin(), g.order.end(),
+                     [idx](int64_t a, int64_t b) { return idx[a] < idx[b]; });
+    for (size_t j = 0; j < g.order.size(); ++j) {
+      const int64_t k = static_cast<int64_t>(idx[g.order[j]]);
+      if (g.rows.empty() || g.rows.back() != k) {
+        g.rows.push_back(k);
+        g.first.push_back(static_cast<int64_t>(j));
+      }
+    }
+  } else {
+    // counting sort, O(n + V)
+    std::vector<int64_t> next(V, 0);  // tokens per row, then where the row's next position goes
+    for (int64_t i = 0; i < n; ++i) ++next[static_cast<int64_t>(idx[i])];
+    if (padding_idx >= 0) next[padding_idx] = 0;
+    int64_t total = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t count = next[v];
+      if (count > 0) {
+        g.rows.push_back(v);
+        g.first.push_back(total);
+      }
+      next[v] = total;
+      total += count;
+    }
+    g.order.resize(total);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = static_cast<int64_t>(idx[i]);
+      if (k != padding_idx) g.order[next[k]++] = i;
+    }
   }
-  for (int64_t v = 0; v < V; ++v) start[v + 1] += start[v];
-  std::vector<int64_t> next(start.begin(), start.end() - 1);
-  order.resize(n);
-  for (int64_t i = 0; i < n; ++i) order[next[static_cast<int64_t>(idx[i])]++] = i;
+  g.first.push_back(static_cast<int64_t>(g.order.size()));
+  return g;
 }
 
+// Writes all V rows: the groups' sums and zeros for every other row. Work items are (group r,
+// column block b), row-major, with one extra group r = R standing for the rows after the last
+// group; item (r, 0) also zeroes the rows between group r - 1 and group r ("gap r").
 template <typename scalar_t>
-void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>& start,
-                 const std::vector<int64_t>& order, int64_t V, int64_t C, int64_t padding_idx) {
+void reduce_groups(const scalar_t* grad, scalar_t* out, const RowGroups& g, int64_t V, int64_t C) {
   const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
-  const int64_t items = V * blocks;  // item = (row v, column block b), row-major
-  if (items == 0) return;
-  // Split items into one contiguous range per thread with about equal work, so a few very
-  // frequent rows (spaces in a character vocabulary) do not leave the other threads idle.
-  // Work before item `it`: every token of the earlier rows once per column block, plus one per
-  // item for zeroing and writing. Monotonic in `it`, so each boundary is a binary search.
+  const int64_t R = static_cast<int64_t>(g.rows.size());
+  const int64_t items = (R + 1) * blocks;
+  auto gap_begin = [&](int64_t r) { return r == 0 ? 0 : g.rows[r - 1] + 1; };
+  auto gap_end = [&](int64_t r) { return r == R ? V : g.rows[r]; };
+  auto tokens = [&](int64_t r) { return r == R ? 0 : g.first[r + 1] - g.first[r]; };
+  // Split the items into one contiguous range per thread with about equal work, so a few very
+  // frequent rows (spaces in a character vocabulary) or long runs of untouched rows do not
+  // leave the other threads idle. Cost, in row blocks: an item sums its tokens and writes
+  // once (tokens + 1); a zeroed row writes each of its blocks once.
+  std::vector<int64_t> group_work(R + 2, 0);  // work before group r
+  for (int64_t r = 0; r <= R; ++r)
+    group_work[r + 1] = group_work[r] + (gap_end(r) - gap_begin(r) + tokens(r) + 1) * blocks;
   auto work_before = [&](int64_t it) {
-    const int64_t v = it / blocks, b = it % blocks;
-    const int64_t row_work = v < V ? start[v + 1] - start[v] + 1 : 0;
-    return (start[v] + v) * blocks + b * row_work;
+    const int64_t r = it / blocks, b = it % blocks;
+    if (r > R) return group_work[R + 1];
+    return group_work[r] + (b > 0 ? (gap_end(r) - gap_begin(r)) * blocks : 0) + b * (tokens(r) + 1);
   };
-  auto no_gradient = [&](int64_t v) { return v == padding_idx || start[v] == start[v + 1]; };
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
   const int64_t total = work_before(items);
   std::vector<int64_t> bounds(parts + 1, items);
@@ -170,28 +209,23 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
   }
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     float local[kColumnBlock];
-    const int64_t last = bounds[pend];
-    for (int64_t it = bounds[pbegin]; it < last; ++it) {
-      const int64_t v = it / blocks, c0 = (it % blocks) * kColumnBlock;
-      if (c0 == 0 && no_gradient(v)) {  // a run of whole rows without tokens: one memset
-        int64_t v_end = v + 1;
-        while ((v_end + 1) * blocks <= last && no_gradient(v_end)) ++v_end;
-        std::memset(out + v * C, 0, (v_end - v) * C * sizeof(scalar_t));
-        it = v_end * blocks - 1;
-        continue;
+    for (int64_t it = bounds[pbegin]; it < bounds[pend]; ++it) {
+      const int64_t r = it / blocks, c0 = (it % blocks) * kColumnBlock;
+      if (c0 == 0) {
+        const int64_t v0 = gap_begin(r), v1 = gap_end(r);
+        if (v1 > v0) std::memset(out + v0 * C, 0, (v1 - v0) * C * sizeof(scalar_t));
       }
+      if (r == R) continue;
       const int64_t width = std::min(kColumnBlock, C - c0);
-      scalar_t* dst = out + v * C + c0;
+      scalar_t* dst = out + g.rows[r] * C + c0;
       // fp32 gradients accumulate in place; fp16/bf16 ones in a local fp32 block
       float* acc;
       if constexpr (std::is_same_v<scalar_t, float>) acc = dst; else acc = local;
       std::fill(acc, acc + width, 0.0f);
-      if (v != padding_idx) {
-        for (int64_t j = start[v]; j < start[v + 1]; ++j) {
-          const scalar_t* __restrict__ g = grad + order[j] * C + c0;
-          float* __restrict__ a = acc;
-          for (int64_t c = 0; c < width; ++c) a[c] += static_cast<float>(g[c]);
-        }
+      for (int64_t j = g.first[r]; j < g.first[r + 1]; ++j) {
+        const scalar_t* __restrict__ src = grad + g.order[j] * C + c0;
+        float* __restrict__ a = acc;
+        for (int64_t c = 0; c < width; ++c) a[c] += static_cast<float>(src[c]);
       }
       if constexpr (!std::is_same_v<scalar_t, float>)
         for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
@@ -202,7 +236,7 @@ void reduce_rows(const scalar_t* grad, scalar_t* out, const std::vector<int64_t>
 // Small tables: every thread owns a slice of columns (whole cache lines) of all V rows and
 // streams through the tokens in order, adding each token's slice into its row. Reads are
 // sequential and the V x slice fp32 accumulators stay in cache; each element is still summed
-// in token order, so the result is bitwise the same as reduce_rows'.
+// in token order, so the result is bitwise the same as reduce_groups'.
 template <typename scalar_t, typename index_t>
 void scan_tokens(const scalar_t* grad, const index_t* idx, scalar_t* out, int64_t n, int64_t V,
                  int64_t C, int64_t padding_idx) {
@@ -241,7 +275,7 @@ void scan_tokens(const scalar_t* grad, const index_t* idx, scalar_t* out, int64_
   });
 }
 
-// fp32 accumulators of at most this size use scan_tokens, larger tables reduce_rows
+// fp32 accumulators of at most this size use scan_tokens, larger tables reduce_groups
 constexpr int64_t kScanBytes = 1 << 21;
 
 template <typename scalar_t, typename index_t>
@@ -251,18 +285,15 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& indices, at::Tenso
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const index_t* idx = indices.const_data_ptr<index_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  if (V * C * static_cast<int64_t>(sizeof(float)) <= kScanBytes) {
-    for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
 #define OP_NAME "fastgpt::embedding_backward"
-      CHECK_INDEX_VALUE(static_cast<int64_t>(idx[i]), V);
+    CHECK_INDEX_VALUE(static_cast<int64_t>(idx[i]), V);
 #undef OP_NAME
-    }
-    scan_tokens(g, idx, o, n, V, C, padding_idx);
-  } else {
-    std::vector<int64_t> start, order;
-    group_by_row(idx, n, V, start, order);
-    reduce_rows(g, o, start, order, V, C, padding_idx);
   }
+  if (V * C * static_cast<int64_t>(sizeof(float)) <= kScanBytes)
+    scan_tokens(g, idx, o, n, V, C, padding_idx);
+  else
+    reduce_groups(g, o, group_by_row(idx, n, V, padding_idx), V, C);
 }
 
 template <typename scalar_t>

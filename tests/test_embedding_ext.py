@@ -78,8 +78,10 @@ def test_forward_non_contiguous_inputs():
 
 # ----------------------------------------------------------------------------------- backward
 
-# (V, tokens, C): many repeats (a character vocabulary), every index distinct, odd widths
-CASES = [(65, 8192, 32), (4096, 4096, 24), (97, 300, 300), (5, 7, 3)]
+# (V, tokens, C): many repeats (a character vocabulary), every index distinct, odd widths, and
+# tables over 2 MiB (grouped algorithm) with many tokens per row and with few
+CASES = [(65, 8192, 32), (4096, 4096, 24), (97, 300, 300), (5, 7, 3), (20000, 8192, 40),
+         (50000, 1000, 24)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,7 +101,7 @@ def test_backward_matches_reference(dtype, V, N, C):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("V", [65, 40000])   # the small-table and the sorted algorithm
+@pytest.mark.parametrize("V", [65, 40000, 100000])   # streaming; counting / comparison sort
 def test_backward_deterministic_across_runs_and_threads(dtype, V):
     N, C = 8192, 96
     indices = torch.randint(0, V, (8, N // 8))
@@ -120,11 +122,12 @@ def test_backward_deterministic_across_runs_and_threads(dtype, V):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C", [16, 300])   # rows of one and of two column blocks
-def test_backward_algorithms_agree_bitwise(dtype, C):
-    """A small table takes the streaming algorithm, a large one the sorted one: same bits.
+@pytest.mark.parametrize("N", [8192, 512])   # large table: counting sort / comparison sort
+def test_backward_algorithms_agree_bitwise(dtype, C, N):
+    """A small table takes the streaming algorithm, a large one the grouped one: same bits.
     The large table is mostly rows without tokens (zeroed in runs) around a padding row."""
-    indices = torch.randint(0, 65, (4, 2048))
-    grad_out = torch.randn(4, 2048, C).to(dtype)
+    indices = torch.randint(0, 65, (4, N // 4))
+    grad_out = torch.randn(4, N // 4, C).to(dtype)
     small = bwd(grad_out, indices, 65, 3, True)          # 65 x C fp32 accumulators: streaming
     large = bwd(grad_out, indices, 40000, 3, True)       # 40000 x C x 4 B > 2 MiB: sorted
     assert torch.equal(small, large[:65]) and not large[65:].any()
