@@ -245,6 +245,39 @@ def test_bad_dtypes_shapes_and_devices():
         ops.embedding(indices.float(), weight, backend="ext")
 
 
+# --------------------------------------------------------------------------------- autograd
+
+def test_autograd_graph_like_aten():
+    """The C++ autograd node: one edge to weight, saved indices freed after backward, saved-tensor
+    hooks see the indices."""
+    weight = _weight(65, 16, torch.float32, requires_grad=True)
+    indices = torch.randint(0, 65, (4, 8))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = ops.embedding(indices, weight, backend="ext")
+    assert len(packed) == 1 and packed[0] is indices
+    assert out.grad_fn.name() == "fastgpt::EmbeddingBackward"
+    (edge,) = out.grad_fn.next_functions
+    assert edge[0].variable is weight   # weight's AccumulateGrad
+    out.sum().backward()
+    assert torch.equal(weight.grad, _torch_grad(indices, weight, torch.ones(4, 8, 16)))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert ops.embedding(indices, weight, backend="ext").grad_fn is None
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_forward_mode_ad_like_f_embedding(padding_idx):
+    weight, tangent = _weight(11, 6, torch.float32), torch.randn(11, 6)
+    indices = torch.randint(0, 11, (3, 5))
+    out, out_tangent = torch.func.jvp(
+        lambda w: ops.embedding(indices, w, padding_idx=padding_idx, backend="ext"),
+        (weight,), (tangent,))
+    assert torch.equal(out, F.embedding(indices, weight))
+    assert torch.equal(out_tangent, F.embedding(indices, tangent, padding_idx=padding_idx))
+
+
 # ------------------------------------------------------------------ registration and dispatch
 
 @pytest.mark.parametrize("dtype,index_dtype,padding_idx", [
