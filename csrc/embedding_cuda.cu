@@ -4,16 +4,20 @@
 //   or less) copies one output row, lane by lane, in the widest load the row's byte length and
 //   alignment allow (16 bytes when C * sizeof(T) % 16 == 0, then 8, 4, 2).
 // Backward, deterministic (default): sort the flattened indices (stable, so equal indices keep
-//   token order), then the first position of each run of equal indices sums that run's
-//   gradient rows, in order, in fp32 registers, and writes its weight row once. No float
-//   atomics: bitwise reproducible. Column slices of a row go to separate thread groups
-//   (blockIdx.y), so wide rows use many warps; one very frequent index is summed serially.
+//   token order) and find the runs of equal indices (ATen ops: sort, nonzero, cumsum). Runs
+//   longer than kChunk positions are cut into chunks of kChunk; phase 1 sums each chunk's
+//   gradient rows into an fp32 partial row; phase 2 gives each run one thread group that sums
+//   either its gradient rows (short run) or its chunks' partial rows (long run), in order, in
+//   fp32 registers, and writes its weight row once. No float atomics: bitwise reproducible, and
+//   a very frequent index (a space in a character vocabulary) is summed by many thread groups,
+//   not one. Column slices of a row go to separate thread groups (blockIdx.y).
 // Backward, deterministic=False: one thread group per token adds its row into an fp32 buffer
 //   with atomicAdd; fp16/bf16 gradients are rounded from that buffer at the end.
-// Bounds: an out-of-range index never reads or writes outside a tensor; the kernel records it
-//   in a small device buffer (count, one offending value) that the host reads after the launch
-//   and turns into the same IndexError as the CPU. That read is one device-to-host sync per
-//   call: the price of a clear error instead of a device-side assert that poisons the context.
+// Bounds: an out-of-range index never reads or writes outside a tensor. The forward kernel
+//   records it in a small device buffer (count, one offending value) that the host reads after
+//   the launch; the backward reads the indices' min and max before launching. Either way it
+//   becomes the same IndexError as on the CPU, at one device-to-host sync per call: the price
+//   of a clear error instead of a device-side assert that poisons the context.
 // Precision: forward copies bits; backward accumulates in fp32, one rounding to the grad dtype.
 // Streams: everything runs on the current stream of the inputs' device.
 //
@@ -36,6 +40,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
+constexpr int64_t kChunk = 32;           // deterministic backward: positions per partial sum
 
 // err[0]: how many indices were out of range; err[1]: one of them
 __device__ __forceinline__ void record_bad_index(unsigned long long* err, int64_t k) {
@@ -144,33 +149,66 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
-// Deterministic: thread group (y) = one sorted position; acts only at the start of a run of
-// equal indices, summing the run in order. blockIdx.y picks a slice of blockDim.x * VEC columns.
+// Deterministic backward, phase 1: the runs longer than kChunk positions are cut into chunks of
+// kChunk consecutive sorted positions; thread group (y) = one chunk sums its gradient rows into
+// its fp32 row of `partial`. blockIdx.y picks a slice of blockDim.x * VEC columns.
 template <typename scalar_t, int VEC>
-__global__ void backward_sorted_kernel(const scalar_t* __restrict__ grad,
-                                       const int64_t* __restrict__ sorted,
-                                       const int64_t* __restrict__ order,
-                                       scalar_t* __restrict__ grad_weight, int64_t n,
-                                       int64_t num_weights, int64_t C, int64_t padding_idx,
-                                       unsigned long long* __restrict__ err) {
+__global__ void chunk_sums_kernel(const scalar_t* __restrict__ grad,
+                                  const int64_t* __restrict__ order,
+                                  const int64_t* __restrict__ chunk_begin,
+                                  const int64_t* __restrict__ chunk_end,
+                                  float* __restrict__ partial, int64_t chunks, int64_t C) {
   using P = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.y) {
-    const int64_t k = sorted[i];
-    if (i > 0 && sorted[i - 1] == k) continue;  // not the start of a run
-    if (k < 0 || k >= num_weights) {
-      if (threadIdx.x == 0 && blockIdx.y == 0) record_bad_index(err, k);
-      continue;
-    }
-    if (k == padding_idx || c >= C) continue;  // padding row stays zero
+  if (c >= C) return;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; q < chunks;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     float acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-    for (int64_t j = i; j < n && sorted[j] == k; ++j) {
+    for (int64_t j = chunk_begin[q]; j < chunk_end[q]; ++j) {
       const P p = *reinterpret_cast<const P*>(grad + order[j] * C + c);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[e] += static_cast<float>(p.v[e]);
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) partial[q * C + c + e] = acc[e];
+  }
+}
+
+// Phase 2: thread group (y) = one run of equal sorted indices (one weight row). A run of at most
+// kChunk positions sums its gradient rows; a longer one sums its chunks' partial rows, in order.
+// Either way the order is fixed by the data alone: bitwise reproducible, no float atomics.
+template <typename scalar_t, int VEC>
+__global__ void run_sums_kernel(const scalar_t* __restrict__ grad,
+                                const int64_t* __restrict__ sorted,
+                                const int64_t* __restrict__ order,
+                                const int64_t* __restrict__ run_begin,
+                                const int64_t* __restrict__ run_end,
+                                const int64_t* __restrict__ run_chunks,
+                                const float* __restrict__ partial,
+                                scalar_t* __restrict__ grad_weight, int64_t runs, int64_t C,
+                                int64_t padding_idx) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= C) return;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; r < runs;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t k = sorted[run_begin[r]];
+    if (k == padding_idx) continue;  // the padding row stays zero
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
+    if (run_chunks[r] == run_chunks[r + 1]) {  // short run: no chunks
+      for (int64_t j = run_begin[r]; j < run_end[r]; ++j) {
+        const P p = *reinterpret_cast<const P*>(grad + order[j] * C + c);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += static_cast<float>(p.v[e]);
+      }
+    } else {
+      for (int64_t q = run_chunks[r]; q < run_chunks[r + 1]; ++q)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += partial[q * C + c + e];
     }
     P o;
 #pragma unroll
@@ -184,62 +222,116 @@ template <typename scalar_t, int VEC>
 __global__ void backward_atomic_kernel(const scalar_t* __restrict__ grad,
                                        const int64_t* __restrict__ idx,
                                        float* __restrict__ grad_weight, int64_t n,
-                                       int64_t num_weights, int64_t C, int64_t padding_idx,
-                                       unsigned long long* __restrict__ err) {
+                                       int64_t num_weights, int64_t C, int64_t padding_idx) {
   using P = Pack<scalar_t, VEC>;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * VEC;
+  if (c >= C) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t k = idx[i];
-    if (k < 0 || k >= num_weights) {
-      if (threadIdx.x == 0 && blockIdx.y == 0) record_bad_index(err, k);
-      continue;
-    }
-    if (k == padding_idx || c >= C) continue;
+    // the host checked every index; this only guards memory should that ever change
+    if (k < 0 || k >= num_weights || k == padding_idx) continue;
     const P p = *reinterpret_cast<const P*>(grad + i * C + c);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) atomicAdd(grad_weight + k * C + c + e, static_cast<float>(p.v[e]));
   }
 }
 
-template <typename scalar_t, int VEC>
-void launch_backward(const at::Tensor& grad, const at::Tensor& idx, const at::Tensor& order,
-                     at::Tensor& grad_weight, int64_t padding_idx, bool deterministic,
-                     const at::Tensor& err, cudaStream_t stream) {
-  const int64_t n = idx.numel(), C = grad.size(-1);
+// The deterministic backward's plan, built with ATen ops on the device: positions sorted by
+// index (stable), the runs of equal indices, and the kChunk-position chunks of the long runs.
+struct RunPlan {
+  at::Tensor sorted, order;           // (n,) sorted indices and their token positions
+  at::Tensor run_begin, run_end;      // (R,) positions [begin, end) of each run
+  at::Tensor run_chunks;              // (R + 1,) run r owns chunks [run_chunks[r], run_chunks[r + 1])
+  at::Tensor chunk_begin, chunk_end;  // (Q,) positions of each chunk
+  int64_t chunks = 0;                 // Q
+};
+
+RunPlan plan_runs(const at::Tensor& sorted, const at::Tensor& order) {
+  RunPlan p{sorted, order};
+  const int64_t n = sorted.numel();
+  const at::TensorOptions opts = sorted.options();
+  at::Tensor is_begin = at::ones({n}, opts.dtype(at::kBool));
+  if (n > 1) is_begin.slice(0, 1).copy_(sorted.slice(0, 1).ne(sorted.slice(0, 0, n - 1)));
+  p.run_begin = at::nonzero(is_begin).view(-1);  // waits for the device
+  p.run_end = at::cat({p.run_begin.slice(0, 1), at::full({1}, n, opts)});
+  const at::Tensor length = p.run_end - p.run_begin;
+  const at::Tensor chunks = at::where(length.gt(kChunk), (length + (kChunk - 1)).div(kChunk, "floor"),
+                                      at::zeros_like(length));
+  p.run_chunks = at::cat({at::zeros({1}, opts), at::cumsum(chunks, 0)});
+  p.chunks = p.run_chunks[-1].item<int64_t>();
+  if (p.chunks > 0) {
+    const at::Tensor owner = at::repeat_interleave(chunks, p.chunks);  // run of each chunk
+    const at::Tensor rank = at::arange(p.chunks, opts) - p.run_chunks.index_select(0, owner);
+    p.chunk_begin = p.run_begin.index_select(0, owner) + rank * kChunk;
+    p.chunk_end = at::minimum(p.chunk_begin + kChunk, p.run_end.index_select(0, owner));
+  }
+  return p;
+}
+
+// Launch shape shared by the backward kernels: thread groups of `lanes` threads (y) over
+// `items` (tokens, chunks or runs), blockIdx.y over column slices of lanes * VEC elements.
+struct Launch {
+  dim3 grid, block;
+};
+
+template <int VEC>
+Launch backward_launch(int64_t items, int64_t C) {
   const int lanes = lanes_for((C + VEC - 1) / VEC);
   const dim3 block(lanes, kThreads / lanes);
   const int64_t slices = (C + static_cast<int64_t>(lanes) * VEC - 1) / (static_cast<int64_t>(lanes) * VEC);
   TORCH_CHECK(slices <= 65535, "fastgpt::embedding_backward: rows of ", C, " elements are too wide");
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((n + block.y - 1) / block.y, kMaxBlocks)),
-                  static_cast<unsigned>(slices));
-  auto* e = reinterpret_cast<unsigned long long*>(err.mutable_data_ptr<int64_t>());
-  if (deterministic) {
-    backward_sorted_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>((items + block.y - 1) / block.y, kMaxBlocks));
+  return {dim3(static_cast<unsigned>(groups), static_cast<unsigned>(slices)), block};
+}
+
+template <typename scalar_t, int VEC>
+void launch_backward(const at::Tensor& grad, const at::Tensor& idx, at::Tensor& grad_weight,
+                     int64_t padding_idx, bool deterministic, cudaStream_t stream) {
+  const int64_t n = idx.numel(), C = grad.size(-1), V = grad_weight.size(0);
+  if (!deterministic) {
+    const Launch l = backward_launch<VEC>(n, C);
+    backward_atomic_kernel<scalar_t, VEC><<<l.grid, l.block, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-        order.const_data_ptr<int64_t>(), grad_weight.mutable_data_ptr<scalar_t>(), n,
-        grad_weight.size(0), C, padding_idx, e);
-  } else {
-    backward_atomic_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
-        grad.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
-        grad_weight.mutable_data_ptr<float>(), n, grad_weight.size(0), C, padding_idx, e);
+        grad_weight.mutable_data_ptr<float>(), n, V, C, padding_idx);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
+  const auto [sorted, order] = at::sort(idx, /*stable=*/true, 0, false);
+  const RunPlan p = plan_runs(sorted, order);
+  at::Tensor partial;
+  if (p.chunks > 0) {
+    partial = at::empty({p.chunks, C}, grad.options().dtype(at::kFloat));
+    const Launch l = backward_launch<VEC>(p.chunks, C);
+    chunk_sums_kernel<scalar_t, VEC><<<l.grid, l.block, 0, stream>>>(
+        grad.const_data_ptr<scalar_t>(), p.order.const_data_ptr<int64_t>(),
+        p.chunk_begin.const_data_ptr<int64_t>(), p.chunk_end.const_data_ptr<int64_t>(),
+        partial.mutable_data_ptr<float>(), p.chunks, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t runs = p.run_begin.numel();
+  const Launch l = backward_launch<VEC>(runs, C);
+  run_sums_kernel<scalar_t, VEC><<<l.grid, l.block, 0, stream>>>(
+      grad.const_data_ptr<scalar_t>(), p.sorted.const_data_ptr<int64_t>(),
+      p.order.const_data_ptr<int64_t>(), p.run_begin.const_data_ptr<int64_t>(),
+      p.run_end.const_data_ptr<int64_t>(), p.run_chunks.const_data_ptr<int64_t>(),
+      p.chunks > 0 ? partial.const_data_ptr<float>() : nullptr,
+      grad_weight.mutable_data_ptr<scalar_t>(), runs, C, padding_idx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void backward_dispatch_width(const at::Tensor& grad, const at::Tensor& idx, const at::Tensor& order,
-                             at::Tensor& grad_weight, int64_t padding_idx, bool deterministic,
-                             const at::Tensor& err, cudaStream_t stream) {
+void backward_dispatch_width(const at::Tensor& grad, const at::Tensor& idx, at::Tensor& grad_weight,
+                             int64_t padding_idx, bool deterministic, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const int64_t C = grad.size(-1);
   const bool aligned = C % kVec == 0 &&
                        reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(grad_weight.const_data_ptr()) % 16 == 0;
   if (aligned)
-    launch_backward<scalar_t, kVec>(grad, idx, order, grad_weight, padding_idx, deterministic, err, stream);
+    launch_backward<scalar_t, kVec>(grad, idx, grad_weight, padding_idx, deterministic, stream);
   else
-    launch_backward<scalar_t, 1>(grad, idx, order, grad_weight, padding_idx, deterministic, err, stream);
+    launch_backward<scalar_t, 1>(grad, idx, grad_weight, padding_idx, deterministic, stream);
 }
 
 at::Tensor embedding_backward_cuda(const at::Tensor& grad_out_, const at::Tensor& indices_,
@@ -257,24 +349,28 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out_, const at::Tensor
   const bool buffer = !deterministic && grad.scalar_type() != at::kFloat;
   at::Tensor grad_weight =
       at::zeros({V, C}, grad.options().dtype(buffer ? at::kFloat : grad.scalar_type()));
-  if (n == 0 || C == 0) return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
+  if (n == 0) return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
 
-  const at::Tensor err = at::zeros({2}, idx.options());
+  // Bounds first, before any kernel indexes with them: one small device-to-host copy.
+  const auto [lo, hi] = at::aminmax(idx);
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
+  const int64_t l = range.const_data_ptr<int64_t>()[0], h = range.const_data_ptr<int64_t>()[1];
+#define OP_NAME "fastgpt::embedding_backward"
+  CHECK_INDEX_VALUE(l < 0 ? l : h, V);
+#undef OP_NAME
+  if (C == 0) return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
+
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor sorted = idx, order = idx;
-  if (deterministic) std::tie(sorted, order) = at::sort(idx, /*stable=*/true, 0, false);
-
   switch (grad.scalar_type()) {
     case at::kFloat:
-      backward_dispatch_width<float>(grad, sorted, order, grad_weight, padding_idx, deterministic, err, stream);
+      backward_dispatch_width<float>(grad, idx, grad_weight, padding_idx, deterministic, stream);
       break;
     case at::kHalf:
-      backward_dispatch_width<at::Half>(grad, sorted, order, grad_weight, padding_idx, deterministic, err, stream);
+      backward_dispatch_width<at::Half>(grad, idx, grad_weight, padding_idx, deterministic, stream);
       break;
     default:  // kBFloat16
-      backward_dispatch_width<at::BFloat16>(grad, sorted, order, grad_weight, padding_idx, deterministic, err, stream);
+      backward_dispatch_width<at::BFloat16>(grad, idx, grad_weight, padding_idx, deterministic, stream);
   }
-  raise_if_bad(err, V, "fastgpt::embedding_backward");
   return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
 }
 

@@ -278,6 +278,58 @@ def test_forward_mode_ad_like_f_embedding(padding_idx):
     assert torch.equal(out_tangent, F.embedding(indices, tangent, padding_idx=padding_idx))
 
 
+# ------------------------------------------------------------ CUDA (skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not extension.has_kernel("fastgpt::embedding_forward", "CUDA"),
+    reason="needs a CUDA GPU and fastgpt._C built with CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_cuda_forward_bitwise_equal(dtype, index_dtype):
+    for V, C, shape in [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)), (8, 16, (0, 4)),
+                        (50304, 768, (8, 1024))]:
+        weight = _weight(V, C, dtype).cuda()
+        indices = torch.randint(0, V, shape, dtype=index_dtype).cuda()
+        assert torch.equal(fwd(weight, indices, -1), F.embedding(indices, weight))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V,N,C", CASES + [(65, 65536, 128), (1, 5000, 16)])   # + long runs
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_backward_matches_reference(dtype, V, N, C, deterministic):
+    indices = torch.randint(0, V, (N,))
+    grad_out = torch.randn(N, C).to(dtype)
+    pad = 3 if V > 3 else None
+    run = lambda: bwd(grad_out.cuda(), indices.cuda(), V, -1 if pad is None else pad,  # noqa: E731
+                      deterministic)
+    got = run()
+    assert got.dtype == dtype and got.shape == (V, C)
+    plain = _torch_grad(indices.cuda(), _weight(V, C, dtype).cuda(), grad_out.cuda(), pad)
+    ref = _reference_grad(indices, grad_out, V, pad)
+    assert_matches_reference(got.cpu(), plain.cpu(), ref, f"cuda grad_weight {dtype} V={V} N={N}")
+    if deterministic:   # bitwise reproducible
+        assert torch.equal(got, run())
+
+
+@needs_cuda
+def test_cuda_out_of_range_index_names_value_and_size():
+    weight = _weight(65, 8, torch.float32).cuda()
+    for bad in (-1, 65, 1000):
+        indices = torch.randint(0, 65, (3, 50)).cuda()
+        indices[2, 17] = bad
+        msg = rf"index {bad} is out of range for an embedding table of 65 rows"
+        with pytest.raises(IndexError, match=msg):
+            fwd(weight, indices, -1)
+        for deterministic in (True, False):
+            with pytest.raises(IndexError, match=msg):
+                bwd(torch.randn(3, 50, 8).cuda(), indices, 65, -1, deterministic)
+    assert torch.equal(fwd(weight, indices.clamp(0, 64), -1), F.embedding(indices.clamp(0, 64), weight))
+
+
 # ------------------------------------------------------------------ registration and dispatch
 
 @pytest.mark.parametrize("dtype,index_dtype,padding_idx", [
