@@ -3,7 +3,7 @@
 // Forward: at::parallel_for over output rows, each row copied in 64-byte blocks (AVX-512,
 //   AVX2 or SSE clones). Indices are checked in the same pass; a bad one is reported after the
 //   loop, naming the first offending value.
-// Memory: outputs of 4 MiB or more are advised as transparent huge pages (huge_pages.h).
+// Memory: outputs of 32 MiB or more are advised as transparent huge pages (huge_pages.h).
 // Backward (always deterministic on CPU), every output element summed over its tokens in token
 //   order in fp32, so the result does not depend on the thread count or on which of two
 //   algorithms ran (they give the same bits):

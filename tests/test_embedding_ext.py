@@ -60,7 +60,7 @@ def _ext_grad(indices, weight, grad_out, padding_idx=None):
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("V,C,shape", [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)),
                                        (50, 1, (1, 1)), (8, 16, (0, 4)),
-                                       (65, 512, (4096,))])   # 4-8 MiB: huge-page advice
+                                       (65, 512, (16384,))])   # 32-64 MiB: huge-page advice
 def test_forward_bitwise_equal(dtype, index_dtype, V, C, shape):
     weight = _weight(V, C, dtype)
     indices = torch.randint(0, V, shape, dtype=index_dtype)
