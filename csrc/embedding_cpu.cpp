@@ -178,6 +178,7 @@ RowGroups group_by_row(const index_t* idx, int64_t n, int64_t V, int64_t padding
 template <typename scalar_t>
 void reduce_groups(const scalar_t* grad, scalar_t* out, const RowGroups& g, int64_t V, int64_t C) {
   const int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+  if (blocks == 0) return;  // C == 0: nothing to write
   const int64_t R = static_cast<int64_t>(g.rows.size());
   const int64_t items = (R + 1) * blocks;
   auto gap_begin = [&](int64_t r) { return r == 0 ? 0 : g.rows[r - 1] + 1; };
