@@ -80,14 +80,6 @@ FASTGPT_CLONES bool gather_range_int(const char* weight, const int32_t* idx, cha
                                      int64_t row_bytes) {
   return gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
 }
-bool gather_range_any(const char* w, const int64_t* idx, char* o, int64_t b, int64_t e,
-                      int64_t V, int64_t rb) {
-  return gather_range_long(w, idx, o, b, e, V, rb);
-}
-bool gather_range_any(const char* w, const int32_t* idx, char* o, int64_t b, int64_t e,
-                      int64_t V, int64_t rb) {
-  return gather_range_int(w, idx, o, b, e, V, rb);
-}
 
 template <typename index_t>
 void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
@@ -96,8 +88,12 @@ void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
   // ~32k elements per task, torch's own grain for memory-bound loops
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_elems));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    if (!gather_range_any(weight, idx, out, begin, end, num_weights, row_bytes))
-      bad.store(true, std::memory_order_relaxed);
+    bool ok;
+    if constexpr (std::is_same_v<index_t, int64_t>)
+      ok = gather_range_long(weight, idx, out, begin, end, num_weights, row_bytes);
+    else
+      ok = gather_range_int(weight, idx, out, begin, end, num_weights, row_bytes);
+    if (!ok) bad.store(true, std::memory_order_relaxed);
   });
   if (bad.load()) throw_first_bad_index(idx, n, num_weights);
 }
