@@ -7,6 +7,9 @@ accuracy rule.
 
 import torch
 
+from fastgpt.config import GPTConfig
+from fastgpt.model import GPT
+from fastgpt.ops.attention import attention_torch
 from fastgpt.testing import assert_matches_reference
 
 
@@ -29,3 +32,29 @@ def check_all(fast, base, ref, label):
     for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
                              [base[0], *base[1]], [ref[0], *ref[1]]):
         assert_matches_reference(f, b, r, f"{label} {name}")
+
+
+def check_against_reference(fast, q, k, v, dout, label):
+    """check_all for fast = run(backend, q, k, v, dout): plain attention_torch in the inputs'
+    dtype is the yardstick, attention_torch in float64 the reference."""
+    base = run(attention_torch, q, k, v, dout)
+    ref = run(attention_torch, q, k, v, dout, torch.float64)
+    check_all(fast, base, ref, label)
+
+
+def tiny_gpt_losses(attention, **config):
+    """Losses of 4 AdamW steps of a tiny seeded GPT using that attention backend."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
+                    attention=attention, **config)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
+    out = []
+    for _ in range(4):
+        _, loss = model(data[:, :-1], data[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out.append(loss.item())
+    return out

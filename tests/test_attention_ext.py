@@ -10,16 +10,14 @@ import pytest
 import torch
 
 import fastgpt.ops as ops
-from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT
 from fastgpt.ops import registry
 from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_ext import attention_ext
 from fastgpt.ops.extension import available
 from fastgpt.testing import assert_matches_reference
 
-from attention_helpers import check_all, qkv, run
+from attention_helpers import check_against_reference, qkv, run, tiny_gpt_losses
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -41,10 +39,8 @@ def test_forward_backward_match_reference(B, H, T, D, dtype):
     q, k, v = qkv(B, H, T, D, dtype)
     dout = torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2)   # random and strided
     fast = run(attention_ext, q, k, v, dout)
-    base = run(attention_torch, q, k, v, dout)
-    ref = run(attention_torch, q, k, v, dout, F64)
     assert fast[0].dtype == dtype and all(g.dtype == dtype for g in fast[1])
-    check_all(fast, base, ref, f"ext {dtype}")
+    check_against_reference(fast, q, k, v, dout, f"ext {dtype}")
 
 
 def test_float64_is_the_reference_math():
@@ -104,28 +100,12 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(lambda q, k, v: ops.causal_attention(q, k, v, backend="ext"),
                              fullgraph=True, backend="aot_eager")
     fast = run(compiled, q, k, v, dout)
-    base = run(attention_torch, q, k, v, dout)
-    ref = run(attention_torch, q, k, v, dout, F64)
-    check_all(fast, base, ref, "compiled ext")
+    check_against_reference(fast, q, k, v, dout, "compiled ext")
 
 
 def test_tiny_gpt_trains_like_sdpa():
-    def losses(attention):
-        torch.manual_seed(0)
-        cfg = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
-                        attention=attention, transformer_block="torch")
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        data = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
-        out = []
-        for _ in range(4):
-            _, loss = model(data[:, :-1], data[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return out
-    ext_losses, sdpa_losses = losses("ext"), losses("sdpa")
+    ext_losses = tiny_gpt_losses("ext", transformer_block="torch")
+    sdpa_losses = tiny_gpt_losses("sdpa", transformer_block="torch")
     assert ext_losses == pytest.approx(sdpa_losses, rel=1e-4, abs=1e-5)
     assert ext_losses[-1] < ext_losses[0]
 

@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import fastgpt.ops as ops
-from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT
 from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_triton import _available, attention_triton, dropout_keep_mask
 from fastgpt.testing import assert_matches_reference
 
-from attention_helpers import check_all, qkv, run
+from attention_helpers import check_against_reference, check_all, qkv, run, tiny_gpt_losses
 
 assert _available() is None, _available()   # also defines torch.ops.fastgpt.attention_*
 
@@ -38,10 +36,8 @@ def test_forward_backward_match_reference(B, H, T, D, dtype):
     q, k, v = qkv(B, H, T, D, dtype)
     dout = torch.randn(B, T, H, D, dtype=dtype).transpose(1, 2)   # random and strided
     fast = run(attention_triton, q, k, v, dout)
-    base = run(attention_torch, q, k, v, dout)
-    ref = run(attention_torch, q, k, v, dout, torch.float64)
     assert fast[0].dtype == dtype and all(g.dtype == dtype for g in fast[1])
-    check_all(fast, base, ref, f"triton {dtype}")
+    check_against_reference(fast, q, k, v, dout, f"triton {dtype}")
 
 
 def test_scale_argument():
@@ -113,37 +109,19 @@ def test_torch_compile_fullgraph(backend):
     compiled = torch.compile(lambda q, k, v: ops.causal_attention(q, k, v, backend=backend),
                              fullgraph=True)
     fast = run(compiled, q, k, v, dout)
-    base = run(attention_torch, q, k, v, dout)
-    ref = run(attention_torch, q, k, v, dout, torch.float64)
-    check_all(fast, base, ref, f"compiled {backend}")
+    check_against_reference(fast, q, k, v, dout, f"compiled {backend}")
 
 
 def test_compile_backend_matches_reference():
     q, k, v = qkv(1, 2, 21, 48, F32)
     dout = torch.randn(1, 2, 21, 48)
     fast = run(lambda q, k, v: ops.causal_attention(q, k, v, backend="compile"), q, k, v, dout)
-    base = run(attention_torch, q, k, v, dout)
-    ref = run(attention_torch, q, k, v, dout, torch.float64)
-    check_all(fast, base, ref, "compile")
+    check_against_reference(fast, q, k, v, dout, "compile")
 
 
 def test_tiny_gpt_trains_like_sdpa():
-    def losses(attention):
-        torch.manual_seed(0)
-        cfg = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32,
-                        attention=attention)
-        model = GPT(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        data = torch.randint(0, 65, (4, 17), generator=torch.Generator().manual_seed(1))
-        out = []
-        for _ in range(4):
-            _, loss = model(data[:, :-1], data[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        return out
-    triton_losses, sdpa_losses = losses("triton"), losses("sdpa")
+    triton_losses = tiny_gpt_losses("triton")
+    sdpa_losses = tiny_gpt_losses("sdpa")
     assert triton_losses == pytest.approx(sdpa_losses, rel=1e-4, abs=1e-5)
     assert triton_losses[-1] < triton_losses[0]
 
