@@ -26,6 +26,10 @@ assert embedding_ext.available() is None, embedding_ext.available()
 fwd = torch.ops.fastgpt.embedding_forward
 bwd = torch.ops.fastgpt.embedding_backward
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not extension.has_kernel("fastgpt::embedding_forward", "CUDA"),
+    reason="needs a CUDA GPU and fastgpt._C built with CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def _weight(V, C, dtype, requires_grad=False):
@@ -56,14 +60,16 @@ def _ext_grad(indices, weight, grad_out, padding_idx=None):
 
 # ------------------------------------------------------------------------------------ forward
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("V,C,shape", [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)),
                                        (50, 1, (1, 1)), (8, 16, (0, 4)),
-                                       (65, 512, (16384,))])   # 32-64 MiB: huge-page advice
-def test_forward_bitwise_equal(dtype, index_dtype, V, C, shape):
-    weight = _weight(V, C, dtype)
-    indices = torch.randint(0, V, shape, dtype=index_dtype)
+                                       (65, 512, (16384,)),   # 32-64 MiB: huge-page advice
+                                       (50304, 768, (8, 1024))])
+def test_forward_bitwise_equal(device, dtype, index_dtype, V, C, shape):
+    weight = _weight(V, C, dtype).to(device)
+    indices = torch.randint(0, V, shape, dtype=index_dtype).to(device)
     out = ops.embedding(indices, weight, backend="ext")
     assert out.shape == (*shape, C) and out.dtype == dtype
     assert torch.equal(out, F.embedding(indices, weight))
@@ -205,19 +211,24 @@ def test_padding_idx_out_of_range():
 
 # --------------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("bad", [-1, 65, 1000])
-def test_out_of_range_index_names_value_and_size(index_dtype, bad):
-    weight = _weight(65, 8, torch.float32)
-    indices = torch.randint(0, 65, (3, 50), dtype=index_dtype)
+def test_out_of_range_index_names_value_and_size(device, index_dtype, bad):
+    weight = _weight(65, 8, torch.float32).to(device)
+    indices = torch.randint(0, 65, (3, 50), dtype=index_dtype).to(device)
     indices[2, 17] = bad
     msg = rf"index {bad} is out of range for an embedding table of 65 rows"
     with pytest.raises(IndexError, match=msg):
         fwd(weight, indices, -1)
-    with pytest.raises(IndexError, match=msg):
-        bwd(torch.randn(3, 50, 8), indices, 65, -1, True)
+    for deterministic in (True, False):
+        with pytest.raises(IndexError, match=msg):
+            bwd(torch.randn(3, 50, 8, device=device), indices, 65, -1, deterministic)
     with pytest.raises(IndexError, match=msg):
         ops.embedding(indices, weight, backend="ext")
+    # nothing was poisoned (on CUDA: no device-side assert)
+    good = indices.clamp(0, 64)
+    assert torch.equal(fwd(weight, good, -1), F.embedding(good, weight))
 
 
 def test_bad_dtypes_shapes_and_devices():
@@ -280,22 +291,6 @@ def test_forward_mode_ad_like_f_embedding(padding_idx):
 
 # ------------------------------------------------------------ CUDA (skipped without a GPU)
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or not extension.has_kernel("fastgpt::embedding_forward", "CUDA"),
-    reason="needs a CUDA GPU and fastgpt._C built with CUDA")
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_cuda_forward_bitwise_equal(dtype, index_dtype):
-    for V, C, shape in [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)), (8, 16, (0, 4)),
-                        (50304, 768, (8, 1024))]:
-        weight = _weight(V, C, dtype).cuda()
-        indices = torch.randint(0, V, shape, dtype=index_dtype).cuda()
-        assert torch.equal(fwd(weight, indices, -1), F.embedding(indices, weight))
-
-
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V,N,C", CASES + [(65, 65536, 128), (1, 5000, 16)])   # + long runs
@@ -313,21 +308,6 @@ def test_cuda_backward_matches_reference(dtype, V, N, C, deterministic):
     assert_matches_reference(got.cpu(), plain.cpu(), ref, f"cuda grad_weight {dtype} V={V} N={N}")
     if deterministic:   # bitwise reproducible
         assert torch.equal(got, run())
-
-
-@needs_cuda
-def test_cuda_out_of_range_index_names_value_and_size():
-    weight = _weight(65, 8, torch.float32).cuda()
-    for bad in (-1, 65, 1000):
-        indices = torch.randint(0, 65, (3, 50)).cuda()
-        indices[2, 17] = bad
-        msg = rf"index {bad} is out of range for an embedding table of 65 rows"
-        with pytest.raises(IndexError, match=msg):
-            fwd(weight, indices, -1)
-        for deterministic in (True, False):
-            with pytest.raises(IndexError, match=msg):
-                bwd(torch.randn(3, 50, 8).cuda(), indices, 65, -1, deterministic)
-    assert torch.equal(fwd(weight, indices.clamp(0, 64), -1), F.embedding(indices.clamp(0, 64), weight))
 
 
 # ------------------------------------------------------------------ registration and dispatch
