@@ -13,11 +13,10 @@
 //   not one. Column slices of a row go to separate thread groups (blockIdx.y).
 // Backward, deterministic=False: one thread group per token adds its row into an fp32 buffer
 //   with atomicAdd; fp16/bf16 gradients are rounded from that buffer at the end.
-// Bounds: an out-of-range index never reads or writes outside a tensor. The forward kernel
-//   records it in a small device buffer (count, one offending value) that the host reads after
-//   the launch; the backward reads the indices' min and max before launching. Either way it
-//   becomes the same IndexError as on the CPU, at one device-to-host sync per call: the price
-//   of a clear error instead of a device-side assert that poisons the context.
+// Bounds: an out-of-range index never reads or writes outside a tensor. Both ops read the
+//   indices' min and max back before launching (extreme_index) and raise the same IndexError
+//   as the CPU, at one device-to-host sync per call: the price of a clear error instead of a
+//   device-side assert that poisons the context.
 // Precision: forward copies bits; backward accumulates in fp32, one rounding to the grad dtype.
 // Streams: everything runs on the current stream of the inputs' device.
 //
@@ -42,18 +41,15 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
 constexpr int64_t kChunk = 32;           // deterministic backward: positions per partial sum
 
-// err[0]: how many indices were out of range; err[1]: one of them
-__device__ __forceinline__ void record_bad_index(unsigned long long* err, int64_t k) {
-  atomicAdd(err, 1ULL);
-  err[1] = static_cast<unsigned long long>(k);
-}
-
-void raise_if_bad(const at::Tensor& err, int64_t num_weights, const char* op) {
-  const at::Tensor host = err.to(at::kCPU);  // waits for the kernels on this stream
-  const int64_t* e = host.const_data_ptr<int64_t>();
-  TORCH_CHECK_INDEX(e[0] == 0, op, ": index ", e[1], " is out of range for an embedding table of ",
-                    num_weights, " rows (allowed: 0 <= index < ", num_weights, "; ", e[0],
-                    " indices were out of range)");
+// The index a bounds check of [0, num_weights) must look at: the smallest if it is negative,
+// else the largest. Reading them back is one small device-to-host copy (it waits for the
+// stream): the price of the same IndexError as on the CPU, raised before any kernel indexes
+// with them, instead of a device-side assert that poisons the context.
+int64_t extreme_index(const at::Tensor& idx) {
+  const auto [lo, hi] = at::aminmax(idx);
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU, at::kLong);
+  const int64_t l = range.const_data_ptr<int64_t>()[0], h = range.const_data_ptr<int64_t>()[1];
+  return l < 0 ? l : h;
 }
 
 int lanes_for(int64_t units) {  // threads per row: a power of two, at most a warp
@@ -67,16 +63,13 @@ int lanes_for(int64_t units) {  // threads per row: a power of two, at most a wa
 template <typename vec_t, typename index_t>
 __global__ void forward_kernel(const vec_t* __restrict__ weight, const index_t* __restrict__ idx,
                                vec_t* __restrict__ out, int64_t n, int64_t num_weights,
-                               int64_t row_vecs, unsigned long long* __restrict__ err) {
+                               int64_t row_vecs) {
   for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < n;
        row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t k = static_cast<int64_t>(idx[row]);
+    // the host checked every index; this only guards memory should that ever change
+    if (k < 0 || k >= num_weights) continue;
     vec_t* dst = out + row * row_vecs;
-    if (k < 0 || k >= num_weights) {
-      if (threadIdx.x == 0) record_bad_index(err, k);
-      for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) dst[c] = vec_t{};
-      continue;
-    }
     const vec_t* src = weight + k * row_vecs;
     for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) dst[c] = src[c];
   }
@@ -84,7 +77,7 @@ __global__ void forward_kernel(const vec_t* __restrict__ weight, const index_t* 
 
 template <typename vec_t, typename index_t>
 void launch_forward(const at::Tensor& weight, const at::Tensor& indices, at::Tensor& out,
-                    const at::Tensor& err, cudaStream_t stream) {
+                    cudaStream_t stream) {
   const int64_t n = indices.numel();
   const int64_t row_vecs = weight.size(1) * weight.element_size() / static_cast<int64_t>(sizeof(vec_t));
   const int lanes = lanes_for(row_vecs);
@@ -92,23 +85,22 @@ void launch_forward(const at::Tensor& weight, const at::Tensor& indices, at::Ten
   const int64_t blocks = std::min<int64_t>((n + block.y - 1) / block.y, kMaxBlocks);
   forward_kernel<vec_t, index_t><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
       static_cast<const vec_t*>(weight.const_data_ptr()), indices.const_data_ptr<index_t>(),
-      static_cast<vec_t*>(out.mutable_data_ptr()), n, weight.size(0), row_vecs,
-      reinterpret_cast<unsigned long long*>(err.mutable_data_ptr<int64_t>()));
+      static_cast<vec_t*>(out.mutable_data_ptr()), n, weight.size(0), row_vecs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename index_t>
 void forward_dispatch_width(const at::Tensor& weight, const at::Tensor& indices, at::Tensor& out,
-                            const at::Tensor& err, cudaStream_t stream) {
+                            cudaStream_t stream) {
   const int64_t row_bytes = weight.size(1) * weight.element_size();
   const auto aligned = [&](int64_t w) {
     return row_bytes % w == 0 && reinterpret_cast<uintptr_t>(weight.const_data_ptr()) % w == 0 &&
            reinterpret_cast<uintptr_t>(out.const_data_ptr()) % w == 0;
   };
-  if (aligned(16)) launch_forward<uint4, index_t>(weight, indices, out, err, stream);
-  else if (aligned(8)) launch_forward<uint2, index_t>(weight, indices, out, err, stream);
-  else if (aligned(4)) launch_forward<uint32_t, index_t>(weight, indices, out, err, stream);
-  else launch_forward<uint16_t, index_t>(weight, indices, out, err, stream);
+  if (aligned(16)) launch_forward<uint4, index_t>(weight, indices, out, stream);
+  else if (aligned(8)) launch_forward<uint2, index_t>(weight, indices, out, stream);
+  else if (aligned(4)) launch_forward<uint32_t, index_t>(weight, indices, out, stream);
+  else launch_forward<uint16_t, index_t>(weight, indices, out, stream);
 }
 
 at::Tensor embedding_forward_cuda(const at::Tensor& weight_, const at::Tensor& indices_,
@@ -121,23 +113,16 @@ at::Tensor embedding_forward_cuda(const at::Tensor& weight_, const at::Tensor& i
   out_sizes.push_back(weight.size(1));
   at::Tensor out = at::empty(out_sizes, weight.options());  // (*indices.shape, C)
   if (indices.numel() == 0) return out;
-
-  const at::Tensor err = at::zeros({2}, indices.options().dtype(at::kLong));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (weight.size(1) == 0) {
-    // nothing to copy; still check the indices
-    const auto [lo, hi] = at::aminmax(indices);
-    const int64_t l = lo.item<int64_t>(), h = hi.item<int64_t>();
 #define OP_NAME "fastgpt::embedding_forward"
-    CHECK_INDEX_VALUE(l < 0 ? l : h, weight.size(0));
+  CHECK_INDEX_VALUE(extreme_index(indices), weight.size(0));
 #undef OP_NAME
-    return out;
-  }
+  if (weight.size(1) == 0) return out;  // nothing to copy
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (indices.scalar_type() == at::kLong)
-    forward_dispatch_width<int64_t>(weight, indices, out, err, stream);
+    forward_dispatch_width<int64_t>(weight, indices, out, stream);
   else
-    forward_dispatch_width<int32_t>(weight, indices, out, err, stream);
-  raise_if_bad(err, weight.size(0), "fastgpt::embedding_forward");
+    forward_dispatch_width<int32_t>(weight, indices, out, stream);
   return out;
 }
 
@@ -351,12 +336,8 @@ at::Tensor embedding_backward_cuda(const at::Tensor& grad_out_, const at::Tensor
       at::zeros({V, C}, grad.options().dtype(buffer ? at::kFloat : grad.scalar_type()));
   if (n == 0) return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
 
-  // Bounds first, before any kernel indexes with them: one small device-to-host copy.
-  const auto [lo, hi] = at::aminmax(idx);
-  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU);
-  const int64_t l = range.const_data_ptr<int64_t>()[0], h = range.const_data_ptr<int64_t>()[1];
 #define OP_NAME "fastgpt::embedding_backward"
-  CHECK_INDEX_VALUE(l < 0 ? l : h, V);
+  CHECK_INDEX_VALUE(extreme_index(idx), V);
 #undef OP_NAME
   if (C == 0) return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight;
 

@@ -14,9 +14,9 @@ Backward: deterministic by default (bitwise reproducible, fp32 accumulation); pa
 ``deterministic=False`` to let the CUDA kernel use fp32 atomics instead (CPU ignores it).
 Memory: on CPU the backward's only tensor allocation is its (V, C) result; fp32 gradients are
 summed in it directly, fp16/bf16 ones in small per-thread fp32 scratch.
-Bounds: every index is checked on CPU and on CUDA; the CUDA kernels raise a flag instead of a
-device-side assert, and reading it back costs one device-to-host sync per call (so these ops
-cannot be captured in a CUDA graph).
+Bounds: every index is checked on CPU and on CUDA; on CUDA the indices' min and max are read
+back before any kernel uses them (an IndexError instead of a device-side assert), which costs
+one device-to-host sync per call (so these ops cannot be captured in a CUDA graph).
 """
 
 from __future__ import annotations
