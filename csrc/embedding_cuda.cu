@@ -4,7 +4,7 @@
 //   or less) copies one output row, lane by lane, in the widest load the row's byte length and
 //   alignment allow (16 bytes when C * sizeof(T) % 16 == 0, then 8, 4, 2).
 // Backward, deterministic (default): sort the flattened indices (stable, so equal indices keep
-//   token order) and find the runs of equal indices (ATen ops: sort, nonzero, cumsum). Runs
+//   token order) and find the runs of equal indices (embedding_run_plan.h, ATen ops). Runs
 //   longer than kChunk positions are cut into chunks of kChunk; phase 1 sums each chunk's
 //   gradient rows into an fp32 partial row; phase 2 gives each run one thread group that sums
 //   either its gradient rows (short run) or its chunks' partial rows (long run), in order, in
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "embedding_run_plan.h"
 
 namespace fastgpt {
 namespace {
@@ -222,38 +223,6 @@ __global__ void backward_atomic_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-// The deterministic backward's plan, built with ATen ops on the device: positions sorted by
-// index (stable), the runs of equal indices, and the kChunk-position chunks of the long runs.
-struct RunPlan {
-  at::Tensor sorted, order;           // (n,) sorted indices and their token positions
-  at::Tensor run_begin, run_end;      // (R,) positions [begin, end) of each run
-  at::Tensor run_chunks;              // (R + 1,) run r owns chunks [run_chunks[r], run_chunks[r + 1])
-  at::Tensor chunk_begin, chunk_end;  // (Q,) positions of each chunk
-  int64_t chunks = 0;                 // Q
-};
-
-RunPlan plan_runs(const at::Tensor& sorted, const at::Tensor& order) {
-  RunPlan p{sorted, order};
-  const int64_t n = sorted.numel();
-  const at::TensorOptions opts = sorted.options();
-  at::Tensor is_begin = at::ones({n}, opts.dtype(at::kBool));
-  if (n > 1) is_begin.slice(0, 1).copy_(sorted.slice(0, 1).ne(sorted.slice(0, 0, n - 1)));
-  p.run_begin = at::nonzero(is_begin).view(-1);  // waits for the device
-  p.run_end = at::cat({p.run_begin.slice(0, 1), at::full({1}, n, opts)});
-  const at::Tensor length = p.run_end - p.run_begin;
-  const at::Tensor chunks = at::where(length.gt(kChunk), (length + (kChunk - 1)).div(kChunk, "floor"),
-                                      at::zeros_like(length));
-  p.run_chunks = at::cat({at::zeros({1}, opts), at::cumsum(chunks, 0)});
-  p.chunks = p.run_chunks[-1].item<int64_t>();
-  if (p.chunks > 0) {
-    const at::Tensor owner = at::repeat_interleave(chunks, p.chunks);  // run of each chunk
-    const at::Tensor rank = at::arange(p.chunks, opts) - p.run_chunks.index_select(0, owner);
-    p.chunk_begin = p.run_begin.index_select(0, owner) + rank * kChunk;
-    p.chunk_end = at::minimum(p.chunk_begin + kChunk, p.run_end.index_select(0, owner));
-  }
-  return p;
-}
-
 // Launch shape shared by the backward kernels: thread groups of `lanes` threads (y) over
 // `items` (tokens, chunks or runs), blockIdx.y over column slices of lanes * VEC elements.
 struct Launch {
@@ -282,8 +251,7 @@ void launch_backward(const at::Tensor& grad, const at::Tensor& idx, at::Tensor& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const auto [sorted, order] = at::sort(idx, /*stable=*/true, 0, false);
-  const RunPlan p = plan_runs(sorted, order);
+  const RunPlan p = plan_runs(idx, kChunk);
   at::Tensor partial;
   if (p.chunks > 0) {
     partial = at::empty({p.chunks, C}, grad.options().dtype(at::kFloat));

@@ -7,6 +7,9 @@
 //   fp32. deterministic=True sums each row in token order (bitwise reproducible); False lets
 //   the CUDA kernel use atomics (CPU is always deterministic).
 // padding_idx is -1 for "none", else a row in [0, V), as in aten::embedding.
+// _embedding_run_plan(indices (n,) int64, chunk) -> the deterministic CUDA backward's plan
+//   (sorted, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end), on any device;
+//   for tests only (csrc/embedding_run_plan.h).
 //
 // transformer_block(x, <the block's weights>, n_head) -> (B, T, C)
 //   One pre-LayerNorm GPT block (nanoGPT's Block without dropout):
@@ -44,6 +47,8 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("embedding_forward(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
   m.def("embedding_backward(Tensor grad_out, Tensor indices, SymInt num_weights, "
         "int padding_idx, bool deterministic) -> Tensor");
+  m.def("_embedding_run_plan(Tensor indices, int chunk) -> (Tensor, Tensor, Tensor, Tensor, "
+        "Tensor, Tensor, Tensor)");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("causal_attention_train(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor saved, "

@@ -310,6 +310,67 @@ def test_cuda_backward_matches_reference(dtype, V, N, C, deterministic):
         assert torch.equal(got, run())
 
 
+def _python_run_plan(indices, chunk):
+    """The deterministic CUDA backward's plan, in plain Python (see csrc/embedding_run_plan.h)."""
+    idx = indices.tolist()
+    order = sorted(range(len(idx)), key=idx.__getitem__)   # stable: equal indices keep token order
+    srt = [idx[i] for i in order]
+    run_begin = [j for j in range(len(srt)) if j == 0 or srt[j] != srt[j - 1]]
+    run_end = run_begin[1:] + [len(srt)]
+    run_chunks, chunk_begin, chunk_end = [0], [], []
+    for b, e in zip(run_begin, run_end):
+        if e - b > chunk:
+            chunk_begin += range(b, e, chunk)
+            chunk_end += [min(j + chunk, e) for j in range(b, e, chunk)]
+        run_chunks.append(len(chunk_begin))
+    return srt, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 32])
+@pytest.mark.parametrize("case", ["one", "all_equal", "distinct", "run_lengths", "vocab_65"])
+def test_cuda_backward_run_plan(case, chunk):
+    """The CUDA backward's plan is device-agnostic ATen code: build it on the CPU, compare it with
+    a plain-Python plan, and sum gradient rows through it as the two kernels do."""
+    g = torch.Generator().manual_seed(chunk)
+    if case == "run_lengths":   # runs of lengths around the chunk size, in shuffled token order
+        lengths = torch.tensor([1, chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 1, 5 * chunk, 2])
+        indices = torch.repeat_interleave(torch.arange(len(lengths)), lengths.clamp(min=1))
+        indices = indices[torch.randperm(len(indices), generator=g)]
+    else:
+        indices = {"one": torch.tensor([7]), "all_equal": torch.full((5000,), 3),
+                   "distinct": torch.randperm(300, generator=g),
+                   "vocab_65": torch.randint(0, 65, (8192,), generator=g)}[case]
+    plan = torch.ops.fastgpt._embedding_run_plan(indices, chunk)
+    for got, want, name in zip(plan, _python_run_plan(indices, chunk),
+                               ["sorted", "order", "run_begin", "run_end", "run_chunks",
+                                "chunk_begin", "chunk_end"]):
+        assert got.dtype == torch.int64 and got.tolist() == want, name
+
+    # phase 1 sums each chunk, phase 2 each short run's rows or each long run's chunk sums
+    srt, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end = plan
+    C = 5
+    grad_out = torch.randn(len(indices), C, generator=g)
+    partial = torch.stack([grad_out[order[b:e]].sum(0) for b, e in zip(chunk_begin, chunk_end)]
+                          or [torch.zeros(C)])
+    got = torch.zeros(int(indices.max()) + 1, C)
+    for r in range(len(run_begin)):
+        q0, q1 = run_chunks[r], run_chunks[r + 1]
+        rows = grad_out[order[run_begin[r]:run_end[r]]] if q0 == q1 else partial[q0:q1]
+        got[srt[run_begin[r]]] = rows.sum(0)
+    ref = _reference_grad(indices, grad_out, len(got))
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_backward_run_plan_bad_input():
+    plan = torch.ops.fastgpt._embedding_run_plan
+    with pytest.raises(ValueError, match="chunk must be >= 1; got 0"):
+        plan(torch.tensor([1]), 0)
+    with pytest.raises(ValueError, match="non-empty 1-D int64"):
+        plan(torch.tensor([1], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="non-empty 1-D int64"):
+        plan(torch.zeros(0, dtype=torch.int64), 4)
+
+
 # ------------------------------------------------------------------ registration and dispatch
 
 @pytest.mark.parametrize("dtype,index_dtype,padding_idx", [

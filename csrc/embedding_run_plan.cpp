@@ -1,0 +1,55 @@
+// plan_runs (see embedding_run_plan.h) and the op that exposes it to the tests.
+
+#include "embedding_run_plan.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastgpt {
+
+RunPlan plan_runs(const at::Tensor& indices, int64_t chunk) {
+  TORCH_CHECK_VALUE(chunk >= 1, "fastgpt::_embedding_run_plan: chunk must be >= 1; got ", chunk);
+  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.numel() >= 1 &&
+                        indices.scalar_type() == at::kLong,
+                    "fastgpt::_embedding_run_plan: indices must be a non-empty 1-D int64 "
+                    "tensor; got ", indices.scalar_type(), " of shape ", indices.sizes());
+  RunPlan p;
+  std::tie(p.sorted, p.order) = at::sort(indices, /*stable=*/true, 0, /*descending=*/false);
+  const int64_t n = indices.numel();
+  const at::TensorOptions opts = indices.options();
+  at::Tensor is_begin = at::ones({n}, opts.dtype(at::kBool));
+  if (n > 1) is_begin.slice(0, 1).copy_(p.sorted.slice(0, 1).ne(p.sorted.slice(0, 0, n - 1)));
+  p.run_begin = at::nonzero(is_begin).view(-1);  // waits for the device
+  p.run_end = at::cat({p.run_begin.slice(0, 1), at::full({1}, n, opts)});
+  const at::Tensor length = p.run_end - p.run_begin;
+  const at::Tensor chunks = at::where(length.gt(chunk), (length + (chunk - 1)).div(chunk, "floor"),
+                                      at::zeros_like(length));
+  p.run_chunks = at::cat({at::zeros({1}, opts), at::cumsum(chunks, 0)});
+  p.chunks = p.run_chunks[-1].item<int64_t>();  // waits for the device
+  // the run of each chunk. The output size must be passed as an optional: a plain int64_t
+  // would pick the overload that repeats every element of `chunks` that many times.
+  const at::Tensor owner = at::repeat_interleave(chunks, std::optional<int64_t>(p.chunks));
+  const at::Tensor rank = at::arange(p.chunks, opts) - p.run_chunks.index_select(0, owner);
+  p.chunk_begin = p.run_begin.index_select(0, owner) + rank * chunk;
+  p.chunk_end = at::minimum(p.chunk_begin + chunk, p.run_end.index_select(0, owner));
+  return p;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+run_plan_op(const at::Tensor& indices, int64_t chunk) {
+  RunPlan p = plan_runs(indices, chunk);
+  return {p.sorted, p.order, p.run_begin, p.run_end, p.run_chunks, p.chunk_begin, p.chunk_end};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CompositeExplicitAutograd, m) {
+  m.impl("_embedding_run_plan", &run_plan_op);
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,28 @@
+// The plan of the deterministic CUDA embedding backward (embedding_cuda.cu): the token positions
+// sorted by index, the runs of equal indices, and the fixed-size chunks of the long runs.
+//
+// It is built with ATen ops only, so the same code runs on any device: the CUDA backward builds
+// it on the GPU, and the tests build it on the CPU through fastgpt::_embedding_run_plan and
+// check it against a plain-Python plan, since no machine here has a GPU to run the kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace fastgpt {
+
+struct RunPlan {
+  at::Tensor sorted, order;           // (n,) indices sorted (stably) and their token positions
+  at::Tensor run_begin, run_end;      // (R,) sorted positions [begin, end) of each run
+  at::Tensor run_chunks;              // (R + 1,) run r owns chunks [run_chunks[r], run_chunks[r + 1])
+  at::Tensor chunk_begin, chunk_end;  // (Q,) sorted positions [begin, end) of each chunk
+  int64_t chunks = 0;                 // Q
+};
+
+// indices: flat int64, at least one element. Runs longer than `chunk` positions are cut into
+// consecutive chunks of `chunk` positions (the last may be shorter); shorter runs get none.
+// Reads two counts back from the device (the number of runs and of chunks).
+RunPlan plan_runs(const at::Tensor& indices, int64_t chunk);
+
+}  // namespace fastgpt
