@@ -81,7 +81,7 @@ for line in lines:
     m = re.search(r"Used (\d+) registers", line)
     if m and kernel:
         name = subprocess.run(["c++filt"], input=kernel, capture_output=True, text=True).stdout.strip()
-        name = re.sub(r"^void |\(anonymous namespace\)::|fastgpt::", "", name)
+        name = re.sub(r"^void |\(anonymous namespace\)::|fastgpt::|embedding_gpu::|\(.*\)$", "", name)
         rows.append(f"{arch}  {m.group(1):>3} registers  {stores:>3}/{loads:<3} spill st/ld bytes  {stack:>3} stack  {name}")
         kernel = None
 if not rows:

@@ -1,9 +1,8 @@
-// plan_runs (see embedding_run_plan.h) and the op that exposes it to the tests.
+// plan_runs: see embedding_run_plan.h.
 
 #include "embedding_run_plan.h"
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -11,11 +10,8 @@
 namespace fastgpt {
 
 RunPlan plan_runs(const at::Tensor& indices, int64_t chunk) {
-  TORCH_CHECK_VALUE(chunk >= 1, "fastgpt::_embedding_run_plan: chunk must be >= 1; got ", chunk);
-  TORCH_CHECK_VALUE(indices.dim() == 1 && indices.numel() >= 1 &&
-                        indices.scalar_type() == at::kLong,
-                    "fastgpt::_embedding_run_plan: indices must be a non-empty 1-D int64 "
-                    "tensor; got ", indices.scalar_type(), " of shape ", indices.sizes());
+  TORCH_INTERNAL_ASSERT(chunk >= 1 && indices.dim() == 1 && indices.numel() >= 1 &&
+                        indices.scalar_type() == at::kLong);
   RunPlan p;
   std::tie(p.sorted, p.order) = at::sort(indices, /*stable=*/true, 0, /*descending=*/false);
   const int64_t n = indices.numel();
@@ -36,20 +32,6 @@ RunPlan plan_runs(const at::Tensor& indices, int64_t chunk) {
   p.chunk_begin = p.run_begin.index_select(0, owner) + rank * chunk;
   p.chunk_end = at::minimum(p.chunk_begin + chunk, p.run_end.index_select(0, owner));
   return p;
-}
-
-namespace {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-run_plan_op(const at::Tensor& indices, int64_t chunk) {
-  RunPlan p = plan_runs(indices, chunk);
-  return {p.sorted, p.order, p.run_begin, p.run_end, p.run_chunks, p.chunk_begin, p.chunk_end};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fastgpt, CompositeExplicitAutograd, m) {
-  m.impl("_embedding_run_plan", &run_plan_op);
 }
 
 }  // namespace fastgpt

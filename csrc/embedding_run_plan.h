@@ -1,9 +1,8 @@
 // The plan of the deterministic CUDA embedding backward (embedding_cuda.cu): the token positions
 // sorted by index, the runs of equal indices, and the fixed-size chunks of the long runs.
 //
-// It is built with ATen ops only, so the same code runs on any device: the CUDA backward builds
-// it on the GPU, and the tests build it on the CPU through fastgpt::_embedding_run_plan and
-// check it against a plain-Python plan, since no machine here has a GPU to run the kernels.
+// It is built with ATen ops only, so the same code runs on any device: on the GPU for the CUDA
+// backward, on the CPU for its emulation (embedding_cuda_emulated.cpp), which the tests run.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -7,9 +7,9 @@
 //   fp32. deterministic=True sums each row in token order (bitwise reproducible); False lets
 //   the CUDA kernel use atomics (CPU is always deterministic).
 // padding_idx is -1 for "none", else a row in [0, V), as in aten::embedding.
-// _embedding_run_plan(indices (n,) int64, chunk) -> the deterministic CUDA backward's plan
-//   (sorted, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end), on any device;
-//   for tests only (csrc/embedding_run_plan.h).
+// _embedding_forward_emulated / _embedding_backward_emulated: the same two ops computed by the
+//   CUDA kernels' code run thread by thread on CPU tensors, for tests only
+//   (csrc/embedding_cuda_emulated.cpp).
 //
 // transformer_block(x, <the block's weights>, n_head) -> (B, T, C)
 //   One pre-LayerNorm GPT block (nanoGPT's Block without dropout):
@@ -33,7 +33,7 @@
 //   group[i] indexes the per-group lr, weight_decay, beta1, beta2, eps; steps holds each
 //   tensor's step count (CPU only, csrc/adamw_cpu.cpp).
 //
-// The kernels live in embedding_cpu.cpp, embedding_cuda.cu, attention_cpu.cpp, adamw_cpu.cpp
+// The kernels live in embedding_cpu.cpp, embedding_cuda.cu (embedding_gpu.h), attention_cpu.cpp, adamw_cpu.cpp
 // and transformer_block_cpu.cpp (TORCH_LIBRARY_IMPL); autograd in *_autograd.cpp; the fake (meta)
 // kernels are registered from Python (fastgpt/ops/embedding_ext.py, attention_ext.py,
 // transformer_block_ext.py).
@@ -47,8 +47,9 @@ TORCH_LIBRARY(fastgpt, m) {
   m.def("embedding_forward(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
   m.def("embedding_backward(Tensor grad_out, Tensor indices, SymInt num_weights, "
         "int padding_idx, bool deterministic) -> Tensor");
-  m.def("_embedding_run_plan(Tensor indices, int chunk) -> (Tensor, Tensor, Tensor, Tensor, "
-        "Tensor, Tensor, Tensor)");
+  m.def("_embedding_forward_emulated(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
+  m.def("_embedding_backward_emulated(Tensor grad_out, Tensor indices, SymInt num_weights, "
+        "int padding_idx, bool deterministic) -> Tensor");
   m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("causal_attention_train(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor saved, "

@@ -29,7 +29,15 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available() or not extension.has_kernel("fastgpt::embedding_forward", "CUDA"),
     reason="needs a CUDA GPU and fastgpt._C built with CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+# The kernels the op-level tests run: the CPU ones, the CUDA ones run thread by thread on CPU
+# tensors (csrc/embedding_cuda_emulated.cpp: the same kernel and host code, so CI tests it
+# without a GPU), and the CUDA ones on a GPU: name -> (device, forward op, backward op)
+KERNELS = {"cpu": ("cpu", fwd, bwd),
+           "cuda-emulated": ("cpu", torch.ops.fastgpt._embedding_forward_emulated,
+                             torch.ops.fastgpt._embedding_backward_emulated),
+           "cuda": ("cuda", fwd, bwd)}
+CUDA_KERNELS = ["cuda-emulated", pytest.param("cuda", marks=needs_cuda)]
+ALL_KERNELS = ["cpu"] + CUDA_KERNELS
 
 
 def _weight(V, C, dtype, requires_grad=False):
@@ -60,19 +68,32 @@ def _ext_grad(indices, weight, grad_out, padding_idx=None):
 
 # ------------------------------------------------------------------------------------ forward
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("V,C,shape", [(65, 64, (4, 97)), (1000, 7, (13,)), (3, 130, (2, 3, 5)),
-                                       (50, 1, (1, 1)), (8, 16, (0, 4)),
+                                       (50, 1, (1, 1)), (8, 16, (0, 4)), (4, 0, (3,)),
                                        (65, 512, (16384,)),   # 32-64 MiB: huge-page advice
                                        (50304, 768, (8, 1024))])
-def test_forward_bitwise_equal(device, dtype, index_dtype, V, C, shape):
+def test_forward_bitwise_equal(kernel, dtype, index_dtype, V, C, shape):
+    device, forward, _ = KERNELS[kernel]
     weight = _weight(V, C, dtype).to(device)
     indices = torch.randint(0, V, shape, dtype=index_dtype).to(device)
-    out = ops.embedding(indices, weight, backend="ext")
-    assert out.shape == (*shape, C) and out.dtype == dtype
+    out = forward(weight, indices, -1)
+    assert out.shape == (*shape, C) and out.dtype == dtype and out.device == weight.device
     assert torch.equal(out, F.embedding(indices, weight))
+
+
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("dtype,C,offset", [   # row bytes and alignment pick 16/8/4/2-byte copies
+    (torch.float32, 8, 0), (torch.float32, 2, 0), (torch.float32, 8, 2), (torch.float32, 8, 1),
+    (torch.float32, 3, 0), (torch.bfloat16, 8, 1), (torch.bfloat16, 3, 0), (torch.float16, 4, 0)])
+def test_gpu_forward_every_copy_width(kernel, dtype, C, offset):
+    device, forward, _ = KERNELS[kernel]
+    V = 37
+    weight = _weight(1, V * C + offset, dtype).view(-1)[offset:].view(V, C).to(device)
+    indices = torch.randint(0, V, (5, 41)).to(device)
+    assert torch.equal(forward(weight, indices, -1), F.embedding(indices, weight))
 
 
 def test_forward_non_contiguous_inputs():
@@ -164,12 +185,15 @@ def test_backward_allocates_only_its_result(dtype, V, tmp_path):
     assert sizes == [V * C * grad_out.element_size()]
 
 
-def test_backward_non_contiguous_grad_and_int32():
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_non_contiguous_grad_and_int32(kernel, deterministic):
+    device, _, backward = KERNELS[kernel]
     V, C = 33, 20
     indices = torch.randint(0, V, (6, 11), dtype=torch.int32)
     grad_out = torch.randn(C, 11, 6).permute(2, 1, 0)      # (6, 11, C), not contiguous
-    got = bwd(grad_out, indices, V, -1, True)
-    torch.testing.assert_close(got, _reference_grad(indices, grad_out, V).float())
+    got = backward(grad_out.to(device), indices.to(device), V, -1, deterministic)
+    torch.testing.assert_close(got.cpu(), _reference_grad(indices, grad_out, V).float())
 
 
 def test_nondeterministic_backend_path_matches():
@@ -211,24 +235,26 @@ def test_padding_idx_out_of_range():
 
 # --------------------------------------------------------------------------------- bad inputs
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("bad", [-1, 65, 1000])
-def test_out_of_range_index_names_value_and_size(device, index_dtype, bad):
+def test_out_of_range_index_names_value_and_size(kernel, index_dtype, bad):
+    device, forward, backward = KERNELS[kernel]
     weight = _weight(65, 8, torch.float32).to(device)
     indices = torch.randint(0, 65, (3, 50), dtype=index_dtype).to(device)
     indices[2, 17] = bad
     msg = rf"index {bad} is out of range for an embedding table of 65 rows"
     with pytest.raises(IndexError, match=msg):
-        fwd(weight, indices, -1)
+        forward(weight, indices, -1)
     for deterministic in (True, False):
         with pytest.raises(IndexError, match=msg):
-            bwd(torch.randn(3, 50, 8, device=device), indices, 65, -1, deterministic)
-    with pytest.raises(IndexError, match=msg):
-        ops.embedding(indices, weight, backend="ext")
+            backward(torch.randn(3, 50, 8, device=device), indices, 65, -1, deterministic)
+    if forward is fwd:
+        with pytest.raises(IndexError, match=msg):
+            ops.embedding(indices, weight, backend="ext")
     # nothing was poisoned (on CUDA: no device-side assert)
     good = indices.clamp(0, 64)
-    assert torch.equal(fwd(weight, good, -1), F.embedding(good, weight))
+    assert torch.equal(forward(weight, good, -1), F.embedding(good, weight))
 
 
 def test_bad_dtypes_shapes_and_devices():
@@ -289,86 +315,47 @@ def test_forward_mode_ad_like_f_embedding(padding_idx):
     assert torch.equal(out_tangent, F.embedding(indices, tangent, padding_idx=padding_idx))
 
 
-# ------------------------------------------------------------ CUDA (skipped without a GPU)
+# ------------------------------------------- CUDA kernels (emulated on the CPU, and on a GPU)
 
-@needs_cuda
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V,N,C", CASES + [(65, 65536, 128), (1, 5000, 16)])   # + long runs
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_cuda_backward_matches_reference(dtype, V, N, C, deterministic):
+def test_gpu_backward_matches_reference(kernel, dtype, V, N, C, deterministic):
+    device, _, backward = KERNELS[kernel]
     indices = torch.randint(0, V, (N,))
     grad_out = torch.randn(N, C).to(dtype)
     pad = 3 if V > 3 else None
-    run = lambda: bwd(grad_out.cuda(), indices.cuda(), V, -1 if pad is None else pad,  # noqa: E731
-                      deterministic)
+    run = lambda: backward(grad_out.to(device), indices.to(device), V,  # noqa: E731
+                           -1 if pad is None else pad, deterministic)
     got = run()
-    assert got.dtype == dtype and got.shape == (V, C)
-    plain = _torch_grad(indices.cuda(), _weight(V, C, dtype).cuda(), grad_out.cuda(), pad)
+    assert got.dtype == dtype and got.shape == (V, C) and got.device.type == device
+    plain = _torch_grad(indices.to(device), _weight(V, C, dtype).to(device), grad_out.to(device), pad)
     ref = _reference_grad(indices, grad_out, V, pad)
-    assert_matches_reference(got.cpu(), plain.cpu(), ref, f"cuda grad_weight {dtype} V={V} N={N}")
+    assert_matches_reference(got.cpu(), plain.cpu(), ref, f"{kernel} grad_weight {dtype} V={V} N={N}")
     if deterministic:   # bitwise reproducible
         assert torch.equal(got, run())
 
 
-def _python_run_plan(indices, chunk):
-    """The deterministic CUDA backward's plan, in plain Python (see csrc/embedding_run_plan.h)."""
-    idx = indices.tolist()
-    order = sorted(range(len(idx)), key=idx.__getitem__)   # stable: equal indices keep token order
-    srt = [idx[i] for i in order]
-    run_begin = [j for j in range(len(srt)) if j == 0 or srt[j] != srt[j - 1]]
-    run_end = run_begin[1:] + [len(srt)]
-    run_chunks, chunk_begin, chunk_end = [0], [], []
-    for b, e in zip(run_begin, run_end):
-        if e - b > chunk:
-            chunk_begin += range(b, e, chunk)
-            chunk_end += [min(j + chunk, e) for j in range(b, e, chunk)]
-        run_chunks.append(len(chunk_begin))
-    return srt, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 32])
-@pytest.mark.parametrize("case", ["one", "all_equal", "distinct", "run_lengths", "vocab_65"])
-def test_cuda_backward_run_plan(case, chunk):
-    """The CUDA backward's plan is device-agnostic ATen code: build it on the CPU, compare it with
-    a plain-Python plan, and sum gradient rows through it as the two kernels do."""
-    g = torch.Generator().manual_seed(chunk)
-    if case == "run_lengths":   # runs of lengths around the chunk size, in shuffled token order
-        lengths = torch.tensor([1, chunk - 1, chunk, chunk + 1, 2 * chunk, 2 * chunk + 1, 5 * chunk, 2])
-        indices = torch.repeat_interleave(torch.arange(len(lengths)), lengths.clamp(min=1))
-        indices = indices[torch.randperm(len(indices), generator=g)]
-    else:
-        indices = {"one": torch.tensor([7]), "all_equal": torch.full((5000,), 3),
-                   "distinct": torch.randperm(300, generator=g),
-                   "vocab_65": torch.randint(0, 65, (8192,), generator=g)}[case]
-    plan = torch.ops.fastgpt._embedding_run_plan(indices, chunk)
-    for got, want, name in zip(plan, _python_run_plan(indices, chunk),
-                               ["sorted", "order", "run_begin", "run_end", "run_chunks",
-                                "chunk_begin", "chunk_end"]):
-        assert got.dtype == torch.int64 and got.tolist() == want, name
-
-    # phase 1 sums each chunk, phase 2 each short run's rows or each long run's chunk sums
-    srt, order, run_begin, run_end, run_chunks, chunk_begin, chunk_end = plan
-    C = 5
-    grad_out = torch.randn(len(indices), C, generator=g)
-    partial = torch.stack([grad_out[order[b:e]].sum(0) for b, e in zip(chunk_begin, chunk_end)]
-                          or [torch.zeros(C)])
-    got = torch.zeros(int(indices.max()) + 1, C)
-    for r in range(len(run_begin)):
-        q0, q1 = run_chunks[r], run_chunks[r + 1]
-        rows = grad_out[order[run_begin[r]:run_end[r]]] if q0 == q1 else partial[q0:q1]
-        got[srt[run_begin[r]]] = rows.sum(0)
-    ref = _reference_grad(indices, grad_out, len(got))
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
-
-
-def test_cuda_backward_run_plan_bad_input():
-    plan = torch.ops.fastgpt._embedding_run_plan
-    with pytest.raises(ValueError, match="chunk must be >= 1; got 0"):
-        plan(torch.tensor([1]), 0)
-    with pytest.raises(ValueError, match="non-empty 1-D int64"):
-        plan(torch.tensor([1], dtype=torch.int32), 4)
-    with pytest.raises(ValueError, match="non-empty 1-D int64"):
-        plan(torch.zeros(0, dtype=torch.int64), 4)
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_gpu_backward_runs_around_the_chunk_size(kernel, dtype, deterministic):
+    """The deterministic kernel cuts runs of equal indices longer than 32 positions into chunks
+    of 32: runs of every length around those edges, in shuffled token order, one of them padding.
+    The offset grad (not 16-byte aligned) takes the one-element path."""
+    device, _, backward = KERNELS[kernel]
+    lengths = torch.tensor([1, 31, 32, 33, 64, 65, 95, 96, 97, 160, 2])
+    indices = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    indices = indices[torch.randperm(len(indices))].view(2, -1)
+    C, pad = 24, 5
+    for offset in (0, 1):
+        grad_out = torch.randn(indices.numel() * C + offset).to(dtype)[offset:].view(*indices.shape, C)
+        got = backward(grad_out.to(device), indices.to(device), 12, pad, deterministic).cpu()
+        ref = _reference_grad(indices, grad_out, 12, pad)
+        plain = _torch_grad(indices, _weight(12, C, dtype), grad_out, pad)
+        assert_matches_reference(got, plain, ref, f"{kernel} {dtype} offset={offset}")
+        assert not got[pad].any() and not got[11].any()
 
 
 # ------------------------------------------------------------------ registration and dispatch
