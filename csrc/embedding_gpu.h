@@ -21,9 +21,9 @@
 // Backward, deterministic=False: one thread group per token adds its row into an fp32 buffer
 //   with atomicAdd; fp16/bf16 gradients are rounded from that buffer at the end.
 // Bounds: an out-of-range index never reads or writes outside a tensor. Both ops read the
-//   indices' min and max back before launching (extreme_index) and raise the same IndexError
-//   as the CPU, at one device-to-host sync per call: the price of a clear error instead of a
-//   device-side assert that poisons the context.
+//   indices' min and max back before launching (extreme_index, or with the deterministic
+//   plan's counts) and raise the same IndexError as the CPU, at one device-to-host sync per
+//   call: the price of a clear error instead of a device-side assert that poisons the context.
 // Precision: forward copies bits; backward accumulates in fp32, one rounding to the grad dtype.
 #pragma once
 
@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "checks.h"
@@ -224,14 +225,16 @@ struct AtomicSums {
 // its current stream) and has launch<Kernel>(Launch, Kernel::Params).
 
 // The index a bounds check of [0, num_weights) must look at: the smallest if it is negative,
-// else the largest. Reading them back is one small device-to-host copy (it waits for the
-// stream): the price of the same IndexError as on the CPU, raised before any kernel indexes
-// with them, instead of a device-side assert that poisons the context.
+// else the largest.
+inline int64_t extreme_of(int64_t lo, int64_t hi) { return lo < 0 ? lo : hi; }
+
+// The same, read back from the device: one small device-to-host copy (it waits for the stream),
+// the price of the same IndexError as on the CPU, raised before any kernel indexes with them,
+// instead of a device-side assert that poisons the context.
 inline int64_t extreme_index(const at::Tensor& idx) {
   const auto [lo, hi] = at::aminmax(idx);
   const at::Tensor range = at::stack({lo, hi}).to(at::kCPU, at::kLong);
-  const int64_t l = range.const_data_ptr<int64_t>()[0], h = range.const_data_ptr<int64_t>()[1];
-  return l < 0 ? l : h;
+  return extreme_of(range.const_data_ptr<int64_t>()[0], range.const_data_ptr<int64_t>()[1]);
 }
 
 inline int lanes_for(int64_t units) {  // threads per row: a power of two, at most a warp
@@ -304,18 +307,19 @@ Launch backward_launch(int64_t items, int64_t C) {
   return rows_launch(items, lanes, static_cast<unsigned>(slices));
 }
 
+// plan: the deterministic backward's (runs and chunks); null for the atomic one
 template <typename scalar_t, int VEC, class Launcher>
 void launch_backward(const Launcher& launcher, const at::Tensor& grad, const at::Tensor& idx,
-                     at::Tensor& grad_weight, int64_t padding_idx, bool deterministic) {
+                     const RunPlan* plan, at::Tensor& grad_weight, int64_t padding_idx) {
   const int64_t n = idx.numel(), C = grad.size(-1), V = grad_weight.size(0);
-  if (!deterministic) {
+  if (plan == nullptr) {
     launcher.template launch<AtomicSums<scalar_t, VEC>>(
         backward_launch<VEC>(n, C),
         {grad.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(),
          grad_weight.mutable_data_ptr<float>(), n, V, C, padding_idx});
     return;
   }
-  const RunPlan p = plan_runs(idx, kChunk);
+  const RunPlan& p = *plan;
   at::Tensor partial;
   if (p.chunks > 0) {
     partial = at::empty({p.chunks, C}, grad.options().dtype(at::kFloat));
@@ -325,28 +329,27 @@ void launch_backward(const Launcher& launcher, const at::Tensor& grad, const at:
          p.chunk_begin.const_data_ptr<int64_t>(), p.chunk_end.const_data_ptr<int64_t>(),
          partial.mutable_data_ptr<float>(), p.chunks, C});
   }
-  const int64_t runs = p.run_begin.numel();
   launcher.template launch<RunSums<scalar_t, VEC>>(
-      backward_launch<VEC>(runs, C),
+      backward_launch<VEC>(p.runs, C),
       {grad.const_data_ptr<scalar_t>(), p.sorted.const_data_ptr<int64_t>(),
        p.order.const_data_ptr<int64_t>(), p.run_begin.const_data_ptr<int64_t>(),
        p.run_end.const_data_ptr<int64_t>(), p.run_chunks.const_data_ptr<int64_t>(),
        p.chunks > 0 ? partial.const_data_ptr<float>() : nullptr,
-       grad_weight.mutable_data_ptr<scalar_t>(), runs, C, padding_idx});
+       grad_weight.mutable_data_ptr<scalar_t>(), p.runs, C, padding_idx});
 }
 
 template <typename scalar_t, class Launcher>
 void backward_dispatch_width(const Launcher& launcher, const at::Tensor& grad,
-                             const at::Tensor& idx, at::Tensor& grad_weight, int64_t padding_idx,
-                             bool deterministic) {
+                             const at::Tensor& idx, const RunPlan* plan, at::Tensor& grad_weight,
+                             int64_t padding_idx) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   const bool aligned = grad.size(-1) % kVec == 0 &&
                        reinterpret_cast<uintptr_t>(grad.const_data_ptr()) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(grad_weight.const_data_ptr()) % 16 == 0;
   if (aligned)
-    launch_backward<scalar_t, kVec>(launcher, grad, idx, grad_weight, padding_idx, deterministic);
+    launch_backward<scalar_t, kVec>(launcher, grad, idx, plan, grad_weight, padding_idx);
   else
-    launch_backward<scalar_t, 1>(launcher, grad, idx, grad_weight, padding_idx, deterministic);
+    launch_backward<scalar_t, 1>(launcher, grad, idx, plan, grad_weight, padding_idx);
 }
 
 template <class Launcher>
@@ -365,20 +368,30 @@ at::Tensor embedding_backward(const at::Tensor& grad_out_, const at::Tensor& ind
       at::zeros({V, C}, grad.options().dtype(buffer ? at::kFloat : grad.scalar_type()));
   const auto result = [&] { return buffer ? grad_weight.to(grad.scalar_type()) : grad_weight; };
   if (idx.numel() == 0) return result();
+  // the deterministic plan brings the smallest and largest index back with its own counts:
+  // one sync per call on either path
+  std::optional<RunPlan> plan;
+  int64_t extreme;
+  if (deterministic) {
+    plan = plan_runs(idx, kChunk);
+    extreme = extreme_of(plan->min_index, plan->max_index);
+  } else {
+    extreme = extreme_index(idx);
+  }
 #define OP_NAME "fastgpt::embedding_backward"
-  CHECK_INDEX_VALUE(extreme_index(idx), V);
+  CHECK_INDEX_VALUE(extreme, V);
 #undef OP_NAME
   if (C == 0) return result();
+  const RunPlan* p = plan ? &*plan : nullptr;
   switch (grad.scalar_type()) {
     case at::kFloat:
-      backward_dispatch_width<float>(launcher, grad, idx, grad_weight, padding_idx, deterministic);
+      backward_dispatch_width<float>(launcher, grad, idx, p, grad_weight, padding_idx);
       break;
     case at::kHalf:
-      backward_dispatch_width<at::Half>(launcher, grad, idx, grad_weight, padding_idx, deterministic);
+      backward_dispatch_width<at::Half>(launcher, grad, idx, p, grad_weight, padding_idx);
       break;
     default:  // kBFloat16
-      backward_dispatch_width<at::BFloat16>(launcher, grad, idx, grad_weight, padding_idx,
-                                            deterministic);
+      backward_dispatch_width<at::BFloat16>(launcher, grad, idx, p, grad_weight, padding_idx);
   }
   return result();
 }
