@@ -94,6 +94,21 @@ FASTGPT_HD void atomic_add(float* address, float value) {
 // ---------------------------------------------------------------------------------- kernels
 // Each kernel is a struct: Params (its arguments) and run(thread, params), one thread's work.
 
+// Every kernel walks its items (rows, tokens, chunks or runs) grid-stride: thread group y of
+// block x takes item x * blockDim.y + y, then every gridDim.x * blockDim.y-th after it.
+FASTGPT_HD int64_t first_item(const Thread& t) {
+  return t.block_idx.x * static_cast<int64_t>(t.block_dim.y) + t.thread_idx.y;
+}
+FASTGPT_HD int64_t item_stride(const Thread& t) {
+  return static_cast<int64_t>(t.grid_dim.x) * t.block_dim.y;
+}
+
+// The first column of a backward thread: blockIdx.y picks a slice of blockDim.x * VEC columns.
+template <int VEC>
+FASTGPT_HD int64_t first_column(const Thread& t) {
+  return (static_cast<int64_t>(t.block_idx.y) * t.block_dim.x + t.thread_idx.x) * VEC;
+}
+
 // Forward: thread group (y) = one output row at a time (grid-stride), lanes (x) over its words.
 template <typename vec_t, typename index_t>
 struct ForwardRows {
@@ -104,8 +119,7 @@ struct ForwardRows {
     int64_t n, num_weights, row_vecs;
   };
   static FASTGPT_HD void run(const Thread& t, const Params& p) {
-    for (int64_t row = t.block_idx.x * static_cast<int64_t>(t.block_dim.y) + t.thread_idx.y;
-         row < p.n; row += static_cast<int64_t>(t.grid_dim.x) * t.block_dim.y) {
+    for (int64_t row = first_item(t); row < p.n; row += item_stride(t)) {
       const int64_t k = static_cast<int64_t>(p.idx[row]);
       // the host checked every index; this only guards memory should that ever change
       if (k < 0 || k >= p.num_weights) continue;
@@ -115,12 +129,6 @@ struct ForwardRows {
     }
   }
 };
-
-// The first column of a backward thread: blockIdx.y picks a slice of blockDim.x * VEC columns.
-template <int VEC>
-FASTGPT_HD int64_t first_column(const Thread& t) {
-  return (static_cast<int64_t>(t.block_idx.y) * t.block_dim.x + t.thread_idx.x) * VEC;
-}
 
 // Deterministic backward, phase 1: thread group (y) = one chunk of kChunk consecutive sorted
 // positions of a long run; sums their gradient rows into its fp32 row of `partial`.
@@ -136,8 +144,7 @@ struct ChunkSums {
     using P = Pack<scalar_t, VEC>;
     const int64_t c = first_column<VEC>(t);
     if (c >= p.C) return;
-    for (int64_t q = t.block_idx.x * static_cast<int64_t>(t.block_dim.y) + t.thread_idx.y;
-         q < p.chunks; q += static_cast<int64_t>(t.grid_dim.x) * t.block_dim.y) {
+    for (int64_t q = first_item(t); q < p.chunks; q += item_stride(t)) {
       float acc[VEC];
       FASTGPT_UNROLL
       for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
@@ -168,8 +175,7 @@ struct RunSums {
     using P = Pack<scalar_t, VEC>;
     const int64_t c = first_column<VEC>(t);
     if (c >= p.C) return;
-    for (int64_t r = t.block_idx.x * static_cast<int64_t>(t.block_dim.y) + t.thread_idx.y;
-         r < p.runs; r += static_cast<int64_t>(t.grid_dim.x) * t.block_dim.y) {
+    for (int64_t r = first_item(t); r < p.runs; r += item_stride(t)) {
       const int64_t k = p.sorted[p.run_begin[r]];
       if (k == p.padding_idx) continue;  // the padding row stays zero
       float acc[VEC];
@@ -207,8 +213,7 @@ struct AtomicSums {
     using P = Pack<scalar_t, VEC>;
     const int64_t c = first_column<VEC>(t);
     if (c >= p.C) return;
-    for (int64_t i = t.block_idx.x * static_cast<int64_t>(t.block_dim.y) + t.thread_idx.y;
-         i < p.n; i += static_cast<int64_t>(t.grid_dim.x) * t.block_dim.y) {
+    for (int64_t i = first_item(t); i < p.n; i += item_stride(t)) {
       const int64_t k = p.idx[i];
       // the host checked every index; this only guards memory should that ever change
       if (k < 0 || k >= p.num_weights || k == p.padding_idx) continue;
