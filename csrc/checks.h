@@ -33,8 +33,9 @@
                     OP_NAME ": padding_idx must be -1 (none) or in [0, ", (num_weights),     \
                     "); got ", (p))
 
+// (OP_NAME is a separate argument here, so it may also be a runtime string)
 #define CHECK_INDEX_VALUE(k, num_weights)                                                     \
-  TORCH_CHECK_INDEX((k) >= 0 && (k) < (num_weights), OP_NAME ": index ", (k),                \
+  TORCH_CHECK_INDEX((k) >= 0 && (k) < (num_weights), OP_NAME, ": index ", (k),               \
                     " is out of range for an embedding table of ", (num_weights),             \
                     " rows (allowed: 0 <= index < ", (num_weights), ")")
 

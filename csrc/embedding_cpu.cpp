@@ -37,12 +37,12 @@ namespace {
 
 constexpr int64_t kColumnBlock = 256;  // fp32 accumulator of one work item: 1 KiB, stays in L1
 
+// Raises op's IndexError for the first index outside [0, num_weights), in token order.
 template <typename index_t>
-[[noreturn]] void throw_first_bad_index(const index_t* idx, int64_t n, int64_t num_weights) {
-#define OP_NAME "fastgpt::embedding_forward"
+void check_every_index(const char* op, const index_t* idx, int64_t n, int64_t num_weights) {
+#define OP_NAME op
   for (int64_t i = 0; i < n; ++i) CHECK_INDEX_VALUE(static_cast<int64_t>(idx[i]), num_weights);
 #undef OP_NAME
-  TORCH_INTERNAL_ASSERT(false, "an index was out of range but the rescan found none");
 }
 
 // Copies rows [begin, end) of the output; returns false if an index was out of range (that row
@@ -95,7 +95,10 @@ void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
       ok = gather_range_int(weight, idx, out, begin, end, num_weights, row_bytes);
     if (!ok) bad.store(true, std::memory_order_relaxed);
   });
-  if (bad.load()) throw_first_bad_index(idx, n, num_weights);
+  if (bad.load()) {  // name the first bad index, as the backward does
+    check_every_index("fastgpt::embedding_forward", idx, n, num_weights);
+    TORCH_INTERNAL_ASSERT(false, "an index was out of range but the rescan found none");
+  }
 }
 
 at::Tensor embedding_forward_cpu(const at::Tensor& weight_, const at::Tensor& indices_,
@@ -282,11 +285,7 @@ void backward_typed(const at::Tensor& grad, const at::Tensor& indices, at::Tenso
   const scalar_t* g = grad.const_data_ptr<scalar_t>();
   const index_t* idx = indices.const_data_ptr<index_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  for (int64_t i = 0; i < n; ++i) {
-#define OP_NAME "fastgpt::embedding_backward"
-    CHECK_INDEX_VALUE(static_cast<int64_t>(idx[i]), V);
-#undef OP_NAME
-  }
+  check_every_index("fastgpt::embedding_backward", idx, n, V);
   if (V * C * static_cast<int64_t>(sizeof(float)) <= kScanBytes)
     scan_tokens(g, idx, o, n, V, C, padding_idx);
   else
