@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
+
+from fastgpt.ops._triton import interpreting
 
 # Per-SM and per-block limits by compute capability (CUDA programming guide, "Technical
 # specifications per compute capability"): registers per SM, shared memory per SM and the most
@@ -97,7 +98,7 @@ def _apply_hints(fn, signature: dict[str, str], constexprs: dict):
 def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, arch: int,
                      num_warps: int, num_stages: int) -> KernelResources:
     """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("fastgpt.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
                            "be compiled. `fastgpt compile-report` compiles in clean subprocesses.")
     import triton

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from fastgpt.errors import FastGPTError
+from fastgpt.ops._triton import interpreting
 
 OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding", "transformer_block")
 REFERENCE = "torch"     # every op's plain-PyTorch backend: the float64 reference and the baseline
@@ -220,7 +221,7 @@ def check_case(op: str, backend: str, label: str, make: Callable, dtype: torch.d
                             note="gradient missing" if fast is None and ref is not None else "",
                             **row)
         try:
-            ok, err, base_err = compare(fast, base, ref)
+            ok, err, base_err, _ = compare(fast, base, ref)
         except AssertionError as e:
             return CheckRow(part=part, result="FAIL", note=str(e), **row)
         ratio = err / base_err if base_err else (0.0 if err == 0 else float("inf"))
@@ -331,7 +332,7 @@ def run_check_cli(args) -> int:
     if device == "cpu":
         # Triton kernels run on CPU only through the interpreter, which must be on before the
         # kernels are defined, i.e. before fastgpt.ops imports them: this is the command's job.
-        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        if not interpreting():
             if any(m.startswith("fastgpt.kernels.") for m in sys.modules):
                 interp = ("Triton kernels were already loaded for GPU in this process: the "
                           "triton backends are skipped (run `fastgpt check` in a fresh process)")

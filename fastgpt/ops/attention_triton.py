@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import os
 import sys
 from typing import Optional
 
@@ -28,15 +27,11 @@ from torch import Tensor
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
+from fastgpt.ops._triton import interpreting
 from fastgpt.ops.attention import attention_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _KERNELS = "fastgpt.kernels.attention"
-
-
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from typing import Optional
 
 import torch
 
 from fastgpt.ops import registry
+from fastgpt.ops._triton import interpreting
 from fastgpt.ops.cross_entropy import reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,7 +53,7 @@ def triton_device_reason(t: torch.Tensor) -> Optional[str]:
     """None when Triton can run on ``t``'s device: CUDA, or CPU under TRITON_INTERPRET=1."""
     if t.device.type == "cuda":
         return None
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if t.device.type == "cpu" and interpreting():
         return None
     return f"needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got device {t.device.type}"
 
@@ -100,7 +100,7 @@ def define_op(name: str, fn, fake):
     The interpreter turns @triton.jit functions into plain Python that ``wrap_triton`` cannot
     trace, so there the op is an opaque custom_op with an explicit fake (shape-only) kernel.
     """
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         op = torch.library.custom_op(name, fn, mutates_args=())
         op.register_fake(fake)
         return op
