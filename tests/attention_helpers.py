@@ -29,9 +29,12 @@ def run(fn, q, k, v, dout, dtype=None):
 
 def check_all(fast, base, ref, label):
     """fast's output and gradients against ref (float64), with base (plain PyTorch) as yardstick."""
+    refs = [ref[0], *ref[1]]
+    # dq and dk cancel to exactly zero at T=1: their floor is taken at the call's largest tensor
+    magnitude = max(r.abs().max().item() for r in refs if r.numel())
     for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]],
-                             [base[0], *base[1]], [ref[0], *ref[1]]):
-        assert_matches_reference(f, b, r, f"{label} {name}")
+                             [base[0], *base[1]], refs):
+        assert_matches_reference(f, b, r, f"{label} {name}", zero_ref_magnitude=magnitude)
 
 
 def check_against_reference(fast, q, k, v, dout, label):

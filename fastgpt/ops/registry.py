@@ -82,6 +82,12 @@ def register(op: str, name: str, fn: Callable, *, supports: Callable = _always,
     return backend
 
 
+def unregister(op: str, names: list[str]) -> None:
+    """Remove backends registered for a while (the accuracy rule's mutants)."""
+    for name in names:
+        _BACKENDS[canonical_op(op)].pop(name, None)
+
+
 def set_default_order(op: str, device_type: str, names: list[str],
                       dtype: Optional[torch.dtype] = None) -> None:
     """The automatic order for a device type ("cpu", "cuda", or "default" for any other), or
