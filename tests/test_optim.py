@@ -7,7 +7,6 @@ move between the two optimizers both ways; training must not import torch._dynam
 """
 
 import logging
-import os
 import subprocess
 import sys
 
@@ -17,8 +16,7 @@ import torch
 from fastgpt import optim
 from fastgpt.optim import FlatAdamW
 
-if os.environ.get("FASTGPT_SKIP_EXT") == "1":
-    pytest.skip("FASTGPT_SKIP_EXT=1: fastgpt._C was not built", allow_module_level=True)
+# the README install builds fastgpt._C: a missing extension is a failure, not a skip
 assert optim.unavailable() is None, optim.unavailable()
 
 # odd sizes: tails of 1..15 lanes, a tensor of one element, one bigger than a 4096 block
