@@ -16,4 +16,4 @@ _ON = ("1", "true", "on", "yes")
 
 def interpreting() -> bool:
     """True when TRITON_INTERPRET asks Triton to run kernels on the CPU."""
-    return os.environ.get(ENV_VAR, "").strip().lower() in _ON
+    return os.environ.get(ENV_VAR, "").lower() in _ON
