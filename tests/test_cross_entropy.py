@@ -47,7 +47,7 @@ def check(logits, targets, name="", **opts):
     if opts.get("return_z_loss"):
         assert_matches_reference(out[1], base[1], ref[1], f"{name} z_loss")
         out, base, ref = out[0], base[0], ref[0]
-    assert out.dtype == logits.dtype
+    assert out.dtype == base.dtype == LOSS_DTYPES[logits.dtype]
     assert_matches_reference(out, base, ref, f"{name} loss")
     assert_matches_reference(grad, base_grad, ref_grad, f"{name} grad")
 
@@ -191,3 +191,49 @@ def test_default_backend_on_cpu_is_torch():
     from fastgpt.ops import registry
     logits, targets = torch.randn(3, 5), torch.tensor([0, 1, 2])
     assert registry.choose("cross_entropy", "cpu", (logits, targets), {}).name == "torch"
+
+
+def half_ulp(ref64, dtype):
+    """Half a unit in the last place of ``dtype`` at each element of ``ref64`` (the larger one
+    at a power of two)."""
+    r = ref64.abs().to(dtype)
+    return (torch.nextafter(r, torch.full_like(r, float("inf"))).double() - r.double()) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_low_precision_computes_in_fp32(dtype, option, reduction):
+    # the reference computes in fp32 and rounds the gradient once to the logits' dtype: the same
+    # numbers as an fp32 run, and every gradient element within half a unit in the last place of
+    # float64's (plus fp32's error, ~1e-6 of the largest), so no near-zero gradient flips sign
+    logits, targets = make(7, 123, dtype, ignore=(2,))
+    opts = dict(reduction=reduction, **OPTIONS[option])
+    g = torch.randn(targets.shape if reduction == "none" else (), dtype=torch.float64)
+    out, grad = run(cross_entropy_torch, logits, targets, g, **opts)
+    out32, grad32 = run(cross_entropy_torch, logits.float(), targets, g, **opts)
+    _, ref_grad = run(cross_entropy_torch, logits.double(), targets, g, **opts)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    assert torch.equal(out, out32)
+    assert torch.equal(grad, grad32.to(dtype))
+    err = (grad.double() - ref_grad).abs()
+    assert (err <= half_ulp(ref_grad, dtype) + 1e-6 * ref_grad.abs().max()).all(), err.max()
+
+
+LOSS_DTYPES = {torch.bfloat16: torch.float32, torch.float16: torch.float32,
+               torch.float32: torch.float32, torch.float64: torch.float64}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", list(LOSS_DTYPES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_loss_dtype(backend, dtype, reduction):
+    # fp32 losses for fp16/bf16 logits (as Liger-Kernel and ml-cross-entropy return), float64
+    # for float64; the z-loss part likewise; both the fused and the explicit torch path
+    logits, targets = make(5, 65, dtype, ignore=(1,))
+    want = LOSS_DTYPES[dtype]
+    loss = ops.cross_entropy(logits, targets, reduction=reduction, backend=backend)
+    assert loss.dtype == want
+    loss, z = ops.cross_entropy(logits, targets, reduction=reduction, z_loss=1e-3,
+                                return_z_loss=True, backend=backend)
+    assert loss.dtype == want and z.dtype == want

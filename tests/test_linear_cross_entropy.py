@@ -21,6 +21,8 @@ OPTIONS = {"plain": {}, "smooth": dict(label_smoothing=0.2), "zloss": dict(z_los
 BACKENDS = {"chunked": lce.linear_cross_entropy_chunked,
             "compile": lce.linear_cross_entropy_compile,
             "triton": lce.linear_cross_entropy_triton}
+LOSS_DTYPES = {torch.bfloat16: torch.float32, torch.float16: torch.float32,
+               torch.float32: torch.float32, torch.float64: torch.float64}
 
 
 def make(N, C, V, dtype, bias=False, ignore=(), ignore_index=-100):
@@ -54,7 +56,7 @@ def check(backend, hidden, weight, bias, targets, name="", **opts):
         assert not out[1].requires_grad
         assert_matches_reference(out[1], base[1], ref[1], f"{name} z_loss")
         out, base, ref = out[0], base[0], ref[0]
-    assert out.dtype == hidden.dtype
+    assert out.dtype == base.dtype == LOSS_DTYPES[hidden.dtype]
     assert_matches_reference(out, base, ref, f"{backend} {name} loss")
     for what, a, b, r in zip(("dhidden", "dweight", "dbias"), grads, base_grads, ref_grads):
         assert a.dtype == b.dtype
@@ -148,6 +150,25 @@ def test_no_grad_and_partial_grads(backend):
     w_ref = weight.clone().requires_grad_()
     linear_cross_entropy_torch(hidden, w_ref, targets, bias=bias).backward()
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+@pytest.mark.parametrize("backend,dtype,chunk_rows",
+                         [(b, d, r) for b in ("torch", "chunked", "triton") for d in LOSS_DTYPES
+                          for r in (0, 4)] + [("compile", torch.bfloat16, 4)])
+def test_loss_dtype(backend, dtype, chunk_rows):
+    # fp32 losses and z-loss parts for fp16/bf16 inputs, float64 for float64, every reduction;
+    # chunk_rows 0 takes the one-chunk path (for "chunked": the torch graph), 4 the chunk loop;
+    # "compile" once (each option compiles anew)
+    hidden, weight, bias, targets = make(9, 8, 65, dtype, bias=True, ignore=(1,))
+    fn = BACKENDS.get(backend, linear_cross_entropy_torch)
+    opts = dict(chunk_rows=chunk_rows) if backend != "torch" else {}
+    want = LOSS_DTYPES[dtype]
+    for reduction in ("none",) if backend == "compile" else ("mean", "sum", "none"):
+        if backend != "compile":
+            assert fn(hidden, weight, targets, bias=bias, reduction=reduction, **opts).dtype == want
+        loss, z = fn(hidden, weight, targets, bias=bias, reduction=reduction, z_loss=1e-3,
+                     return_z_loss=True, **opts)
+        assert loss.dtype == want and z.dtype == want
 
 
 def test_opcheck():

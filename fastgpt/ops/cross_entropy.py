@@ -11,11 +11,16 @@ The mean divides by a device tensor, so nothing here synchronises with the host.
 
 With ``return_z_loss=True`` the result is ``(loss, z_loss_part)``: the z-loss term, reduced
 like the loss and already included in it, returned detached for logging (Liger's convention).
+
+Precision: fp16/bf16 logits are computed in fp32 (softcap, log-sum-exp, smoothing, z-loss) and
+their gradient is rounded once to the logits' dtype; losses come back in fp32 (float64 for
+float64 logits), from every backend and reduction, as Liger-Kernel's and ml-cross-entropy's do.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +31,21 @@ from fastgpt.ops import registry
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the losses compute and come back in: float64 for float64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, built on first use and kept: the ``compile`` backends' wrapper."""
+    return torch.compile(fn)
+
+
 def reduce_rows(rows: torch.Tensor, z_rows: Optional[torch.Tensor], valid: torch.Tensor,
-                reduction: str, return_z_loss: bool, dtype: torch.dtype):
-    """Apply ``reduction`` to per-row losses (z-loss included in ``rows``) and package the result."""
+                reduction: str, return_z_loss: bool):
+    """Apply ``reduction`` to per-row losses (z-loss included in ``rows``) and package the
+    result, in the rows' dtype (fp32 or float64)."""
     if reduction == "none":
         loss, z = rows, z_rows
     elif reduction == "sum":
@@ -37,22 +54,23 @@ def reduce_rows(rows: torch.Tensor, z_rows: Optional[torch.Tensor], valid: torch
         # dividing by a device tensor keeps the mean free of host synchronisation
         count = valid.sum().clamp_min(1).to(rows.dtype)
         loss, z = rows.sum() / count, (None if z_rows is None else z_rows.sum() / count)
-    loss = loss.to(dtype)
     if not return_z_loss:
         return loss
-    z = torch.zeros_like(loss) if z is None else z.to(dtype)
+    z = torch.zeros_like(loss) if z is None else z
     return loss, z.detach()
 
 
 def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
                         label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    # fp16/bf16 in fp32 (as the kernels do): autograd rounds the gradient once, on the way back
+    x = logits.to(acc_dtype(logits.dtype))
     valid = targets != ignore_index
     if not (z_loss or softcap or return_z_loss):
         # F.cross_entropy already does smoothing and ignore_index in one fused call
-        rows = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+        rows = F.cross_entropy(x, targets, ignore_index=ignore_index, reduction="none",
                                label_smoothing=label_smoothing)
-        return reduce_rows(rows, None, valid, reduction, False, logits.dtype)
-    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+        return reduce_rows(rows, None, valid, reduction, False)
+    z = x if softcap is None else softcap * torch.tanh(x / softcap)
     lse = torch.logsumexp(z, dim=-1)                                       # (N,)
     z_t = z.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
     rows = lse - z_t
@@ -63,7 +81,7 @@ def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
         z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
         rows = rows + z_rows
     rows = torch.where(valid, rows, 0.0)
-    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss, logits.dtype)
+    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 
 
 registry.register("cross_entropy", "torch", cross_entropy_torch)
@@ -122,7 +140,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
                   backend: Optional[str] = None, preferred: Optional[str] = None):
     """Softmax cross-entropy of ``logits`` (N, V) against integer ``targets`` (N,).
 
-    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True`` (see module doc).
+    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True`` (see module doc),
+    in fp32 (float64 for float64 logits).
     """
     check_ce_args(logits, targets, reduction)
     check_options(reduction, label_smoothing, z_loss, softcap)

@@ -19,7 +19,7 @@ import torch
 
 from fastgpt.ops import registry
 from fastgpt.ops._triton import interpreting
-from fastgpt.ops.cross_entropy import reduce_rows
+from fastgpt.ops.cross_entropy import acc_dtype, reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,11 +58,6 @@ def triton_device_reason(t: torch.Tensor) -> Optional[str]:
     return f"needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); got device {t.device.type}"
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    # float64 (CPU interpreter only: gradcheck) computes in float64, everything else in fp32
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch_args(V: int, label_smoothing: float, softcap: float):
     block = _kernels().block_v(V)
     return dict(HAS_SOFTCAP=softcap > 0.0, HAS_SMOOTHING=label_smoothing > 0.0, BLOCK_V=block,
@@ -72,7 +67,7 @@ def _launch_args(V: int, label_smoothing: float, softcap: float):
 def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softcap: float):
     from torch.library import wrap_triton
     N, V = logits.shape
-    rows = torch.empty(N, dtype=_acc(logits.dtype), device=logits.device)
+    rows = torch.empty(N, dtype=acc_dtype(logits.dtype), device=logits.device)
     lse = torch.empty_like(rows)
     if N:
         wrap_triton(_kernels().cross_entropy_fwd_kernel)[(N,)](
@@ -117,7 +112,7 @@ def _define_ops() -> None:
         return launch_fwd(logits, targets, ignore_index, label_smoothing, softcap)
 
     def _fwd_fake(logits, targets, ignore_index, label_smoothing, softcap):
-        rows = logits.new_empty(logits.shape[:1], dtype=_acc(logits.dtype))
+        rows = logits.new_empty(logits.shape[:1], dtype=acc_dtype(logits.dtype))
         return rows, torch.empty_like(rows)
 
     def _bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, a: torch.Tensor,
@@ -160,7 +155,7 @@ def cross_entropy_triton(logits, targets, *, ignore_index=-100, reduction="mean"
     if z_loss or return_z_loss:
         z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
         rows = rows + z_rows
-    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss, logits.dtype)
+    return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 
 
 def _supports(logits, targets, **kwargs) -> Optional[str]:

@@ -33,14 +33,13 @@ z-loss part returned with ``return_z_loss=True`` is detached, as in fastgpt.ops.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastgpt.ops import registry
-from fastgpt.ops.cross_entropy import reduce_rows
+from fastgpt.ops.cross_entropy import acc_dtype, compiled, reduce_rows
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
@@ -50,10 +49,6 @@ CHUNK_ELEMENTS = 1 << 24
 
 def auto_chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMENTS // V)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- steps: logits chunk (n, V) -> (rows, z_rows or None, dlogits or None); rows are per-row
@@ -66,7 +61,7 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
     valid = t != ignore_index
     t_safe = t.masked_fill(~valid, 0).unsqueeze(1)
     out_dtype = x.dtype
-    z = x.to(_acc(x.dtype))                       # x itself when it is already fp32/fp64
+    z = x.to(acc_dtype(x.dtype))                  # x itself when it is already fp32/fp64
     del x
     th = None
     if softcap:
@@ -101,7 +96,7 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
 def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
                      label_smoothing: float, z_loss: float, softcap: float):
     valid = t != ignore_index
-    z = x.to(_acc(x.dtype))
+    z = x.to(acc_dtype(x.dtype))
     if softcap:
         th = torch.tanh(z / softcap)
         z = th * softcap
@@ -126,13 +121,8 @@ def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
     return rows, z_rows, dz.to(x.dtype)
 
 
-@functools.cache
-def _compiled_step():
-    return torch.compile(_step_functional, dynamic=None)
-
-
 def step_compile(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
-    return _compiled_step()(x, t, ignore_index, coef, label_smoothing, z_loss, softcap)
+    return compiled(_step_functional)(x, t, ignore_index, coef, label_smoothing, z_loss, softcap)
 
 
 def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
@@ -156,7 +146,7 @@ def chunk_loop(hidden, weight, bias, targets, coef, ignore_index, label_smoothin
     given, the gradients of sum_i coef_i * loss_i for the inputs asked for (None for others)."""
     N, C = hidden.shape
     V = weight.shape[0]
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     fn = _STEP_FNS[step]
     R = chunk_rows if chunk_rows > 0 else auto_chunk_rows(V)
     if N <= R:   # one chunk: no per-row buffers, no copies
@@ -208,13 +198,13 @@ def _forward(hidden, weight, bias, targets, ignore_index, reduction, label_smoot
              softcap, step, chunk_rows, grad_hidden, grad_weight, grad_bias):
     """(loss, z-loss part) reduced as asked, and for "mean"/"sum" the fp32 gradients for
     grad_output = 1 of the inputs asked for (None otherwise)."""
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     grads = reduction != "none" and (grad_hidden or grad_weight or grad_bias)
     coef = _row_weights(targets, ignore_index, reduction, acc) if grads else None
     rows, z_rows, dh, dW, db = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
                                           label_smoothing, z_loss, softcap, step, chunk_rows,
                                           grad_hidden, grad_weight, grad_bias)
-    loss, z = reduce_rows(rows, z_rows, targets != ignore_index, reduction, True, acc)
+    loss, z = reduce_rows(rows, z_rows, targets != ignore_index, reduction, True)
     return loss, z, dh, dW, db
 
 
@@ -273,13 +263,13 @@ def _lce(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     loss, z, *grads = _forward(hidden, weight, bias, targets, ignore_index, reduction,
                                label_smoothing, z_loss, softcap, step, chunk_rows, grad_hidden,
                                grad_weight, grad_bias)
-    return (loss, z, *_empty_if_none(grads, hidden, _acc(hidden.dtype)))
+    return (loss, z, *_empty_if_none(grads, hidden, acc_dtype(hidden.dtype)))
 
 
 @_lce.register_fake
 def _(hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss, softcap,
       step, chunk_rows, grad_hidden, grad_weight, grad_bias):
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     shape = (hidden.shape[0],) if reduction == "none" else ()
     grads = reduction != "none"
     N, C = hidden.shape
@@ -298,7 +288,7 @@ def _lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
              grad_hidden: bool, grad_weight: bool, grad_bias: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients for reduction="none": recompute each chunk with the row weights grad_rows."""
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     coef = torch.where(targets != ignore_index, grad_rows.to(acc), 0.0)
     _, _, *grads = chunk_loop(hidden, weight, bias, targets, coef, ignore_index,
                               label_smoothing, z_loss, softcap, step, chunk_rows,
@@ -309,7 +299,7 @@ def _lce_bwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 @_lce_bwd.register_fake
 def _(hidden, weight, bias, targets, grad_rows, ignore_index, label_smoothing, z_loss, softcap,
       step, chunk_rows, grad_hidden, grad_weight, grad_bias):
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     N, C = hidden.shape
     V = weight.shape[0]
 
@@ -351,8 +341,7 @@ def _make_backend(step: str):
             loss, z = torch.ops.fastgpt.linear_cross_entropy_chunked(*args)[:2]
         else:
             loss, z = _LinearCrossEntropy.apply(*args)
-        loss = loss.to(hidden.dtype)
-        return (loss, z.detach().to(hidden.dtype)) if return_z_loss else loss
+        return (loss, z.detach()) if return_z_loss else loss
     linear_cross_entropy_chunked.__name__ = f"linear_cross_entropy_{step}"
     return linear_cross_entropy_chunked
 
