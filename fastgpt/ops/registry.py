@@ -106,7 +106,9 @@ def backend_names(op: str) -> list[str]:
 
 
 def available_backends(op: str) -> list[str]:
-    """Backends of ``op`` that can run in this process (installed, built, a device present)."""
+    """Backends of ``op`` that are installed and built here (their ``available()``: triton
+    importable, the extension compiled). Whether one runs a given call (device, dtype, shapes)
+    is its ``supports()``, decided per call."""
     return [n for n, b in _BACKENDS[canonical_op(op)].items() if b.available() is None]
 
 
