@@ -5,7 +5,8 @@ Algorithm (Dao, "FlashAttention-2", 2023):
   online softmax (running max ``m``, running sum ``l``), so the (T x T) score matrix never exists.
   Causal block skipping: key blocks above the diagonal are never loaded and only the blocks on the
   diagonal are masked. Scores are kept in base 2 (``exp2`` with log2(e) folded into the scale).
-  The per-row log-sum-exp (natural log) is saved for backward.
+  The per-row log-sum-exp (natural log) is saved for backward; for fp16/bf16 the output is
+  also stored in fp32 (``O32``, see Precision).
 * backward - ``attn_bwd_preprocess`` computes delta = rowsum(dO * O); ``attn_bwd_dkdv`` gives each
   program one key block and accumulates dK, dV over the query blocks at or below the diagonal;
   ``attn_bwd_dq`` gives each program one query block and accumulates dQ over key blocks. Both
@@ -20,6 +21,16 @@ T <= 46340 (the row*T + col counter is 32-bit).
 
 Precision: fp32 accumulation and softmax statistics for every input dtype. fp16/bf16 feed
 ``tl.dot`` natively on GPU; fp32 uses ``DOT_PRECISION`` ("ieee", or "tf32" when the user opts in).
+The backward's dS = P * (dP - delta) cancels where one key dominates a row (dP - delta is then
+about (1 - P) times dP), so delta = rowsum(dO * O) needs O unrounded: from a bf16 O its error
+(eps_bf16 * |dO||O|) swamps dS and made dK/dQ several times (up to ~100x) plain PyTorch's error on
+peaked softmaxes. For fp16/bf16 the forward therefore also writes the fp32 accumulator to O32
+(``STORE_O32``), and the backward reads delta from it. Memory: 4 bytes per output element
+(B*H*T*D*4, twice the fp16/bf16 output), kept from forward to backward instead of O; nothing
+extra for fp32, whose O is the fp32 value. What remains: rows where one key takes all but
+~1e-6 of the probability get dS from dP - delta in fp32, whose rounding (~2**-24 of
+|dO||V|) then exceeds the true dS; plain PyTorch, forming both terms from the same rounded
+dP, cancels exactly there (flash-attention-2's separate delta has the same limit).
 Under the Triton interpreter bf16 arithmetic is unreliable, so ``UPCAST`` turns every loaded tile
 into fp32 right after ``tl.load``.
 
@@ -110,13 +121,14 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n, dmask_kT,
 
 
 @triton.jit
-def attn_fwd(Q, K, V, O, LSE, SEED,
+def attn_fwd(Q, K, V, O, O32, LSE, SEED,
              sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
              H, T, T_BUCKET, sm_scale, dropout_p,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """out (B, H, T, D), lse (B*H, T) for BLOCK_M rows of one head. T_BUCKET: autotune key."""
+             DOT_PRECISION: tl.constexpr, STORE_O32: tl.constexpr):
+    """out (B, H, T, D), lse (B*H, T) for BLOCK_M rows of one head. T_BUCKET: autotune key.
+    STORE_O32: also store the fp32 output in O32 (same strides as O) for the backward's delta."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -151,14 +163,16 @@ def attn_fwd(Q, K, V, O, LSE, SEED,
     acc = acc / l_i[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
-    tl.store(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    o_offs = b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod
+    tl.store(O + o_offs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    if STORE_O32:
+        tl.store(O32 + o_offs, acc, mask=row_ok[:, None] & dmask[None, :])
 
 
 @triton.jit
 def attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[bh, t] = sum_d dO * O, in fp32."""
+    """delta[bh, t] = sum_d dO * O, in fp32; O is the forward's fp32 output (O32) for fp16/bf16."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -349,7 +363,7 @@ def _signature(kernel, dtype: str) -> dict:
     for name in kernel.arg_names:
         if name in pointers:
             sig[name] = f"*{dtype}:16"
-        elif name in ("LSE", "DELTA"):
+        elif name in ("LSE", "DELTA", "O32"):
             sig[name] = "*fp32:16"
         elif name == "SEED":
             sig[name] = "*i64:16"
@@ -376,7 +390,8 @@ def aot_configs(dtypes=("fp16", "bf16", "fp32"), dropout=(False, True)) -> list:
                              DOT_PRECISION="ieee")
                 for bm, bn, warps, stages in fwd:
                     out.append((attn_fwd, _signature(attn_fwd, dt),
-                                dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+                                dict(const, BLOCK_M=bm, BLOCK_N=bn, STORE_O32=dt != "fp32"),
+                                warps, stages))
                 for bm, bn, warps, stages in bwd:
                     out.append((attn_bwd_dkdv, _signature(attn_bwd_dkdv, dt),
                                 dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))

@@ -2,9 +2,12 @@
 
 ``triton``: fastgpt.kernels.attention (flash-attention-2 forward and backward, in-kernel dropout)
 registered as two custom ops, ``fastgpt::attention_fwd(q, k, v, seed, scale, dropout_p) ->
-(out, lse)`` and ``fastgpt::attention_bwd(dout, q, k, v, out, lse, seed, scale, dropout_p) ->
-(dq, dk, dv)``, tied together with ``register_autograd``. ``torch.library.triton_op`` lets
-torch.compile see the kernels (``fullgraph=True`` traces straight through).
+(out, lse, out32)`` and ``fastgpt::attention_bwd(dout, q, k, v, out, lse, seed, scale,
+dropout_p) -> (dq, dk, dv)``, tied together with ``register_autograd``. ``out32`` is the output
+in fp32 for fp16/bf16 inputs (empty for fp32 ones, whose ``out`` is fp32 already); autograd
+saves it for the backward, which needs delta = rowsum(dO * O) from an unrounded O (see the
+kernel module's docstring). ``torch.library.triton_op`` lets torch.compile see the kernels
+(``fullgraph=True`` traces straight through).
 
 It runs on CUDA tensors, and on CPU tensors only under the Triton interpreter
 (``TRITON_INTERPRET=1`` before the kernels are first used; read at call time). Kernels are
@@ -152,22 +155,32 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _empty_out32(q: Tensor) -> Tensor:
+    """The fp32 copy of the output for fp16/bf16 (same strides as out); empty for fp32."""
+    if q.dtype == torch.float32:
+        return q.new_empty((0,), dtype=torch.float32)
+    return _empty_bhtd(q, torch.float32)
+
+
 def _fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
-         dropout_p: float) -> tuple[Tensor, Tensor]:
+         dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
     out = _empty_bhtd(q, _store_dtype(q.dtype))
+    out32 = _empty_out32(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
     _launcher("attn_fwd", block_d, q.dtype)[lambda meta: (_cdiv(T, meta["BLOCK_M"]), B * H)](
-        q, k, v, out, lse, seed, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q, k, v, out, out32, lse, seed,     # out32 is empty (a null pointer) for fp32
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, T, _bucket(T), scale, dropout_p,
-        HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype),
-        **_blocks("attn_fwd"))
-    return out.to(q.dtype), lse
+        HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, STORE_O32=q.dtype != torch.float32,
+        **_flags(q.dtype), **_blocks("attn_fwd"))
+    return out.to(q.dtype), lse, out32
 
 
 def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
          scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``out``: the forward's output, best its fp32 copy (out32), as delta is formed from it."""
     from torch.library import wrap_triton
     B, H, T, D = q.shape
     block_d = _block_d(D)
@@ -201,7 +214,7 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
 def define_ops() -> None:
     @torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
     def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
-                      dropout_p: float) -> tuple[Tensor, Tensor]:
+                      dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
         if interpreting():
             return torch.ops.fastgpt._attention_fwd_interpreted(q, k, v, seed, scale, dropout_p)
         return _fwd(q, k, v, seed, scale, dropout_p)
@@ -223,7 +236,7 @@ def define_ops() -> None:
     @_fwd_interpreted.register_fake
     def _(q, k, v, seed, scale, dropout_p):
         B, H, T, D = q.shape
-        return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32)
+        return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32), _empty_out32(q)
 
     @_bwd_interpreted.register_fake
     def _(dout, q, k, v, out, lse, seed, scale, dropout_p):
@@ -231,12 +244,13 @@ def define_ops() -> None:
 
     def _setup_context(ctx, inputs, output):
         q, k, v, seed, scale, dropout_p = inputs
-        out, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(q, k, v, out, lse, seed)
+        out, lse, out32 = output
+        ctx.mark_non_differentiable(lse, out32)
+        # fp16/bf16: the backward's delta comes from the fp32 output (out is not kept)
+        ctx.save_for_backward(q, k, v, out32 if out32.numel() else out, lse, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
 
-    def _backward(ctx, dout, dlse):
+    def _backward(ctx, dout, dlse, dout32):
         q, k, v, out, lse, seed = ctx.saved_tensors
         dq, dk, dv = torch.ops.fastgpt.attention_bwd(dout, q, k, v, out, lse, seed, ctx.scale,
                                                      ctx.dropout_p)
@@ -259,8 +273,9 @@ def attention_triton(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] 
     if not torch.compiler.is_compiling():
         _check_runnable(q, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, _seed_tensor(q.device, dropout_p, seed),
-                                             scale, float(dropout_p))
+    out, _, _ = torch.ops.fastgpt.attention_fwd(q, k, v,
+                                                _seed_tensor(q.device, dropout_p, seed),
+                                                scale, float(dropout_p))
     return out
 
 
