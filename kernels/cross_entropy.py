@@ -26,7 +26,9 @@ arithmetic is fp32, the gradient is rounded once to the output dtype on store. F
 compute in float64 (ACC, chosen from the pointer type), which lets gradcheck run on the op;
 GPUs are only sent fp32/fp16/bf16.
 Limits: V < 2**31; logits may be strided (row and column strides are arguments).
-tanh is written as 2 * sigmoid(2y) - 1, which Triton and its interpreter both provide.
+tanh is evaluated by ``_tanh`` (Triton has no tanh of its own that its interpreter runs): within
+2 units in the last place everywhere, where 2 * sigmoid(2y) - 1 loses all relative precision as
+y -> 0.
 """
 
 import triton
@@ -34,10 +36,42 @@ import triton.language as tl
 
 
 @triton.jit
+def _k(value, like):
+    """``value`` in ``like``'s dtype at full precision (a bare float literal is fp32 in Triton)."""
+    return tl.full([], value, like.dtype)
+
+
+@triton.jit
+def _tanh(y):
+    """tanh(y) for fp32 or float64 y, within 2 units in the last place."""
+    a = tl.abs(y)
+    limit = 0.2 if y.dtype == tl.float64 else 0.55
+    # near 0: tanh's odd Taylor series (coefficients 2^2n (2^2n - 1) B_2n / (2n)!) to y^17,
+    # where (1 - e) / (1 + e) would cancel; below 0.55 (fp32) or 0.2 (float64) it is exact to
+    # rounding. Evaluated at 0 elsewhere, so that large |y| cannot overflow it.
+    ys = tl.where(a < limit, y, 0.0)
+    y2 = ys * ys
+    p = _k(6404582 / 10854718875, y)
+    p = _k(-929569 / 638512875, y) + y2 * p
+    p = _k(21844 / 6081075, y) + y2 * p
+    p = _k(-1382 / 155925, y) + y2 * p
+    p = _k(62 / 2835, y) + y2 * p
+    p = _k(-17 / 315, y) + y2 * p
+    p = _k(2 / 15, y) + y2 * p
+    p = _k(-1 / 3, y) + y2 * p
+    small = ys + ys * y2 * p
+    # elsewhere: tanh|y| = (1 - e) / (1 + e), e = exp(-2|y|) <= 1, which never overflows
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    big = tl.where(y < 0, -big, big)
+    return tl.where(a < limit, small, big)
+
+
+@triton.jit
 def _cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
     """(z, tanh(x / cap)) with soft-capping, else (x, unused)."""
     if HAS_SOFTCAP:
-        th = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+        th = _tanh(x / softcap)
         return softcap * th, th
     else:
         return x, x
