@@ -145,6 +145,17 @@ def test_triton_softcap_small_logits(scale):
           reduction="none")
 
 
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_triton_bf16_gradient_rounds_to_nearest(option):
+    # the interpreter truncates fp32 -> bf16 conversions; GPUs round to nearest, and so must the
+    # gradient that CPU validation sees: the bf16 run equals the fp32 run rounded to nearest
+    logits, targets = make(7, 123, torch.bfloat16, ignore=(2,))
+    g = torch.randn(())
+    _, grad = run(cross_entropy_triton, logits, targets, g, **OPTIONS[option])
+    _, grad32 = run(cross_entropy_triton, logits.float(), targets, g, **OPTIONS[option])
+    assert torch.equal(grad, grad32.to(torch.bfloat16))
+
+
 def test_non_contiguous_logits():
     base, targets = make(11, 130, torch.float32)
     targets = targets % 65
