@@ -21,6 +21,10 @@ T <= 46340 (the row*T + col counter is 32-bit).
 
 Precision: fp32 accumulation and softmax statistics for every input dtype. fp16/bf16 feed
 ``tl.dot`` natively on GPU; fp32 uses ``DOT_PRECISION`` ("ieee", or "tf32" when the user opts in).
+tf32 dot operands are rounded to nearest by the kernels (``_dot_operand``, also dO in delta):
+tensor cores would drop their low 13 bits, a biased truncation that, emulated, gave up to 9x
+the error of torch's tf32 matmuls (which round); the interpreter, whose dots are exact fp32,
+then computes what a GPU does.
 The backward's dS = P * (dP - delta) cancels where one key dominates a row (dP - delta is then
 about (1 - P) times dP), so delta = rowsum(dO * O) needs O unrounded: from a bf16 O its error
 (eps_bf16 * |dO||O|) swamps dS and made dK/dQ several times (up to ~100x) plain PyTorch's error on
@@ -38,6 +42,8 @@ Launch configs: ``FWD_CONFIGS`` / ``BWD_CONFIGS`` are what the launchers autotun
 ``INTERPRET_*`` is the single config used under the interpreter. ``aot_configs()`` lists what
 fastgpt.aot compiles for sm_80/sm_90 (see its docstring).
 """
+
+import itertools
 
 import triton
 import triton.language as tl
@@ -87,11 +93,22 @@ def _dropout_keep(seed, bh, rows, cols, T, dropout_p):
 
 
 @triton.jit
-def _load(ptrs, mask, UPCAST: tl.constexpr):
+def _dot_operand(x, DOT_PRECISION: tl.constexpr):
+    """x as a tl.dot input: for tf32 dots, fp32 rounded to the nearest tf32 (ties away from zero).
+    Tensor cores drop the 13 low bits instead, which biases every product toward zero."""
+    if DOT_PRECISION == "tf32":
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _load(ptrs, mask, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A tile that only feeds tl.dot."""
     x = tl.load(ptrs, mask=mask, other=0.0)
     if UPCAST:
         x = x.to(tl.float32)
-    return x
+    return _dot_operand(x, DOT_PRECISION)
 
 
 @triton.jit
@@ -102,7 +119,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n, dmask_kT,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_bounds = cols < T
-        kT = _load(k_ptr + cols[None, :] * skt, dmask_kT & in_bounds[None, :], UPCAST)  # (D, N)
+        kT = _load(k_ptr + cols[None, :] * skt, dmask_kT & in_bounds[None, :], UPCAST,
+                   DOT_PRECISION)                                                       # (D, N)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale                   # (M, N)
         if MASKED:
             s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
@@ -114,8 +132,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptr, v_ptr, skt, svt, rows, offs_n, dmask_kT,
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _load(v_ptr + cols[:, None] * svt, dmask_v & in_bounds[:, None], UPCAST)    # (N, D)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        v = _load(v_ptr + cols[:, None] * svt, dmask_v & in_bounds[:, None], UPCAST,
+                  DOT_PRECISION)                                                        # (N, D)
+        p = _dot_operand(p.to(v.dtype), DOT_PRECISION)
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -140,7 +160,7 @@ def attn_fwd(Q, K, V, O, O32, LSE, SEED,
     row_ok = rows < T
 
     q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
-              row_ok[:, None] & dmask[None, :], UPCAST)                                  # (M, D)
+              row_ok[:, None] & dmask[None, :], UPCAST, DOT_PRECISION)                   # (M, D)
     k_ptr = K + b * skb + h * skh + offs_d[:, None] * skd
     v_ptr = V + b * svb + h * svh + offs_d[None, :] * svd
     seed = 0
@@ -171,8 +191,10 @@ def attn_fwd(Q, K, V, O, O32, LSE, SEED,
 
 @triton.jit
 def attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H, T,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """delta[bh, t] = sum_d dO * O, in fp32; O is the forward's fp32 output (O32) for fp16/bf16."""
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """delta[bh, t] = sum_d dO * O, in fp32; O is the forward's fp32 output (O32) for fp16/bf16.
+    dO is rounded as the dots that form dP round it, so that rowsum(P * dP) - delta cancels."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -183,6 +205,7 @@ def attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H,
                 other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
                  other=0.0).to(tl.float32)
+    do = _dot_operand(do, DOT_PRECISION)
     tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
 
 
@@ -194,8 +217,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, c
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < T
-        qT = _load(q_ptr + rows[None, :] * sqt, dmask_qT & row_ok[None, :], UPCAST)     # (D, M)
-        do = _load(do_ptr + rows[:, None] * sdt, dmask_do & row_ok[:, None], UPCAST)    # (M, D)
+        qT = _load(q_ptr + rows[None, :] * sqt, dmask_qT & row_ok[None, :], UPCAST,
+                   DOT_PRECISION)                                                       # (D, M)
+        do = _load(do_ptr + rows[:, None] * sdt, dmask_do & row_ok[:, None], UPCAST,
+                   DOT_PRECISION)                                                       # (M, D)
         # rows past T get lse = +inf, hence probability 0
         lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
@@ -210,9 +235,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, c
             dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        pdT = _dot_operand(pdT.to(do.dtype), DOT_PRECISION)
+        dv = tl.dot(pdT, do, dv, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+        dsT = _dot_operand(dsT.to(qT.dtype), DOT_PRECISION)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -235,9 +262,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
     dmask = offs_d < HEAD_DIM
     tile_mask = (cols < T)[:, None] & dmask[None, :]
     k = _load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, tile_mask,
-              UPCAST)                                                                   # (N, D)
+              UPCAST, DOT_PRECISION)                                                    # (N, D)
     v = _load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, tile_mask,
-              UPCAST)
+              UPCAST, DOT_PRECISION)
     q_ptr = Q + b * sqb + h * sqh + offs_d[:, None] * sqd
     do_ptr = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
     lse_ptr = LSE + bh.to(tl.int64) * T
@@ -272,8 +299,10 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n, 
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_bounds = (cols < T)[None, :]
-        kT = _load(k_ptr + cols[None, :] * skt, dmask_T & in_bounds, UPCAST)             # (D, N)
-        vT = _load(v_ptr + cols[None, :] * svt, dmask_T & in_bounds, UPCAST)             # (D, N)
+        kT = _load(k_ptr + cols[None, :] * skt, dmask_T & in_bounds, UPCAST,
+                   DOT_PRECISION)                                                       # (D, N)
+        vT = _load(v_ptr + cols[None, :] * svt, dmask_T & in_bounds, UPCAST,
+                   DOT_PRECISION)                                                       # (D, N)
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale                     # (M, N)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -283,7 +312,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n, 
             keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], T, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        ds = _dot_operand(ds.to(kT.dtype), DOT_PRECISION)
+        dq = tl.dot(ds, tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -307,9 +337,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEED,
     row_ok = rows < T
     tile_mask = row_ok[:, None] & dmask[None, :]
     q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, tile_mask,
-              UPCAST)                                                                   # (M, D)
+              UPCAST, DOT_PRECISION)                                                    # (M, D)
     do = _load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, tile_mask,
-               UPCAST)
+               UPCAST, DOT_PRECISION)
     lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok,
                    other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
@@ -380,21 +410,23 @@ def _signature(kernel, dtype: str) -> dict:
 
 def aot_configs(dtypes=("fp16", "bf16", "fp32"), dropout=(False, True)) -> list:
     """(kernel, signature, constexprs, num_warps, num_stages) for every GPU launch config of the
-    forward and backward kernels; the convention is fastgpt.aot's."""
+    forward and backward kernels (fp32 with IEEE and with tf32 dots); the convention is
+    fastgpt.aot's."""
     out = []
-    for dt in dtypes:
-        for block_d in FWD_CONFIGS:
-            fwd, bwd = launch_configs(block_d, dt)
-            for drop in dropout:
-                const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=drop, UPCAST=False,
-                             DOT_PRECISION="ieee")
-                for bm, bn, warps, stages in fwd:
-                    out.append((attn_fwd, _signature(attn_fwd, dt),
-                                dict(const, BLOCK_M=bm, BLOCK_N=bn, STORE_O32=dt != "fp32"),
-                                warps, stages))
-                for bm, bn, warps, stages in bwd:
-                    out.append((attn_bwd_dkdv, _signature(attn_bwd_dkdv, dt),
-                                dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
-                    out.append((attn_bwd_dq, _signature(attn_bwd_dq, dt),
-                                dict(const, BLOCK_M=bn, BLOCK_N=bm), warps, stages))
+    for dt, block_d, drop, precision in itertools.product(dtypes, FWD_CONFIGS, dropout,
+                                                          ("ieee", "tf32")):
+        if precision == "tf32" and dt != "fp32":
+            continue
+        fwd, bwd = launch_configs(block_d, dt)
+        const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, DROPOUT=drop, UPCAST=False,
+                     DOT_PRECISION=precision)
+        for bm, bn, warps, stages in fwd:
+            out.append((attn_fwd, _signature(attn_fwd, dt),
+                        dict(const, BLOCK_M=bm, BLOCK_N=bn, STORE_O32=dt != "fp32"),
+                        warps, stages))
+        for bm, bn, warps, stages in bwd:
+            out.append((attn_bwd_dkdv, _signature(attn_bwd_dkdv, dt),
+                        dict(const, BLOCK_M=bm, BLOCK_N=bn), warps, stages))
+            out.append((attn_bwd_dq, _signature(attn_bwd_dq, dt),
+                        dict(const, BLOCK_M=bn, BLOCK_N=bm), warps, stages))
     return out

@@ -4,6 +4,8 @@ Triton kernels run through the interpreter on CPU (tests/conftest.py sets TRITON
 q, k, v are always strided views of one (B, T, 3, H, D) tensor, as the model makes them.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ import fastgpt.ops as ops
 from fastgpt.errors import FastGPTError
 from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_triton import _available, attention_triton, dropout_keep_mask
-from fastgpt.testing import assert_matches_reference
+from fastgpt.testing import assert_matches_reference, compare
 
 from attention_helpers import check_against_reference, check_all, qkv, run, tiny_gpt_losses
 
@@ -68,6 +70,68 @@ def test_forward_keeps_the_fp32_output_for_backward():
     q, k, v = qkv(1, 2, 7, 16, F32, requires_grad=False)
     assert torch.ops.fastgpt.attention_fwd(q, k, v, torch.zeros(1, dtype=torch.int64), 0.25,
                                            0.0)[2].numel() == 0      # fp32: out is the fp32 copy
+
+
+def tf32(x):
+    """fp32 rounded to the nearest tf32 (10-bit mantissa, ties away from zero)."""
+    return ((x.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+class TF32MatMul(torch.autograd.Function):
+    """a @ b as a GPU computes it with tf32 allowed (operands rounded, fp32 sums), backward too;
+    CPU matmuls ignore torch's tf32 setting."""
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return tf32(a) @ tf32(b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return tf32(g) @ tf32(b).mT, tf32(a).mT @ tf32(g)
+
+
+def attention_tf32(q, k, v):
+    """attention_torch's computation with tf32 matmuls: plain PyTorch on a GPU with tf32 on."""
+    T = q.shape[-2]
+    s = TF32MatMul.apply(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return TF32MatMul.apply(s.softmax(-1), v)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def check_worst_elements(fast, base, ref, label):
+    """The accuracy rule's worst-element test alone, for tf32 results. Its scale test has fp32's
+    floor (eps/2 = 6e-8), far below the random scale error of tf32 rounding (~1e-5 here), which
+    a tf32 result as accurate as plain PyTorch's then fails at random (5-25% of seeds)."""
+    for name, f, b, r in zip(("out", "dq", "dk", "dv"), [fast[0], *fast[1]], [base[0], *base[1]],
+                             [ref[0], *ref[1]]):
+        _, err, plain, floor = compare(f, b, r)[:4]
+        assert err <= 2 * plain + floor, f"{label} {name}: {err:.3g} > 2 x {plain:.3g} + {floor:.3g}"
+
+
+def test_tf32_option_matches_torch_tf32():
+    # on a GPU the tensor cores would truncate fp32 operands (up to 9x plain PyTorch's error,
+    # biased); the kernels round them to nearest, as torch's tf32 matmuls do
+    q, k, v = qkv(1, 2, 97, 64, F32)
+    dout = torch.randn(1, 2, 97, 64)
+    ieee = run(attention_triton, q, k, v, dout)
+    with matmul_precision("high"):
+        fast = run(attention_triton, q, k, v, dout)
+    ref = run(attention_torch, q, k, v, dout, torch.float64)
+    check_worst_elements(fast, run(attention_tf32, q, k, v, dout), ref, "tf32")
+    # tf32 was really used: its error is a tf32 rounding's, far above IEEE fp32's
+    for f, i, r in zip([fast[0], *fast[1]], [ieee[0], *ieee[1]], [ref[0], *ref[1]]):
+        assert compare(f, i, r)[1] > 100 * compare(i, i, r)[1]
 
 
 def test_scale_argument():

@@ -87,10 +87,12 @@ def _check_runnable(q: Tensor, dropout_p: float) -> None:
 # --- launchers ---
 
 def _flags(dtype: torch.dtype) -> dict:
-    """Constexprs that depend on dtype and environment, not on shape."""
+    """Constexprs that depend on dtype and environment, not on shape. fp32 dots use tf32 unless
+    torch.set_float32_matmul_precision("highest"), as torch's own matmuls do; the kernels round
+    their operands to tf32 themselves, so the interpreter computes what a GPU does."""
     tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     return dict(UPCAST=interpreting() and dtype == torch.bfloat16,
-                DOT_PRECISION="tf32" if tf32 and not interpreting() else "ieee")
+                DOT_PRECISION="tf32" if tf32 else "ieee")
 
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -188,7 +190,7 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     pre_m = 64
     wrap_triton(_kernels().attn_bwd_preprocess)[(_cdiv(T, pre_m), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, T,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m)
+        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, DOT_PRECISION=_flags(q.dtype)["DOT_PRECISION"])
     dq, dk, dv = (_empty_bhtd(q, _store_dtype(q.dtype)) for _ in range(3))
     common = (H, T, _bucket(T), scale, dropout_p)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype))
