@@ -4,7 +4,7 @@ Forward (``cross_entropy_fwd_kernel``): one pass over the row in blocks of BLOCK
 running maximum ``m`` and a running sum ``s`` of exp(z - m) (the online log-sum-exp), so any
 vocabulary size works with a fixed block. It writes, per row, in fp32:
 
-    lse  = log sum_j exp(z_j)
+    lse  = log sum_j exp(z_j) = m + log s,    m,  s
     loss = (1 - eps) * (lse - z_t) + eps * (lse - mean_j z_j)     (eps = label smoothing)
 
 where z = x, or z = cap * tanh(x / cap) with soft-capping. Rows whose target equals
@@ -22,7 +22,10 @@ op). Keeping the reduction and z-loss outside the kernel keeps the kernel small;
 the fused linear+cross-entropy turns a chunk of logits into its gradient without a new buffer.
 
 Precision: every load is upcast to fp32 at once (also the interpreter's bf16 workaround), all
-arithmetic is fp32, the gradient is rounded once to the output dtype on store. Float64 logits
+arithmetic is fp32, the gradient is rounded once to the output dtype on store. softmax_j is
+exp(z_j - m) / s from the forward's m and s, not exp(z_j - lse): lse rounded to fp32 is off by up
+to half a unit at its own magnitude, which scales a whole row's gradient (by a few units in the
+last place at |logits| ~ 10, by up to 5e-4 at |logits| ~ 1e4). Float64 logits
 compute in float64 (ACC, chosen from the pointer type), which lets gradcheck run on the op;
 GPUs are only sent fp32/fp16/bf16.
 Limits: V < 2**31; logits may be strided (row and column strides are arguments).
@@ -81,7 +84,7 @@ def _cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 def cross_entropy_fwd_kernel(
     x_ptr, stride_xn, stride_xv,        # logits (N, V), any dtype
     t_ptr,                              # targets (N,), int64
-    loss_ptr, lse_ptr,                  # outputs (N,), in ACC
+    loss_ptr, lse_ptr, max_ptr, sum_ptr,    # outputs (N,), in ACC: loss, lse, m, s
     V, ignore_index, label_smoothing, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -121,12 +124,14 @@ def cross_entropy_fwd_kernel(
     loss = tl.where(ignored, 0.0, loss)
     tl.store(loss_ptr + row, loss)
     tl.store(lse_ptr + row, lse)
+    tl.store(max_ptr + row, m)
+    tl.store(sum_ptr + row, s)
 
 
 @triton.jit
 def cross_entropy_bwd_kernel(
     x_ptr, stride_xn, stride_xv,        # logits (N, V)
-    t_ptr, lse_ptr, a_ptr, b_ptr,       # (N,) each; lse, a, b in ACC
+    t_ptr, max_ptr, sum_ptr, a_ptr, b_ptr,  # (N,) each; m, s, a, b in ACC
     dx_ptr, stride_dn, stride_dv,       # gradient (N, V); may alias x
     V, label_smoothing, softcap,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -136,9 +141,10 @@ def cross_entropy_bwd_kernel(
     x_row = x_ptr + row * stride_xn
     dx_row = dx_ptr + row * stride_dn
     t = tl.load(t_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
     a = tl.load(a_ptr + row)
     b = tl.load(b_ptr + row)
+    a_s = a / tl.load(sum_ptr + row)      # a * softmax_j = a_s * exp(z_j - m)
     b_hit = b * (1.0 - label_smoothing)   # weight of the one-hot target
     b_all = b * label_smoothing / V       # weight of the uniform smoothing target
     for v0 in range(0, V, BLOCK_V):
@@ -147,7 +153,7 @@ def cross_entropy_bwd_kernel(
         # masked columns read -inf so that their exp is 0, not an overflow
         x = tl.load(x_row + cols * stride_xv, mask=mask, other=float("-inf")).to(ACC)
         z, th = _cap(x, softcap, HAS_SOFTCAP)
-        dz = a * tl.exp(z - lse) - tl.where(cols == t, b_hit, 0.0)
+        dz = a_s * tl.exp(z - m) - tl.where(cols == t, b_hit, 0.0)
         if HAS_SMOOTHING:
             dz -= b_all
         if HAS_SOFTCAP:
@@ -177,13 +183,13 @@ def aot_configs(dtypes=("fp32", "bf16", "fp16")):
                 flags = {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": smooth, "BLOCK_V": block}
                 fwd = {"x_ptr": f"*{dtype}:16", "stride_xn": "i32", "stride_xv": "i32:1",
                        "t_ptr": "*i64:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16",
-                       "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32",
-                       "softcap": "fp32"}
+                       "max_ptr": "*fp32:16", "sum_ptr": "*fp32:16", "V": "i32",
+                       "ignore_index": "i32", "label_smoothing": "fp32", "softcap": "fp32"}
                 bwd = {"x_ptr": f"*{dtype}:16", "stride_xn": "i32", "stride_xv": "i32:1",
-                       "t_ptr": "*i64:16", "lse_ptr": "*fp32:16", "a_ptr": "*fp32:16",
-                       "b_ptr": "*fp32:16", "dx_ptr": f"*{dtype}:16", "stride_dn": "i32",
-                       "stride_dv": "i32:1", "V": "i32", "label_smoothing": "fp32",
-                       "softcap": "fp32"}
+                       "t_ptr": "*i64:16", "max_ptr": "*fp32:16", "sum_ptr": "*fp32:16",
+                       "a_ptr": "*fp32:16", "b_ptr": "*fp32:16", "dx_ptr": f"*{dtype}:16",
+                       "stride_dn": "i32", "stride_dv": "i32:1", "V": "i32",
+                       "label_smoothing": "fp32", "softcap": "fp32"}
                 for kernel, sig in ((cross_entropy_fwd_kernel, fwd), (cross_entropy_bwd_kernel, bwd)):
                     sig = {**sig, **{k: "constexpr" for k in flags}}
                     configs.append(AOTConfig(kernel, sig, dict(flags), num_warps_for(block), 1))

@@ -1,9 +1,11 @@
 """The ``triton`` backend of cross_entropy: fastgpt::cross_entropy_fwd/bwd as torch.library triton_ops.
 
-``cross_entropy_fwd(logits, targets, ...) -> (rows, lse)`` gives per-row losses without z-loss
-(0 where ignored) and per-row log-sum-exp. Both outputs are differentiable: z-loss, reductions and
-ignore masks are O(N) PyTorch on top, and whatever flows into ``lse`` (z-loss) becomes the
-softmax coefficient of the backward kernel. Kernels: fastgpt/kernels/cross_entropy.py.
+``cross_entropy_fwd(logits, targets, ...) -> (rows, lse, row_max, row_sum)`` gives per-row losses
+without z-loss (0 where ignored), per-row log-sum-exp, and the row's largest (capped) logit m and
+sum of exp(z - m), from which the backward kernel forms the softmax. ``rows`` and ``lse`` are
+differentiable: z-loss, reductions and ignore masks are O(N) PyTorch on top, and whatever flows
+into ``lse`` (z-loss) becomes the softmax coefficient of the backward kernel. Kernels:
+fastgpt/kernels/cross_entropy.py.
 
 The launchers (``launch_fwd``/``launch_bwd``) are shared with the fused linear+cross-entropy,
 which runs them on chunks of logits it owns and overwrites each chunk with its gradient.
@@ -65,16 +67,17 @@ def _launch_args(V: int, label_smoothing: float, softcap: float):
 
 
 def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softcap: float):
+    """(rows, lse, row_max, row_sum), each (N,) in fp32 (float64 for float64 logits)."""
     from torch.library import wrap_triton
     N, V = logits.shape
     rows = torch.empty(N, dtype=acc_dtype(logits.dtype), device=logits.device)
-    lse = torch.empty_like(rows)
+    lse, row_max, row_sum = (torch.empty_like(rows) for _ in range(3))
     if N:
         wrap_triton(_kernels().cross_entropy_fwd_kernel)[(N,)](
-            logits, logits.stride(0), logits.stride(1), targets, rows, lse,
+            logits, logits.stride(0), logits.stride(1), targets, rows, lse, row_max, row_sum,
             V, ignore_index, label_smoothing, softcap,
             **_launch_args(V, label_smoothing, softcap))
-    return rows, lse
+    return rows, lse, row_max, row_sum
 
 
 def _rounds_outside(dtype: torch.dtype) -> bool:
@@ -83,14 +86,15 @@ def _rounds_outside(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
-def launch_bwd(logits, targets, lse, a, b, label_smoothing: float, softcap: float, out):
+def launch_bwd(logits, targets, row_max, row_sum, a, b, label_smoothing: float, softcap: float,
+               out):
     """Write the gradient into ``out`` (which may be ``logits`` itself)."""
     from torch.library import wrap_triton
     N, V = logits.shape
     if N:
         dst = out.new_empty(out.shape, dtype=torch.float32) if _rounds_outside(out.dtype) else out
         wrap_triton(_kernels().cross_entropy_bwd_kernel)[(N,)](
-            logits, logits.stride(0), logits.stride(1), targets, lse, a, b,
+            logits, logits.stride(0), logits.stride(1), targets, row_max, row_sum, a, b,
             dst, dst.stride(0), dst.stride(1), V, label_smoothing, softcap,
             **_launch_args(V, label_smoothing, softcap))
         if dst is not out:
@@ -116,21 +120,24 @@ def define_op(name: str, fn, fake):
 def _define_ops() -> None:
     """Defined on first use, not at import: a triton_op imports torch._inductor (~1.2 s)."""
     def _fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-             label_smoothing: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-row loss without z-loss, 0 where ignored; per-row logsumexp). softcap 0 = off."""
+             label_smoothing: float, softcap: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-row loss without z-loss, 0 where ignored; per-row logsumexp; row max m; row sum
+        of exp(z - m)). softcap 0 = off."""
         return launch_fwd(logits, targets, ignore_index, label_smoothing, softcap)
 
     def _fwd_fake(logits, targets, ignore_index, label_smoothing, softcap):
         rows = logits.new_empty(logits.shape[:1], dtype=acc_dtype(logits.dtype))
-        return rows, torch.empty_like(rows)
+        return rows, torch.empty_like(rows), torch.empty_like(rows), torch.empty_like(rows)
 
-    def _bwd(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, a: torch.Tensor,
-             b: torch.Tensor, label_smoothing: float, softcap: float) -> torch.Tensor:
+    def _bwd(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor,
+             row_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor, label_smoothing: float,
+             softcap: float) -> torch.Tensor:
         """dlogits = (a * softmax - b * smoothed one-hot) * dsoftcap, row-wise coefficients a, b."""
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        return launch_bwd(logits, targets, lse, a, b, label_smoothing, softcap, out)
+        return launch_bwd(logits, targets, row_max, row_sum, a, b, label_smoothing, softcap, out)
 
-    def _bwd_fake(logits, targets, lse, a, b, label_smoothing, softcap):
+    def _bwd_fake(logits, targets, row_max, row_sum, a, b, label_smoothing, softcap):
         return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
     cross_entropy_fwd = define_op("fastgpt::cross_entropy_fwd", _fwd, _fwd_fake)
@@ -138,17 +145,18 @@ def _define_ops() -> None:
 
     def _setup_context(ctx, inputs, output):
         logits, targets, ignore_index, label_smoothing, softcap = inputs
-        ctx.save_for_backward(logits, targets, output[1])
+        ctx.save_for_backward(logits, targets, output[2], output[3])
+        ctx.mark_non_differentiable(output[2], output[3])
         ctx.opts = (ignore_index, label_smoothing, softcap)
 
-    def _backward(ctx, g_rows, g_lse):
-        logits, targets, lse = ctx.saved_tensors
+    def _backward(ctx, g_rows, g_lse, _g_max, _g_sum):
+        logits, targets, row_max, row_sum = ctx.saved_tensors
         ignore_index, label_smoothing, softcap = ctx.opts
-        g_rows = torch.zeros_like(lse) if g_rows is None else g_rows.to(lse.dtype)
-        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.to(lse.dtype)
+        g_rows = torch.zeros_like(row_max) if g_rows is None else g_rows.to(row_max.dtype)
+        g_lse = torch.zeros_like(row_max) if g_lse is None else g_lse.to(row_max.dtype)
         b = torch.where(targets != ignore_index, g_rows, 0.0)   # ignored rows have constant loss
         a = b + g_lse
-        dlogits = torch.ops.fastgpt.cross_entropy_bwd(logits, targets, lse, a, b,
+        dlogits = torch.ops.fastgpt.cross_entropy_bwd(logits, targets, row_max, row_sum, a, b,
                                                       label_smoothing, softcap)
         return dlogits, None, None, None, None
 
@@ -157,8 +165,8 @@ def _define_ops() -> None:
 
 def cross_entropy_triton(logits, targets, *, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
-    rows, lse = torch.ops.fastgpt.cross_entropy_fwd(logits, targets, ignore_index,
-                                                    label_smoothing, softcap or 0.0)
+    rows, lse, _, _ = torch.ops.fastgpt.cross_entropy_fwd(logits, targets, ignore_index,
+                                                          label_smoothing, softcap or 0.0)
     valid = targets != ignore_index
     z_rows = None
     if z_loss or return_z_loss:

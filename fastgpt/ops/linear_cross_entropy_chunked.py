@@ -126,7 +126,7 @@ def step_compile(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
 
 
 def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
-    rows, lse = launch_fwd(x, t, ignore_index, label_smoothing, softcap)
+    rows, lse, row_max, row_sum = launch_fwd(x, t, ignore_index, label_smoothing, softcap)
     z_rows = None
     if z_loss:
         z_rows = torch.where(t != ignore_index, z_loss * lse.square(), 0.0)
@@ -134,7 +134,8 @@ def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
     if coef is None:
         return rows, z_rows, None
     a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    return rows, z_rows, launch_bwd(x, t, lse, a, coef, label_smoothing, softcap, out=x)
+    return rows, z_rows, launch_bwd(x, t, row_max, row_sum, a, coef, label_smoothing, softcap,
+                                    out=x)
 
 
 _STEP_FNS = {"chunked": step_eager, "compile": step_compile, "triton": step_triton}
