@@ -40,11 +40,12 @@ def run(fn, logits, targets, g, **opts):
     return out, grad
 
 
-def check(logits, targets, name="", **opts):
-    """The Triton backend vs plain PyTorch in the same dtype, both against float64."""
+def check(logits, targets, name="", fn=cross_entropy_triton, **opts):
+    """A backend (Triton's unless named) vs plain PyTorch in the same dtype, both against
+    float64."""
     reduction = opts.get("reduction", "mean")
     g = torch.randn(targets.shape if reduction == "none" else (), dtype=torch.float64)
-    out, grad = run(cross_entropy_triton, logits, targets, g, **opts)
+    out, grad = run(fn, logits, targets, g, **opts)
     base, base_grad = run(cross_entropy_torch, logits, targets, g, **opts)
     ref, ref_grad = run(cross_entropy_torch, logits.double(), targets, g, **opts)
     if opts.get("return_z_loss"):
@@ -209,6 +210,18 @@ def test_compile_fullgraph(backend):
                         logits, targets, g)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("dtype,option", [(torch.bfloat16, "all"), (torch.float32, "plain")])
+def test_compile_backend(dtype, option):
+    # torch.compile of the torch reference, built on first use; each case compiles (seconds).
+    # Per-row losses: a compiled sum of rows rounds in its own order, so a scalar fp32 mean is
+    # only as close to float64 as one ulp, whatever plain PyTorch's luck
+    def fn(x, t, **opts):
+        return ops.cross_entropy(x, t, backend="compile", **opts)
+    logits, targets = make(7, 65, dtype, ignore=(3,))
+    check(logits, targets, f"compile {dtype} {option}", fn=fn, reduction="none",
+          return_z_loss=True, **OPTIONS[option])
 
 
 def test_torch_reference_options_agree_with_functional():

@@ -84,7 +84,18 @@ def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
     return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 
 
+def cross_entropy_compile(logits, targets, *, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
+    """The torch reference through torch.compile (fused elementwise work), compiled on first use."""
+    opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss)
+    if torch.compiler.is_compiling():   # already inside a compiled region: trace straight through
+        return cross_entropy_torch(logits, targets, **opts)
+    return compiled(cross_entropy_torch)(logits, targets, **opts)
+
+
 registry.register("cross_entropy", "torch", cross_entropy_torch)
+registry.register("cross_entropy", "compile", cross_entropy_compile)
 registry.set_default_order("cross_entropy", "cpu", ["torch"])
 registry.set_default_order("cross_entropy", "cuda", ["triton", "torch"])
 registry.set_default_order("cross_entropy", "default", ["torch"])
