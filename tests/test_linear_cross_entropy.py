@@ -2,7 +2,8 @@
 
 Each is compared with the float64 ``torch`` backend (it materialises the logits), forward and
 gradients of hidden, weight and bias with a random grad_output, under the 2x-same-dtype-error
-rule. ``chunk_rows`` forces several chunks (with a ragged last one) on small shapes.
+rule. ``chunk_rows``, or a small logits budget ``chunk_elements``, makes small shapes run
+several chunks (with a ragged last one).
 """
 
 import pytest
@@ -49,6 +50,7 @@ def check(backend, hidden, weight, bias, targets, name="", **opts):
     g = torch.randn(targets.shape if reduction == "none" else (), dtype=torch.float64)
     out, grads = run(BACKENDS[backend], hidden, weight, bias, targets, g, **opts)
     opts.pop("chunk_rows", None)
+    opts.pop("chunk_elements", None)
     base, base_grads = run(linear_cross_entropy_torch, hidden, weight, bias, targets, g, **opts)
     to64 = [None if t is None else t.double() for t in (hidden, weight, bias)]
     ref, ref_grads = run(linear_cross_entropy_torch, *to64, targets, g, **opts)
@@ -72,15 +74,41 @@ def test_matches_reference(backend, dtype, option):
           **OPTIONS[option])
 
 
+CHUNKINGS = {"auto": dict(chunk_elements=3 * 65 + 1),   # automatic R = 3: 3 + 3 + 3 + 2 rows
+             "rows4": dict(chunk_rows=4),               # 4 + 4 + 3
+             "one": dict(chunk_rows=100)}               # one chunk, forced
+
+
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", ["plain", "all"])
-@pytest.mark.parametrize("chunk_rows", [0, 4, 100])
-def test_reductions_and_chunking(backend, reduction, option, chunk_rows):
-    # chunk_rows 0: automatic (one chunk here); 4: ragged chunks; 100: one chunk, forced
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
+def test_reductions_and_chunking(backend, reduction, option, chunking):
     hidden, weight, bias, targets = make(11, 8, 65, torch.float32, ignore=(0, 7))
-    check(backend, hidden, weight, bias, targets, f"{reduction} {option} R={chunk_rows}",
-          reduction=reduction, chunk_rows=chunk_rows, **OPTIONS[option])
+    check(backend, hidden, weight, bias, targets, f"{reduction} {option} {chunking}",
+          reduction=reduction, **CHUNKINGS[chunking], **OPTIONS[option])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("budget,sizes", [(1, [1] * 11), (4 * 65, [4, 4, 3]),
+                                          (6 * 65 + 10, [6, 5])])
+def test_automatic_chunks_match_reference(backend, bias, budget, sizes, monkeypatch):
+    # N * V above the logits budget: the automatic chunk loop (not the one-chunk torch graph),
+    # forward and the hidden, weight and bias gradients against float64
+    seen = []
+    step = lce._STEP_FNS[backend]
+
+    def spy(x, *args):
+        seen.append(x.shape[0])
+        return step(x, *args)
+    monkeypatch.setitem(lce._STEP_FNS, backend, spy)
+    hidden, weight, b, targets = make(11, 8, 65, torch.bfloat16, bias=bias, ignore=(2,))
+    for reduction in ("mean", "none"):
+        seen.clear()
+        check(backend, hidden, weight, b, targets, f"budget {budget} {reduction}",
+              reduction=reduction, chunk_elements=budget, **ALL)
+        assert seen[:len(sizes)] == sizes
 
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])

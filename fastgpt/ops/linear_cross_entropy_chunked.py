@@ -17,7 +17,8 @@ N=8192, V=50304: R=333, 25 chunks). Smaller chunks cost time on CPU (R=125 was c
 every chunk re-reads and re-writes the fp32 dW), larger ones memory. When all N*V logits fit in
 one chunk (every char-level preset) ``chunked`` simply runs the plain PyTorch graph: there is
 nothing to save and it is the fastest eager path. Chunking over the vocabulary as well is not
-needed: R shrinks as V grows, so a chunk stays bounded for any V.
+needed: R shrinks as V grows, so a chunk stays bounded for any V. The budget is the backends'
+keyword ``chunk_elements`` (tests shrink it so that small shapes chunk); ``chunk_rows`` sets R.
 
 Steps (the three backends share everything else):
 * ``chunked`` - eager PyTorch, in place over the chunk to keep one chunk-sized buffer;
@@ -47,8 +48,8 @@ from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_dev
 CHUNK_ELEMENTS = 1 << 24
 
 
-def auto_chunk_rows(V: int) -> int:
-    return max(1, CHUNK_ELEMENTS // V)
+def auto_chunk_rows(V: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // V)
 
 
 # --- steps: logits chunk (n, V) -> (rows, z_rows or None, dlogits or None); rows are per-row
@@ -320,9 +321,10 @@ _lce.register_autograd(lambda ctx, g_loss, *unused: _backward(ctx, g_loss),
 def _make_backend(step: str):
     def linear_cross_entropy_chunked(hidden, weight, targets, *, bias=None, ignore_index=-100,
                                      reduction="mean", label_smoothing=0.0, z_loss=0.0,
-                                     softcap=None, return_z_loss=False, chunk_rows=0):
-        if step == "chunked" and chunk_rows <= 0 and \
-                hidden.shape[0] * weight.shape[0] <= CHUNK_ELEMENTS:
+                                     softcap=None, return_z_loss=False, chunk_rows=0,
+                                     chunk_elements=CHUNK_ELEMENTS):
+        N, V = hidden.shape[0], weight.shape[0]
+        if step == "chunked" and chunk_rows <= 0 and N * V <= chunk_elements:
             # all logits fit in one chunk: nothing to save, and autograd's fused log_softmax
             # backward is the fastest eager path (the char-level presets land here)
             return linear_cross_entropy_torch(
@@ -335,8 +337,9 @@ def _make_backend(step: str):
             hidden, weight = hidden.to(dt), weight.to(dt)
             bias = None if bias is None else bias.to(dt)
         grad = torch.is_grad_enabled()
+        rows = chunk_rows if chunk_rows > 0 else auto_chunk_rows(V, chunk_elements)
         args = (hidden, weight, bias, targets, ignore_index, reduction, label_smoothing, z_loss,
-                softcap or 0.0, step, chunk_rows, grad and hidden.requires_grad,
+                softcap or 0.0, step, rows, grad and hidden.requires_grad,
                 grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
         if torch.compiler.is_compiling():
             loss, z = torch.ops.fastgpt.linear_cross_entropy_chunked(*args)[:2]
