@@ -135,7 +135,7 @@ def test_return_z_loss(backend):
     hidden, weight, bias, targets = make(9, 8, 65, torch.float32, ignore=(1,))
     fn = BACKENDS.get(backend, linear_cross_entropy_torch)
     opts = dict(chunk_rows=4) if backend != "torch" else {}
-    (loss, z), _ = run(fn, hidden, weight, bias, targets, torch.tensor(1.0), z_loss=1e-2,
+    (loss, z), _ = run(fn, hidden, weight, bias, targets, torch.randn(()), z_loss=1e-2,
                        return_z_loss=True, **opts)
     lse = torch.logsumexp((hidden @ weight.t()).double(), -1)
     keep = targets != -100
@@ -173,10 +173,11 @@ def test_no_grad_and_partial_grads(backend):
     ref = linear_cross_entropy_torch(hidden, weight, targets, bias=bias)
     with torch.no_grad():
         torch.testing.assert_close(fn(hidden, weight, targets, bias=bias, chunk_rows=4), ref)
+    g = torch.randn(())
     w = weight.clone().requires_grad_()    # only the weight asks for a gradient
-    fn(hidden, w, targets, bias=bias, chunk_rows=4).backward()
+    (fn(hidden, w, targets, bias=bias, chunk_rows=4) * g).backward()
     w_ref = weight.clone().requires_grad_()
-    linear_cross_entropy_torch(hidden, w_ref, targets, bias=bias).backward()
+    (linear_cross_entropy_torch(hidden, w_ref, targets, bias=bias) * g).backward()
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
