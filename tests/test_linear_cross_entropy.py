@@ -113,8 +113,11 @@ def test_automatic_chunks_match_reference(backend, bias, budget, sizes, monkeypa
 
 @pytest.mark.parametrize("backend", ["chunked", "triton"])
 def test_gpt2_vocab(backend):
-    hidden, weight, bias, targets = make(5, 16, 50257, torch.float32, ignore=(2,))
-    check(backend, hidden, weight, bias, targets, "V=50257", chunk_rows=2, **ALL)
+    # chunks of 4 rows: torch's CPU fp32 matmul of 1-3 rows sums the 50257 products of
+    # dlogits @ W with ~5x the scale error of its many-row path (the reference's), whatever the
+    # logits gradient; real chunks have hundreds of rows
+    hidden, weight, bias, targets = make(8, 16, 50257, torch.float32, ignore=(2,))
+    check(backend, hidden, weight, bias, targets, "V=50257", chunk_rows=4, **ALL)
 
 
 def test_gpt2_vocab_bf16_chunked():
