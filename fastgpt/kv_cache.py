@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.model import GPT, check_tokens
+from fastgpt import ops
 from fastgpt.ops import BlockWeights
 
 
@@ -71,7 +72,10 @@ class KVCache:
         start = self.seen if 0 < self.seen == T - 1 else 0
         new = idx[:, start:]
         check_tokens(new, cfg.vocab_size, cfg.block_size)
-        x = tr.wte.weight[new] + tr.wpe.weight[start:T]                      # (B, T', C)
+        # the model's embedding op, not weight[new]: on CUDA, check_tokens reads no values and
+        # the op's bounds check is what stops a bad token id
+        tok = ops.embedding(new, tr.wte.weight, preferred=cfg.embedding)
+        x = tok + tr.wpe.weight[start:T]                                     # (B, T', C)
         last = len(self.weights) - 1
         for i, w in enumerate(self.weights):
             x, self.kv[i] = _block(x, w, cfg.n_head, self.kv[i] if start else None, i == last)

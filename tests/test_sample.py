@@ -1,12 +1,16 @@
 """Generation: the KV-cached path against nanoGPT's full recomputation of the cropped context."""
 
+import copy
+
 import pytest
 import torch
 
+from fastgpt import kv_cache, ops
 from fastgpt.config import GPTConfig
 from fastgpt.kv_cache import KVCache
 from fastgpt.model import BigramLanguageModel, GPT
 from fastgpt.sample import generate, next_tokens
+from fastgpt.testing import assert_matches_reference
 
 
 def _gpt(dtype=torch.float32, bias=True, **kw) -> GPT:
@@ -27,29 +31,61 @@ def _reference(model, idx, n, temperature=1.0, top_k=None, generator=None):
     return idx
 
 
-@pytest.mark.parametrize("prompt_len", [1, 5, 16, 21])   # up to, at and past block_size 16
-@pytest.mark.parametrize("bias", [True, False])
-def test_cached_logits_match_full_recompute(prompt_len, bias):
-    model = _gpt(bias=bias)
+# plain PyTorch for every op of the full recompute: the yardstick of the accuracy rule
+PLAIN = dict(attention="torch", embedding="torch", transformer_block="torch")
+
+
+def _check_cached_logits(model, prompt_len, label, steps=20):
+    """The cached last-position logits of a growing sequence against full recomputation of the
+    cropped context, with fastgpt.testing's rule over all steps at once: model() in float64 is
+    the reference, model() with plain PyTorch ops in the model's dtype the yardstick."""
+    model64 = copy.deepcopy(model).double()
     cache = KVCache(model)
     idx = torch.randint(0, 23, (2, prompt_len))
-    for step in range(20):                    # grows past block_size: the cropped windows too
-        want = model(idx[:, -16:])[0][:, -1]
-        got = cache.logits(idx)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got, plain, ref = [], [], []
+    for step in range(steps):                 # grows past block_size: the cropped windows too
+        got.append(cache.logits(idx))
+        window = idx[:, -model.config.block_size:]
+        with torch.no_grad(), ops.use_backends(**PLAIN):
+            plain.append(model(window)[0][:, -1])
+            ref.append(model64(window)[0][:, -1])
         grow = 3 if step % 7 == 3 else 1      # several tokens at once: recomputed, not cached
         idx = torch.cat([idx, torch.randint(0, 23, (2, grow))], dim=1)
+    # (steps, B, V) together: the rule's scale test needs more than one step's 46 logits
+    assert_matches_reference(torch.stack(got), torch.stack(plain), torch.stack(ref), label)
 
 
-def test_cached_logits_match_in_bfloat16():
-    # the bf16 model's blocks are the C++ op; the cached path is the torch block's math in bf16
-    model = _gpt(torch.bfloat16, bias=False)
-    cache = KVCache(model)
-    idx = torch.randint(0, 23, (1, 3))
-    for _ in range(20):
-        want = model(idx[:, -16:])[0][:, -1].float()
-        torch.testing.assert_close(cache.logits(idx).float(), want, rtol=0.05, atol=0.05)
-        idx = torch.cat([idx, torch.randint(0, 23, (1, 1))], dim=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("prompt_len", [1, 16, 21])   # grows through, starts at, past block_size
+@pytest.mark.parametrize("bias", [True, False])
+def test_cached_logits_match_full_recompute(dtype, prompt_len, bias):
+    _check_cached_logits(_gpt(dtype, bias=bias), prompt_len, f"cached logits {dtype} bias={bias}")
+
+
+def _drop_past(monkeypatch, fraction):
+    """Break the cache: a block forgets its cached keys and values on ``fraction`` of its calls."""
+    real, gen = kv_cache._block, torch.Generator().manual_seed(1)
+
+    def block(x, w, n_head, past, last_only):
+        if past is not None and torch.rand((), generator=gen) < fraction:
+            past = None
+        return real(x, w, n_head, past, last_only)
+    monkeypatch.setattr(kv_cache, "_block", block)
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.59, 0.2])
+def test_a_cache_that_drops_the_past_fails_the_check(monkeypatch, fraction):
+    # bfloat16, where the rule is widest (0.05 tolerances once let a 59% drop rate through)
+    _drop_past(monkeypatch, fraction)
+    with pytest.raises(AssertionError, match="broken cache"):
+        _check_cached_logits(_gpt(torch.bfloat16, bias=False), 3, "broken cache")
+
+
+def test_cached_logits_a_percent_off_fail_the_check(monkeypatch):
+    real = KVCache.logits
+    monkeypatch.setattr(KVCache, "logits", lambda self, idx: real(self, idx) * 1.01)
+    with pytest.raises(AssertionError, match="logits x 1.01"):
+        _check_cached_logits(_gpt(torch.bfloat16, bias=False), 3, "logits x 1.01")
 
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.8, 5)])
