@@ -58,7 +58,7 @@ def auto_chunk_rows(V: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
 
 def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoothing: float,
                z_loss: float, softcap: float):
-    """Plain PyTorch, in place where it can: about two chunk-sized buffers alive at a time."""
+    """Plain PyTorch, in place where it can: one chunk-sized buffer (two with softcap)."""
     valid = t != ignore_index
     t_safe = t.masked_fill(~valid, 0).unsqueeze(1)
     out_dtype = x.dtype
@@ -68,24 +68,29 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
     if softcap:
         th = z.div_(softcap).tanh_()
         z = th * softcap if coef is not None else th.mul_(softcap)
-    logp = torch.log_softmax(z, dim=-1)           # (n, V), one fused pass
+    # softmax as exp(z - m) / s with torch's pairwise row sum: CPU log_softmax sums a row of
+    # 50257 with ~1e-5 relative error, a scale error of the whole row's gradient
+    m = z.amax(dim=-1, keepdim=True)                                   # (n, 1)
+    z_t = z.gather(1, t_safe)
+    z_mean = z.mean(dim=-1, keepdim=True) if label_smoothing else None
+    e = z.sub_(m).exp_()                                               # (n, V), over z
+    del z
+    s = e.sum(dim=-1, keepdim=True)
+    log_s = s.log()
+    # (m - z) first, then log(s): at |logits| ~ 1e4 this keeps the digits m + log(s) loses
+    rows = (m - z_t) + log_s
+    if label_smoothing:
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * ((m - z_mean) + log_s)
+    rows = torch.where(valid, rows.squeeze(1), 0.0)
     z_rows = lse = None
     if z_loss:
-        # lse from the row's largest logit, whose log-probability is small: no cancellation
-        zmax, imax = z.max(dim=-1)
-        lse = zmax - logp.gather(1, imax.unsqueeze(1)).squeeze(1)
+        lse = (m + log_s).squeeze(1)
         z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
-    del z
-    rows = logp.gather(1, t_safe).squeeze(1).neg_()
-    if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows - label_smoothing * logp.mean(dim=-1)
-    rows = torch.where(valid, rows, 0.0)
-    if z_rows is not None:
         rows = rows + z_rows
     if coef is None:
         return rows, z_rows, None
     a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    dz = logp.exp_().mul_(a.unsqueeze(1))         # a * softmax, over logp's buffer
+    dz = e.mul_(a.unsqueeze(1) / s)               # a * softmax, over e's buffer
     dz.scatter_add_(1, t_safe, (coef * -(1.0 - label_smoothing)).unsqueeze(1))
     if label_smoothing:
         dz.sub_((coef * (label_smoothing / dz.shape[1])).unsqueeze(1))
@@ -96,16 +101,24 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
 
 def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
                      label_smoothing: float, z_loss: float, softcap: float):
+    """step_eager's math without in-place updates, for torch.compile."""
     valid = t != ignore_index
     z = x.to(acc_dtype(x.dtype))
     if softcap:
         th = torch.tanh(z / softcap)
         z = th * softcap
-    lse = torch.logsumexp(z, dim=-1)
     t_safe = t.masked_fill(~valid, 0)
-    rows = lse - z.gather(1, t_safe.unsqueeze(1)).squeeze(1)
+    m = z.amax(dim=-1, keepdim=True)
+    e = torch.exp(z - m)
+    # summed in float64: Inductor's CPU row sums run serially per vector lane (~3e-6 off at
+    # V=50257 in fp32), unlike eager torch's pairwise sum
+    s = e.sum(dim=-1, keepdim=True, dtype=torch.float64).to(e.dtype)
+    log_s = torch.log(s)
+    rows = ((m - z.gather(1, t_safe.unsqueeze(1))) + log_s).squeeze(1)
     if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * (
+            (m - z.mean(dim=-1, keepdim=True)) + log_s).squeeze(1)
+    lse = (m + log_s).squeeze(1)
     z_rows = torch.where(valid, z_loss * lse.square(), 0.0) if z_loss else None
     rows = torch.where(valid, rows, 0.0)
     if z_rows is not None:
@@ -116,7 +129,7 @@ def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
     V = z.shape[1]
     hit = torch.arange(V, device=z.device) == t_safe.unsqueeze(1)
     target = torch.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V
-    dz = torch.exp(z - lse.unsqueeze(1)) * a.unsqueeze(1) - target * coef.unsqueeze(1)
+    dz = e * (a.unsqueeze(1) / s) - target * coef.unsqueeze(1)
     if softcap:
         dz = dz * (1.0 - th * th)
     return rows, z_rows, dz.to(x.dtype)
