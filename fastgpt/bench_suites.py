@@ -35,7 +35,13 @@ def _default_dtype(args) -> str:
     return args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
 
+# PyTorch's own fused loss, timed beside ours where the installed torch has it
+LCE_EXTRA = ("F.linear_cross_entropy",) if hasattr(F, "linear_cross_entropy") else ()
+
+
 def _providers(op: str, args, extra: tuple = ()) -> list[str]:
+    """The providers of ``op`` to time: those --providers names (check_providers has rejected
+    names no suite knows), else every one that runs on the device."""
     from fastgpt.ops import registry
     names = registry.backend_names(op) + list(extra)
     if args.providers:
@@ -122,8 +128,7 @@ def cross_entropy_cases(args) -> list[Case]:
     Vs = args.V or [50304]
     dtype = _default_dtype(args)
     modes = _modes(args, ("fwd+bwd",))
-    lce = _providers("linear_cross_entropy", args,
-                     ("F.linear_cross_entropy",) if hasattr(F, "linear_cross_entropy") else ())
+    lce = _providers("linear_cross_entropy", args, LCE_EXTRA)
     cases = [Case("cross-entropy", "linear_cross_entropy", p, mode, dict(N=N, C=C, V=V), dtype)
              for mode in modes for C, V in itertools.product(Cs, Vs) for N in Ns for p in lce]
     cases += [Case("cross-entropy", "cross_entropy", p, mode, dict(N=N, V=V), dtype)
@@ -261,17 +266,38 @@ class Suite:
     build: Callable        # (case, device) -> Built
     baseline: str          # provider the speedups are relative to
     plot: tuple            # (shape key on x, Row field on y) for --plot
+    ops: tuple             # registry ops whose backends are the providers
+    extra_providers: tuple = ()
     isolate_on_cpu: bool = False
 
 
 SUITES = {
-    "attention": Suite(attention_cases, attention_build, "tril", ("T", "rate")),
+    "attention": Suite(attention_cases, attention_build, "tril", ("T", "rate"), ("attention",)),
     "cross-entropy": Suite(cross_entropy_cases, cross_entropy_build, "torch", ("N", "peak_mb"),
+                           ("linear_cross_entropy", "cross_entropy"), LCE_EXTRA,
                            isolate_on_cpu=True),
-    "embedding": Suite(embedding_cases, embedding_build, "torch", ("N", "rate")),
+    "embedding": Suite(embedding_cases, embedding_build, "torch", ("N", "rate"), ("embedding",)),
     "transformer-block": Suite(transformer_block_cases, transformer_block_build, "torch",
-                               ("T", "rate")),
+                               ("T", "rate"), ("transformer_block",)),
 }
+
+
+def providers(suite: str) -> list[str]:
+    """Every provider a suite knows, runnable here or not."""
+    from fastgpt.ops import registry
+    s = SUITES[suite]
+    names = [n for op in s.ops for n in registry.backend_names(op)] + list(s.extra_providers)
+    return list(dict.fromkeys(names))
+
+
+def check_providers(wanted: list[str], suites: list[str]) -> None:
+    """A --providers name that none of ``suites`` knows (a typo) is an error naming the valid
+    ones; a name only some of them know selects it where it exists."""
+    known = list(dict.fromkeys(n for s in suites for n in providers(s)))
+    bad = [n for n in wanted if n not in known]
+    if bad:
+        raise FastGPTError(f"--providers {', '.join(repr(n) for n in bad)}: not a provider of "
+                           f"{', '.join(suites)}; providers: {', '.join(known)}")
 
 
 def build(case: Case, device: str) -> Built:

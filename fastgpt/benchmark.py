@@ -464,8 +464,11 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(run=run_bench)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def run_bench(args) -> int:
-    from fastgpt.bench_suites import SUITES
+    from fastgpt.bench_suites import SUITES, check_providers
     from fastgpt.errors import FastGPTError
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -476,9 +479,14 @@ def run_bench(args) -> int:
         raise FastGPTError(f"--device must be cpu or cuda[:N]; got {args.device!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise FastGPTError(f"--dtype {args.dtype!r} is not a dtype; dtypes: {', '.join(DTYPES)}")
     for name in ("providers", "modes"):   # "a,b c" -> "a,b,c"
         if getattr(args, name):
             setattr(args, name, ",".join(getattr(args, name)))
+    names = list(SUITES) if args.what == "all" else [] if args.what == "train" else [args.what]
+    if args.providers and names:
+        check_providers([p.strip() for p in args.providers.split(",") if p.strip()], names)
     # bwd mode re-runs one graph's backward (retain_graph), which torch.compile'd graphs allow
     # only without buffer donation
     import torch._functorch.config as functorch_config
@@ -486,7 +494,6 @@ def run_bench(args) -> int:
     env = environment(args.device)
     print(f"# fastgpt bench {args.what}; {format_env(env)}", flush=True)
     rows: list[Row] = []
-    names = list(SUITES) if args.what == "all" else [] if args.what == "train" else [args.what]
     for name in names:
         rows += run_suite(name, args)
     if args.csv and rows:

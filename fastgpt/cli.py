@@ -1,6 +1,7 @@
 """The `fastgpt` command: train, sample.
 
-Errors meant for the user (FastGPTError) print as one line without a traceback and exit 2.
+Errors meant for the user (FastGPTError, and the input checks of the C++ extension: see
+fastgpt.errors.user_error) print as one line without a traceback and exit 2.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastgpt import config as cfgmod
 from fastgpt.benchmark import add_bench_parser
 from fastgpt.check import add_check_parser
 from fastgpt.compile_report import add_compile_report_parser
-from fastgpt.errors import FastGPTError
+from fastgpt.errors import user_error
 
 # CLI flag -> GPTConfig field holding the backend preference
 BACKEND_FLAGS = {"attention": "attention", "cross-entropy": "cross_entropy", "embedding": "embedding",
@@ -162,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:
             _freeze_objects_at_exit()
         return code
-    except FastGPTError as e:
-        print(f"fastgpt: error: {e}", file=sys.stderr)
+    except (ValueError, IndexError) as e:   # FastGPTError, or a check of the C++ extension
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"fastgpt: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastgpt: interrupted; the last checkpoint written is intact", file=sys.stderr)

@@ -3,13 +3,14 @@
 Timings are never asserted: only that every command produces well-formed output.
 """
 
+import argparse
 import csv
 
 import pytest
 import torch
 
 from fastgpt import cli
-from fastgpt.bench_suites import build
+from fastgpt.bench_suites import SUITES, build, check_providers
 from fastgpt.bench_train import parse_config
 from fastgpt.benchmark import (CSV_FIELDS, Case, device_peak, environment, run_cases,
                                summarize)
@@ -157,9 +158,26 @@ def test_train_config_specs():
     (["bench", "train", "--device", "cpu", "--iters", "5"], "--iters 5"),
     (["bench", "transformer-block", "--device", "cpu", "--C", "10", "--H", "4"],
      "--C 10 is not a multiple of --H 4"),
+    (["bench", "attention", "--device", "cpu", "--dtype", "flaot32"],
+     "--dtype 'flaot32' is not a dtype; dtypes: float32, bfloat16, float16"),
+    (["bench", "cross-entropy", "--device", "cpu", "--providers", "tril"],
+     "--providers 'tril': not a provider of cross-entropy; providers: torch, chunked"),
+    (["bench", "all", "--device", "cpu", "--providers", "ext", "trill"],
+     "--providers 'trill': not a provider of attention, cross-entropy, embedding, "
+     "transformer-block; providers: loop, tril"),
 ])
-def test_bad_arguments(argv, message, capsys):
-    if torch.cuda.is_available() and "cuda" in argv:
-        pytest.skip("this machine has CUDA")
+def test_bad_arguments(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # "no CUDA" on any machine
     assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("fastgpt: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_a_provider_some_suites_lack_is_timed_where_it_exists():
+    # `bench all --providers ext`: ext's cases, and none of cross-entropy, which has no ext
+    check_providers(["ext"], list(SUITES))
+    args = argparse.Namespace(device="cpu", dtype=None, providers="ext", modes="fwd", T=[8],
+                              D=[16], B=1, H=2, N=[16], C=[16], V=[10], quick=True)
+    assert {c.provider for c in SUITES["attention"].cases(args)} == {"ext"}
+    assert SUITES["cross-entropy"].cases(args) == []

@@ -1,11 +1,17 @@
 """The fastgpt command end to end, and its answers to bad input."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from fastgpt import model, sample
+from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import main
+from fastgpt.ops import extension, registry
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
         "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "5", "--max-iters", "5",
@@ -27,11 +33,43 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == 26 + 1 for t in texts)
 
 
-def test_bigram_and_naive_attention_train(tmp_path, capsys):
-    assert main(["train", "--model", "bigram", "--out-dir", str(tmp_path / "b"),
-                 "--sample-chars", "0", *TINY]) == 0
-    assert main(["train", "--attention", "tril", "--out-dir", str(tmp_path / "t"),
-                 "--sample-chars", "0", *TINY]) == 0
+# long enough, at a high enough rate, for the loss to fall clearly (evals at 0 and 20)
+LEARN = ["--max-iters", "20", "--eval-interval", "20", "--eval-iters", "8", "--warmup-iters", "0"]
+
+
+def _eval_losses(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if r["kind"] == "eval"]
+
+
+def test_bigram_trains(tmp_path):
+    out = tmp_path / "b"
+    assert main(["train", "--model", "bigram", "--out-dir", str(out), "--sample-chars", "0",
+                 *TINY, *LEARN, "--learning-rate", "0.1"]) == 0
+    state = load_checkpoint(out)
+    assert state["model_kind"] == "bigram"
+    assert {k: tuple(v.shape) for k, v in state["model"].items()} == \
+        {"token_embedding_table.weight": (65, 65)}
+    first, last = _eval_losses(out)
+    assert last < first - 0.5, (first, last)
+
+
+def test_naive_attention_trains(tmp_path, monkeypatch):
+    tril = registry.get("attention", "tril")
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return tril.fn(*args, **kwargs)
+    monkeypatch.setitem(registry._BACKENDS["attention"], "tril",
+                        dataclasses.replace(tril, fn=counted))
+    out = tmp_path / "t"
+    assert main(["train", "--attention", "tril", "--out-dir", str(out), "--sample-chars", "0",
+                 *TINY, *LEARN, "--learning-rate", "1e-2"]) == 0
+    assert load_checkpoint(out)["model_args"]["attention"] == "tril"
+    assert len(calls) >= 20          # one layer: a call per step, more per evaluation
+    first, last = _eval_losses(out)
+    assert last < first - 0.3, (first, last)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +83,7 @@ def _bad(tmp_path, capsys, argv, match):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err
+    assert err.startswith("fastgpt: error: ") and err.count("\n") == 1, err   # one line
     assert match in err, err
 
 
@@ -85,10 +123,13 @@ def test_unwritable_out_dir_and_resume_without_checkpoint(tmp_path, capsys):
 
 
 def test_training_on_a_user_text(tmp_path, capsys):
-    (tmp_path / "poem.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    poem = "the quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "poem.txt").write_text(poem)
     assert main(["train", "--data", str(tmp_path / "poem.txt"), "--out-dir", str(tmp_path / "o"),
                  "--sample-chars", "20", *TINY]) == 0
-    assert "--- sample ---" in capsys.readouterr().out
+    sample = capsys.readouterr().out.split("--- sample ---\n")[1].split("\n--------------")[0]
+    assert len(sample) >= 20 and set(sample) <= set(poem)   # the poem's characters only
+    assert load_checkpoint(tmp_path / "o")["vocab"] == "".join(sorted(set(poem)))
 
 
 def test_bad_sample_options(trained, tmp_path, capsys):
@@ -104,7 +145,8 @@ def test_long_prompt_is_cropped_to_block_size(trained, capsys):
     prompt = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
     assert main(["sample", "--out-dir", str(trained), "--prompt", prompt,
                  "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith(prompt)
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out) == len(prompt) + 5 + 1   # + print's newline
 
 
 @pytest.mark.parametrize("extra,code", [([], 0), (["--preset", "huge"], 2)])
@@ -119,3 +161,49 @@ def test_objects_are_frozen_at_exit_after_success(tmp_path, extra, code):
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == [f"after main {code} 0", f"at exit {code == 0}"]
+
+
+def test_misspelled_bench_provider_names_the_valid_ones():
+    done = subprocess.run([sys.executable, "-m", "fastgpt", "bench", "attention", "--providers",
+                           "trill", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("fastgpt: error: --providers 'trill': not a provider of "
+                                  "attention; providers: loop, tril,"), done.stderr
+
+
+def test_extension_index_check_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """A token id past the table reaches the C++ embedding, as on CUDA, where check_tokens reads
+    no values: the extension's bounds check is the user's one-line error."""
+    out = tmp_path / "b"
+    assert main(["train", "--model", "bigram", "--out-dir", str(out), "--sample-chars", "0",
+                 *TINY]) == 0
+    state = load_checkpoint(out)
+    save_checkpoint(out / "ckpt.pt", {**state, "vocab": state["vocab"] + "~"})   # id 65 of 65
+    monkeypatch.setattr(model, "check_tokens", lambda idx, vocab_size, block_size: None)
+    capsys.readouterr()
+    _bad(tmp_path, capsys, ["sample", "--out-dir", str(out), "--prompt", "a~"],
+         "fastgpt: error: fastgpt::embedding_forward: index 65 is out of range for an embedding "
+         "table of 65 rows")
+
+
+def test_extension_dtype_check_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    assert extension.available() is None, extension.available()
+
+    def run(opts):   # as if sampling had handed the C++ op a float64 table
+        return torch.ops.fastgpt.embedding_forward(torch.zeros(3, 2, dtype=torch.float64),
+                                                   torch.tensor([0]), -1)
+    monkeypatch.setattr(sample, "sample_from_checkpoint", run)
+    _bad(tmp_path, capsys, ["sample"], "fastgpt: error: fastgpt::embedding_forward: weight must "
+                                       "be float32, float16 or bfloat16; got Double")
+
+
+@pytest.mark.parametrize("error", [ValueError("math domain error"),
+                                   IndexError("list index out of range"),
+                                   RuntimeError("fastgpt::embedding_backward: rows too wide")])
+def test_other_errors_keep_their_traceback(monkeypatch, error):
+    def run(opts):
+        raise error
+    monkeypatch.setattr(sample, "sample_from_checkpoint", run)
+    with pytest.raises(type(error), match=str(error)):
+        main(["sample"])
