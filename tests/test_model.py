@@ -93,13 +93,20 @@ def test_bad_token_input_is_rejected():
 def test_bf16_autocast_step_on_cpu():
     model = GPT(TINY)
     opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.99))
-    x = torch.randint(0, 65, (2, 16))
+    x, y = torch.randint(0, 65, (2, 16)), torch.randint(0, 65, (2, 16))
+    with torch.no_grad():
+        loss32 = model(x, y)[1].item()
+    before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, x)
+        _, loss = model(x, y)
     loss.backward()
     opt.step()
-    assert torch.isfinite(loss)
-    assert all(p.dtype == torch.float32 for p in model.parameters())   # fp32 master weights
+    # the matmuls ran in bf16: not fp32's loss, but within bf16 rounding of it
+    assert loss.dtype == torch.float32 and loss.item() != loss32
+    assert abs(loss.item() - loss32) < 0.01 * loss32
+    # fp32 master weights and gradients, and the step moved every one of them
+    assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_gpt_with_each_naive_attention_gives_one_loss():

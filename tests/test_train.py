@@ -60,13 +60,20 @@ def test_resume_in_the_other_dtype(tmp_path, first, then):
 
 def test_bf16_without_the_extension_matches_flat_adamw(tmp_path, monkeypatch):
     """Without fastgpt._C the bf16 step falls back to torch.optim.AdamW and the same losses."""
+    from fastgpt import optim
+    steps = []                        # FlatAdamW steps: which optimizer each run used
+    flat_step = optim.FlatAdamW.step
+    monkeypatch.setattr(optim.FlatAdamW, "step",
+                        lambda self, *a, **k: steps.append(1) or flat_step(self, *a, **k))
     kw = dict(overrides={"max_iters": 12, "dropout": 0.0})
     run(tmp_path / "flat", "bfloat16", **kw)
-    from fastgpt import optim
+    assert len(steps) == 12
     monkeypatch.setattr(optim, "unavailable", lambda: "pretend it is not built")
     run(tmp_path / "torch", "bfloat16", **kw)
+    assert len(steps) == 12           # the second run stepped with torch.optim.AdamW
     a, b = step_losses(tmp_path / "flat"), step_losses(tmp_path / "torch")
     assert a.keys() == b.keys() and max(abs(a[i] - b[i]) for i in a) < 1e-3 * a[0]
+    assert b[11] < b[0]
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
