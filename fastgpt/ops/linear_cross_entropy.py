@@ -41,7 +41,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          preferred: Optional[str] = None):
     """Cross-entropy of ``hidden`` (N, C) projected by ``weight`` (V, C) against ``targets`` (N,).
 
-    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True``.
+    Returns the loss, or ``(loss, z_loss_part)`` with ``return_z_loss=True``, in fp32 (float64
+    for float64 inputs) whatever the inputs' dtype.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise FastGPTError(f"linear_cross_entropy expects hidden (N, C) and weight (V, C); got "
