@@ -13,6 +13,7 @@ import fastgpt.ops as ops
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import linear_cross_entropy_chunked as lce
 from fastgpt.ops import registry
+from fastgpt.ops.cross_entropy import cross_entropy_torch
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.testing import assert_matches_reference
 
@@ -129,18 +130,15 @@ def test_step_gradient_precision_at_gpt2_vocab(step, option):
     # the row's largest element): softmax is exp(z - m) / s with an accurate row sum; torch's
     # CPU log_softmax / logsumexp over 50257 columns are off by up to ~1e-5 of the row, and the
     # plain-PyTorch yardstick with them, so the accuracy rule alone cannot see this
-    from fastgpt.ops.cross_entropy import cross_entropy_torch
     x = torch.randn(4, 50257) * 4
     t = torch.randint(0, 50257, (4,))
     coef = torch.randn(4)
-    opts = dict(label_smoothing=0.0, z_loss=0.0, softcap=0.0)
-    if option == "all":
-        opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=30.0)
+    smoothing, z_loss, softcap = (0.1, 1e-3, 30.0) if option == "all" else (0.0, 0.0, None)
     x64 = x.double().requires_grad_()
-    rows = cross_entropy_torch(x64, t, reduction="none", **{**opts, "softcap": opts["softcap"] or None})
+    rows = cross_entropy_torch(x64, t, reduction="none", label_smoothing=smoothing, z_loss=z_loss,
+                               softcap=softcap)
     (ref,) = torch.autograd.grad((rows * coef.double()).sum(), x64)
-    _, _, d = lce._STEP_FNS[step](x.clone(), t, -100, coef, opts["label_smoothing"],
-                                  opts["z_loss"], opts["softcap"])
+    _, _, d = lce._STEP_FNS[step](x.clone(), t, -100, coef, smoothing, z_loss, softcap or 0.0)
     err = (d.double() - ref).abs().amax(1) / ref.abs().amax(1)
     assert (err <= 4 * torch.finfo(torch.float32).eps).all(), err
 
