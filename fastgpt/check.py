@@ -211,8 +211,9 @@ def check_case(op: str, backend: str, label: str, make: Callable, dtype: torch.d
     cache = memo.setdefault(key, {})
 
     def grad_out(out):   # one random grad_output, drawn once, shared by every run
-        if "g" not in cache:
-            cache["g"] = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device)
+        if "g" not in cache:   # values the dtype holds, so every run sees the same numbers
+            g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+            cache["g"] = g.to(device=device, dtype=torch.float64)
         return cache["g"]
     if "ref" not in cache:
         cache["ref"] = _run(ref_fn, call, moved, leaves64, torch.float64, grad_out)
@@ -314,8 +315,9 @@ def add_check_parser(sub) -> None:
                        "PyTorch's in the same dtype + eps(dtype) x max|reference| (one unit in the "
                        "last place at the reference's size), and (2) its scale error "
                        "<x - ref, ref>/<ref, ref> is at most 2x plain PyTorch's (never counted "
-                       "below the size rounding gives it by chance) + eps/2. Exit status 1 on any "
-                       "FAIL.")
+                       "below the size rounding gives it by chance) + eps/sqrt(n) for n elements + "
+                       "eps(float32). "
+                       "Exit status 1 on any FAIL.")
     p.add_argument("--op", default=None, help=f"comma-separated ops (default: all): "
                    f"{', '.join(OPS)} (dashes allowed)")
     p.add_argument("--backend", default=None, help="comma-separated backend names (default: all)")

@@ -43,6 +43,10 @@ def attention_ext(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if dropout_p > 0:
         raise ValueError(f"the ext attention has no dropout; got dropout_p={dropout_p}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.dtype == torch.float16:
+        # CPUs have no fp16 arithmetic to speak of: the fp32 kernel on the widened inputs, the
+        # output and gradients rounded once (the batched-matmul path rounded at every step)
+        return attention_ext(q.float(), k.float(), v.float(), scale=scale).to(q.dtype)
     # the OpOverload, not the packet: skips overload resolution per call
     return torch.ops.fastgpt.causal_attention.default(q, k, v, scale)
 
