@@ -1,5 +1,5 @@
 # Quick start:  make train   (set up .venv, train the default model on tiny Shakespeare, sample)
-#               make test    (set up .venv, run the test suite)
+#               make test    (set up .venv, run the test suite, then bench/ untimed)
 # CPU machines get the pinned CPU torch; on a GPU machine pass a CUDA torch instead, e.g.
 #   make train TORCH_SPEC="torch==2.14.1 triton==3.8.0"
 PYTHON ?= python3
@@ -27,8 +27,11 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 train: $(STAMP)
 	$(BIN)/fastgpt train --overwrite $(TRAIN_ARGS)
 
+# then every benchmark case and bench/ script once, untimed, so they cannot rot; pytest's
+# exit 5 (no tests collected) fails the target like any other non-zero exit
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest bench -q --benchmark-disable $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info out

@@ -1,42 +1,46 @@
 """The ops' benchmark cases through pytest-benchmark (see bench/conftest.py).
 
 ``parametrize_cases`` and ``run_case`` are shared with the per-op files that also run under
-pytest (bench/bench_transformer_block.py).
+pytest (bench/bench_transformer_block.py); the suites those files time are left out here.
 """
 
 import argparse
 
 import pytest
+import torch
 
-pytest.importorskip("pytest_benchmark")
+from fastgpt.bench_suites import SUITES, build
+from fastgpt.benchmark import SkipCase, environment
 
-import torch  # noqa: E402
-
-from fastgpt.bench_suites import SUITES, build  # noqa: E402
-from fastgpt.benchmark import SkipCase, environment  # noqa: E402
-
-
-def _cases(config, suites=None):
-    full = config.getoption("--bench-full")
-    device = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = argparse.Namespace(device=device, dtype=None, providers=None, modes=None, T=None, D=None,
-                              B=None, H=None, N=None, C=None, V=None, quick=not full)
-    return [c for name, suite in SUITES.items() if suites is None or name in suites
-            for c in suite.cases(args)]
+OWN_FILES = {"transformer-block"}   # timed by bench/bench_transformer_block.py
 
 
-def parametrize_cases(metafunc, suites=None):
-    """Parametrize the ``case`` argument with the cases of ``suites`` (default: every suite)."""
+def _device(config):
+    return config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cases(config, suites):
+    args = argparse.Namespace(device=_device(config), dtype=None, providers=None, modes=None,
+                              T=None, D=None, B=None, H=None, N=None, C=None, V=None,
+                              quick=not config.getoption("--bench-full"))
+    return [c for name in suites for c in SUITES[name].cases(args)]
+
+
+def parametrize_cases(metafunc, suites):
+    """Parametrize the ``case`` argument with the cases of ``suites``."""
     if "case" in metafunc.fixturenames:
         cases = _cases(metafunc.config, suites)
+        # on a GPU every case needs it, and one a backend cannot run there (e.g. the C++-only
+        # ext attention) skips; on a CPU a case that cannot run fails the run (the skip rule)
+        marks = [pytest.mark.cuda] if _device(metafunc.config).startswith("cuda") else []
         # the dtype is part of the id: a suite may time one shape in several dtypes
-        metafunc.parametrize("case", cases, ids=[
-            f"{c.op}-{c.mode}-{c.provider}-{c.dtype}-{c.shape_str().replace(' ', ',')}"
+        metafunc.parametrize("case", [pytest.param(c, marks=marks, id=(
+            f"{c.op}-{c.mode}-{c.provider}-{c.dtype}-{c.shape_str().replace(' ', ',')}"))
             for c in cases])
 
 
 def pytest_generate_tests(metafunc):
-    parametrize_cases(metafunc)
+    parametrize_cases(metafunc, [s for s in SUITES if s not in OWN_FILES])
 
 
 def run_case(benchmark, case, device):

@@ -1,9 +1,10 @@
 """fastgpt's default `baby` run against nanoGPT's documented CPU run, back to back on one machine.
 
 Alternates the two whole runs (2000 iterations, evals included, process start to exit) for
-``--rounds`` rounds and reports the median wall time and the val loss each reached at iter 2000.
-nanoGPT is not part of fastgpt: point ``--nanogpt`` at a checkout whose
+``--rounds`` rounds and reports the median wall time and the val loss each reached at the last
+iteration. nanoGPT is not part of fastgpt: point ``--nanogpt`` at a checkout whose
 data/shakespeare_char/prepare.py has been run, and ``--nanogpt-python`` at a Python with torch.
+(bench/test_bench_scripts.py runs this script against a stand-in for nanoGPT's train.py.)
 
     python bench/vs_nanogpt.py --nanogpt ../nanoGPT --nanogpt-python ../nanogpt-venv/bin/python
 """
@@ -21,11 +22,15 @@ import time
 
 from fastgpt.benchmark import environment, format_env
 
-# the command issue 7 quotes for nanoGPT's CPU run
-NANOGPT_ARGS = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-                "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
-                "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
-                "--lr_decay_iters=2000", "--dropout=0.0"]
+ITERS = 2000
+
+
+def nanogpt_args(iters: int = ITERS) -> list[str]:
+    """The command issue 7 quotes for nanoGPT's CPU run (2000 iterations)."""
+    return ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+            "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+            "--n_layer=4", "--n_head=4", "--n_embd=128", f"--max_iters={iters}",
+            f"--lr_decay_iters={iters}", "--dropout=0.0"]
 
 
 def timed(cmd: list[str], cwd: str) -> tuple[float, str]:
@@ -37,16 +42,17 @@ def timed(cmd: list[str], cwd: str) -> tuple[float, str]:
     return wall, done.stdout + done.stderr
 
 
-def nanogpt_run(path: str, python: str, out_dir: str) -> tuple[float, float]:
-    wall, log = timed([python, *NANOGPT_ARGS, f"--out_dir={out_dir}"], cwd=path)
-    val = re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", log)
+def nanogpt_run(path: str, python: str, out_dir: str, iters: int) -> tuple[float, float]:
+    wall, log = timed([python, *nanogpt_args(iters), f"--out_dir={out_dir}"], cwd=path)
+    val = re.findall(rf"step {iters}: train loss [\d.]+, val loss ([\d.]+)", log)
     return wall, float(val[-1])
 
 
-def fastgpt_run(out_dir: str, extra: list[str]) -> tuple[float, float]:
+def fastgpt_run(out_dir: str, extra: list[str], iters: int) -> tuple[float, float]:
     wall, log = timed([sys.executable, "-m", "fastgpt", "train", "--overwrite", "--out-dir",
-                       out_dir, "--no-progress", *extra], cwd=os.getcwd())
-    val = re.findall(r"iter 2000: train loss [\d.]+, val loss ([\d.]+)", log)
+                       out_dir, "--no-progress", "--max-iters", str(iters), *extra],
+                      cwd=os.getcwd())
+    val = re.findall(rf"iter {iters}: train loss [\d.]+, val loss ([\d.]+)", log)
     return wall, float(val[-1])
 
 
@@ -55,18 +61,20 @@ def main(argv=None):
     p.add_argument("--nanogpt", required=True, help="path of a nanoGPT checkout")
     p.add_argument("--nanogpt-python", default=sys.executable)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=ITERS, help="iterations per run")
     p.add_argument("--fastgpt-args", default="", help="extra `fastgpt train` flags")
     args = p.parse_args(argv)
     runs = {"nanoGPT": [], "fastgpt": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             runs["nanoGPT"].append(nanogpt_run(args.nanogpt, args.nanogpt_python,
-                                               os.path.join(tmp, "nano")))
-            runs["fastgpt"].append(fastgpt_run(os.path.join(tmp, "fast"), args.fastgpt_args.split()))
+                                               os.path.join(tmp, "nano"), args.iters))
+            runs["fastgpt"].append(fastgpt_run(os.path.join(tmp, "fast"),
+                                               args.fastgpt_args.split(), args.iters))
             print(f"round {r}: nanoGPT {runs['nanoGPT'][-1]}, fastgpt {runs['fastgpt'][-1]}",
                   flush=True)
     print(f"# {format_env(environment('cpu'))}")
-    print(f"{'':<8} {'median wall s':>14} {'all wall s':>24} {'val loss @2000':>28}")
+    print(f"{'':<8} {'median wall s':>14} {'all wall s':>24} {f'val loss @{args.iters}':>28}")
     for name, rs in runs.items():
         walls, vals = [w for w, _ in rs], [v for _, v in rs]
         print(f"{name:<8} {statistics.median(walls):14.1f} {' '.join(f'{w:.1f}' for w in walls):>24} "

@@ -5,6 +5,9 @@ Timings are never asserted: only that every command produces well-formed output.
 
 import argparse
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +184,65 @@ def test_a_provider_some_suites_lack_is_timed_where_it_exists():
                               D=[16], B=1, H=2, N=[16], C=[16], V=[10], quick=True)
     assert {c.provider for c in SUITES["attention"].cases(args)} == {"ext"}
     assert SUITES["cross-entropy"].cases(args) == []
+
+
+# --- the suite's skip rule (tests/conftest.py, also loaded by bench/conftest.py) --------------
+
+SKIP_FREE = '''
+import pytest
+
+def test_passes():
+    pass
+
+@pytest.mark.cuda
+def test_needs_a_gpu():
+    pytest.skip("no GPU here")
+
+@pytest.mark.parametrize("kernel", ["cpu", pytest.param("gpu", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(True, reason="no GPU here")])])
+def test_kernels(kernel):
+    pass
+
+@pytest.mark.xfail(reason="known", strict=True)
+def test_known_failure():
+    assert False
+'''
+SKIPPING = '''
+import pytest
+
+def test_lazy():
+    pytest.skip("not today")
+
+@pytest.mark.skipif(True, reason="only on my laptop")
+def test_marked():
+    pass
+'''
+
+
+def _pytest(folder, *files):
+    """pytest on ``files`` (name -> source) in ``folder`` with tests/conftest.py as conftest."""
+    for name, text in {"conftest.py": Path(__file__).with_name("conftest.py").read_text(),
+                       "pytest.ini": "[pytest]\nmarkers =\n    cuda: needs an NVIDIA GPU\n",
+                       **dict(files)}.items():
+        (folder / name).write_text(text)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(folder)], capture_output=True, text=True, cwd=folder, timeout=300)
+
+
+def test_skips_of_cuda_tests_pass(tmp_path):
+    done = _pytest(tmp_path, ("test_a.py", SKIP_FREE))
+    assert done.returncode == 0, done.stdout
+    assert "2 skipped" in done.stdout and "skipped without the cuda mark" not in done.stdout
+
+
+def test_any_other_skip_fails_the_run_and_is_listed(tmp_path):
+    module_skip = 'import pytest\npytest.skip("whole module", allow_module_level=True)\n'
+    done = _pytest(tmp_path, ("test_a.py", SKIP_FREE), ("test_b.py", SKIPPING),
+                   ("test_c.py", module_skip))
+    assert done.returncode == 1, done.stdout
+    listed = done.stdout.split("skipped without the cuda mark")[1]
+    assert "3 test(s) skipped" in listed
+    for line in ("test_b.py::test_lazy: not today", "test_b.py::test_marked: only on my laptop",
+                 "test_c.py: whole module"):
+        assert line in listed, listed
+    assert "test_a.py" not in listed

@@ -170,3 +170,21 @@ def test_on_load_runs_at_once_when_the_extension_is_already_loaded(monkeypatch):
     monkeypatch.setitem(extension._state, "reason", None)   # loaded
     extension.on_load(lambda: ran.append("after"))
     assert ran == ["after"]                # a module imported later still registers its fakes
+
+
+def test_extension_tests_fail_without_the_extension():
+    # the README install builds fastgpt._C; its tests fail loudly when it is missing, never skip
+    import subprocess
+    import sys
+    files = ["tests/test_attention_ext.py", "tests/test_embedding_ext.py", "tests/test_optim.py",
+             "tests/test_transformer_block.py"]
+    code = ("import sys, pytest; sys.modules['fastgpt._C'] = None; "   # `import fastgpt._C` fails
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '--collect-only', *{files!r}]))")
+    root = __file__.rsplit("/tests/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert done.returncode != 0, done.stdout
+    for f in files:
+        assert f"ERROR {f} - AssertionError" in done.stdout, done.stdout
+    assert done.stdout.count("E   AssertionError: fastgpt._C is not built") == len(files)
+    assert "skipped" not in done.stdout

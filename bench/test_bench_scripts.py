@@ -1,0 +1,97 @@
+"""Every script in bench/ runs as a user runs it (`python bench/<script>.py ...`), on tiny sizes.
+
+Not timings: only that each script still works and prints what it promises, so none of them
+rots between the times someone measures with it. Timings are never asserted.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent
+CPU = ["--device", "cpu", "--min-run-time", "0.01"]
+
+
+def _script(name, *args, cwd=None):
+    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _rows(out, *providers):
+    """The table rows of ``providers``, none of them skipped."""
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    got = {r[0]: r for r in rows if r[0] in providers}
+    assert set(got) == set(providers), out
+    assert not any("skipped:" in " ".join(r) for r in got.values()), out
+    return got
+
+
+def test_bench_attention():
+    code, out, err = _script("bench_attention.py", *CPU, "--T", "8", "--D", "16", "--B", "1",
+                             "--H", "2", "--providers", "tril", "ext", "--modes", "fwd")
+    assert code == 0, err
+    assert "attention fwd float32" in out and "vs tril" in out
+    assert _rows(out, "tril", "ext")["tril"][-1] == "1.00x"
+
+
+def test_bench_cross_entropy():
+    # the script's named `baby` case, each provider in a fresh process on CPU
+    code, out, err = _script("bench_cross_entropy.py", "--cases", "baby", "--providers", "torch",
+                             "chunked", "--device", "cpu", "--min-run-time", "0.01")
+    assert code == 0, err
+    assert "linear_cross_entropy fwd+bwd float32" in out and "N=768 C=128 V=65" in out
+    _rows(out, "torch", "chunked")
+
+
+def test_bench_embedding():
+    code, out, err = _script("bench_embedding.py", *CPU, "--V", "10", "--N", "16", "--C", "8")
+    assert code == 0, err
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        assert f"embedding {mode} float32" in out, out
+    _rows(out, "torch", "ext")
+
+
+def test_bench_transformer_block():
+    code, out, err = _script("bench_transformer_block.py", *CPU, "--B", "1", "--T", "8", "--C",
+                             "16", "--H", "2", "--modes", "fwd", "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "transformer_block fwd bfloat16" in out
+    _rows(out, "torch", "ext")
+
+
+def test_bench_train_takes_comma_separated_configs():
+    # The script turns "a,b" into `fastgpt bench train`'s "a;b". Too few iterations stop the
+    # run before training, after the configurations were read: the --iters error, not "bad
+    # train config", shows both names were understood (test_bench_harness runs a real one).
+    code, out, err = _script("bench_train.py", "--device", "cpu", "--iters", "5",
+                             "--configs", "tril fp32,sdpa fp32")
+    assert code == 2 and "--iters 5: need >= 30" in err, err
+
+
+def test_vs_nanogpt(tmp_path):
+    # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
+    nano = tmp_path / "nanoGPT"
+    nano.mkdir()
+    (nano / "train.py").write_text(
+        "import sys\n"
+        "iters = next(int(a.split('=')[1]) for a in sys.argv if a.startswith('--max_iters='))\n"
+        "print(f'step {iters}: train loss 1.2345, val loss 1.5000')\n")
+    tiny = "--n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 4 --eval-iters 1"
+    code, out, err = _script("vs_nanogpt.py", "--nanogpt", str(nano), "--rounds", "1",
+                             "--iters", "4", "--fastgpt-args", tiny, cwd=tmp_path)
+    assert code == 0, err
+    nano_row = re.search(r"^nanoGPT .* 1\.5000$", out, re.M)
+    fast_row = re.search(r"^fastgpt +[\d.]+ +[\d.]+ +(\d+\.\d{4})$", out, re.M)
+    assert nano_row and fast_row, out
+    assert 0 < float(fast_row.group(1)) < 10
+    assert re.search(r"fastgpt is [\d.]+x faster than nanoGPT", out), out
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")
+                                          if not p.name.startswith(("test_", "conftest"))))
+def test_every_script_is_tested_here(script):
+    assert f'"{script}"' in Path(__file__).read_text(), f"bench/{script} has no test here"
