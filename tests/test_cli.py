@@ -21,13 +21,15 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16
 def test_train_then_sample_end_to_end(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "fastgpt", "train", "--out-dir", str(out),
-                           "--sample-chars", "40", *TINY], capture_output=True, text=True)
+                           "--sample-chars", "40", *TINY], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     assert "--- sample ---" in done.stdout and "val loss" in done.stdout
     assert {p.name for p in out.iterdir()} >= {"ckpt.pt", "metrics.jsonl", "loss.png"}
     sampled = subprocess.run([sys.executable, "-m", "fastgpt", "sample", "--out-dir", str(out),
                               "--prompt", "ROMEO:", "--max-new-tokens", "20", "--num-samples",
-                              "2", "--device", "cpu"], capture_output=True, text=True)
+                              "2", "--device", "cpu"], capture_output=True, text=True,
+                             timeout=600)
     assert sampled.returncode == 0, sampled.stderr
     texts = sampled.stdout.split("---------------\n")
     assert len(texts) == 2 and all(t.startswith("ROMEO:") and len(t) == 26 + 1 for t in texts)
@@ -158,7 +160,8 @@ def test_objects_are_frozen_at_exit_after_success(tmp_path, extra, code):
                "atexit.register(lambda: print('at exit', gc.get_freeze_count() > 0)); "  # runs last
                f"rc = main(['train', '--out-dir', {str(tmp_path / 'run')!r}, '--sample-chars', "
                f"'0', *{TINY + extra!r}]); print('after main', rc, gc.get_freeze_count())")
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == [f"after main {code} 0", f"at exit {code == 0}"]
 

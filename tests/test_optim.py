@@ -265,5 +265,6 @@ def test_training_does_not_import_dynamo():
             "progress=False, sample_chars=0, overrides=dict(max_iters=2, eval_interval=2, "
             "eval_iters=1, n_layer=1, n_embd=16, n_head=2, block_size=8, batch_size=2))); "
             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=600)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
