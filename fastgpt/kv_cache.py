@@ -10,7 +10,8 @@ needed for every position: its queries, attention output and MLP run on the last
 
 The math is the ``torch`` transformer_block's (fastgpt.ops.transformer_block) in eval mode: no
 dropout. It gives the same logits as ``model(idx)`` up to rounding (the matmuls see other
-shapes), so sampled tokens agree with full recomputation (tests/test_sample.py).
+shapes; tests/test_sample.py holds it to fastgpt.testing's accuracy rule), so sampled tokens
+agree with full recomputation.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastgpt.model import GPT, check_tokens
 from fastgpt import ops
+from fastgpt.model import GPT, check_tokens
 from fastgpt.ops import BlockWeights
 
 
