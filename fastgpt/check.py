@@ -315,8 +315,7 @@ def add_check_parser(sub) -> None:
                        "PyTorch's in the same dtype + eps(dtype) x max|reference| (one unit in the "
                        "last place at the reference's size), and (2) its scale error "
                        "<x - ref, ref>/<ref, ref> is at most 2x plain PyTorch's (never counted "
-                       "below the size rounding gives it by chance) + eps/sqrt(n) for n elements + "
-                       "eps(float32). "
+                       "below the size rounding gives it by chance) + eps/2 + eps(float32). "
                        "Exit status 1 on any FAIL.")
     p.add_argument("--op", default=None, help=f"comma-separated ops (default: all): "
                    f"{', '.join(OPS)} (dashes allowed)")
