@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
-from fastgpt.ops._triton import interpreting
+from fastgpt.ops._triton import interpreting, store_dtype
 from fastgpt.ops.attention import attention_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -139,12 +139,6 @@ def _empty_bhtd(like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return like.new_empty((B, T, H, D), dtype=dtype or like.dtype).transpose(1, 2)
 
 
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The interpreter converts fp32 to bf16 by truncation, a bias that builds up in backward:
-    there the kernels store fp32 and torch rounds to bf16 (to nearest, as GPUs do)."""
-    return torch.float32 if _flags(dtype)["UPCAST"] else dtype
-
-
 def _block_d(D: int) -> int:
     return max(16, 1 << (D - 1).bit_length())
 
@@ -167,7 +161,7 @@ def _empty_out32(q: Tensor) -> Tensor:
 def _fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
          dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     B, H, T, D = q.shape
-    out = _empty_bhtd(q, _store_dtype(q.dtype))
+    out = _empty_bhtd(q, store_dtype(q.dtype))
     out32 = _empty_out32(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
@@ -191,7 +185,7 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     wrap_triton(_kernels().attn_bwd_preprocess)[(_cdiv(T, pre_m), B * H)](
         out, dout, delta, *out.stride(), *dout.stride(), H, T,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_m, DOT_PRECISION=_flags(q.dtype)["DOT_PRECISION"])
-    dq, dk, dv = (_empty_bhtd(q, _store_dtype(q.dtype)) for _ in range(3))
+    dq, dk, dv = (_empty_bhtd(q, store_dtype(q.dtype)) for _ in range(3))
     common = (H, T, _bucket(T), scale, dropout_p)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, DROPOUT=dropout_p > 0.0, **_flags(q.dtype))
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from fastgpt.ops import registry
-from fastgpt.ops._triton import interpreting
+from fastgpt.ops._triton import interpreting, store_dtype
 from fastgpt.ops.cross_entropy import acc_dtype, reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -80,19 +80,14 @@ def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softc
     return rows, lse, row_max, row_sum
 
 
-def _rounds_outside(dtype: torch.dtype) -> bool:
-    """The interpreter converts fp32 to bf16 by truncation, not to nearest as GPUs do: there the
-    kernel stores fp32 and torch rounds, so CPU validation sees the numbers a GPU gives."""
-    return dtype == torch.bfloat16 and interpreting()
-
-
 def launch_bwd(logits, targets, row_max, row_sum, a, b, label_smoothing: float, softcap: float,
                out):
     """Write the gradient into ``out`` (which may be ``logits`` itself)."""
     from torch.library import wrap_triton
     N, V = logits.shape
     if N:
-        dst = out.new_empty(out.shape, dtype=torch.float32) if _rounds_outside(out.dtype) else out
+        store = store_dtype(out.dtype)
+        dst = out if store == out.dtype else out.new_empty(out.shape, dtype=store)
         wrap_triton(_kernels().cross_entropy_bwd_kernel)[(N,)](
             logits, logits.stride(0), logits.stride(1), targets, row_max, row_sum, a, b,
             dst, dst.stride(0), dst.stride(1), V, label_smoothing, softcap,
