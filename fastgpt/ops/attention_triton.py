@@ -286,19 +286,6 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float,
     return keep.bool()
 
 
-# --- the `compile` backend ---
-
-@functools.cache
-def _compiled_torch():
-    return torch.compile(attention_torch)
-
-
-def attention_compile(q, k, v, *, scale=None, dropout_p=0.0):
-    if torch.compiler.is_compiling():   # already inside a compiled region: let it trace through
-        return attention_torch(q, k, v, scale=scale, dropout_p=dropout_p)
-    return _compiled_torch()(q, k, v, scale=scale, dropout_p=dropout_p)
-
-
 registry.register("attention", "triton", attention_triton, supports=_supports,
                   available=_available)
-registry.register("attention", "compile", attention_compile)
+registry.register("attention", "compile", registry.compile_backend(attention_torch))

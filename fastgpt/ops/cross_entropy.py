@@ -19,8 +19,7 @@ float64 logits), from every backend and reduction, as Liger-Kernel's and ml-cros
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +33,6 @@ REDUCTIONS = ("mean", "sum", "none")
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the losses compute and come back in: float64 for float64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@functools.cache
-def compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)``, built on first use and kept: the ``compile`` backends' wrapper."""
-    return torch.compile(fn)
 
 
 def reduce_rows(rows: torch.Tensor, z_rows: Optional[torch.Tensor], valid: torch.Tensor,
@@ -84,18 +77,8 @@ def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
     return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 
 
-def cross_entropy_compile(logits, targets, *, ignore_index=-100, reduction="mean",
-                          label_smoothing=0.0, z_loss=0.0, softcap=None, return_z_loss=False):
-    """The torch reference through torch.compile (fused elementwise work), compiled on first use."""
-    opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                z_loss=z_loss, softcap=softcap, return_z_loss=return_z_loss)
-    if torch.compiler.is_compiling():   # already inside a compiled region: trace straight through
-        return cross_entropy_torch(logits, targets, **opts)
-    return compiled(cross_entropy_torch)(logits, targets, **opts)
-
-
 registry.register("cross_entropy", "torch", cross_entropy_torch)
-registry.register("cross_entropy", "compile", cross_entropy_compile)
+registry.register("cross_entropy", "compile", registry.compile_backend(cross_entropy_torch))
 registry.set_default_order("cross_entropy", "cpu", ["torch"])
 registry.set_default_order("cross_entropy", "cuda", ["triton", "torch"])
 registry.set_default_order("cross_entropy", "default", ["torch"])

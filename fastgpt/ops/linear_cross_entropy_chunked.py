@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.ops import registry
-from fastgpt.ops.cross_entropy import acc_dtype, compiled, reduce_rows
+from fastgpt.ops.cross_entropy import acc_dtype, reduce_rows
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
@@ -136,7 +136,7 @@ def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
 
 
 def step_compile(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
-    return compiled(_step_functional)(x, t, ignore_index, coef, label_smoothing, z_loss, softcap)
+    return registry.compiled(_step_functional)(x, t, ignore_index, coef, label_smoothing, z_loss, softcap)
 
 
 def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):

@@ -17,6 +17,7 @@ default order falls back quietly (logged once).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -44,6 +45,23 @@ def constant_under_compile(fn: Callable) -> Callable:
     (tests/test_ops_dispatch.py checks the marker is still the one torch sets.)"""
     fn._dynamo_marked_constant = True
     return fn
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, built on first use and kept."""
+    return torch.compile(fn)
+
+
+def compile_backend(fn: Callable) -> Callable:
+    """A ``compile`` backend: ``fn`` through torch.compile, compiled on first use; inside a region
+    that is already being compiled, ``fn`` itself, so the outer compile traces straight through."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return compiled(fn)(*args, **kwargs)
+    return run
 
 
 def _always(*args, **kwargs) -> Optional[str]:
