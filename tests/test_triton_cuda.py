@@ -288,18 +288,19 @@ def ce_check(fast, logits, targets, g, reduction, options, label):
 
 
 def ce_cases():
+    """(dtype, V, reduction, options, logits, targets, g) of every cross-entropy case."""
     for dtype in (F32, BF16, F16):
         for N, V in [(33, 65), (5, 50257)]:
             for reduction, options in [("mean", CE_OPTIONS), ("none", {})]:
-                yield dtype, N, V, reduction, options
+                logits, targets = ce_inputs(N, V, dtype)
+                g = torch.randn(N if reduction == "none" else (), device="cuda")  # losses' dtype
+                yield dtype, V, reduction, options, logits, targets, g
 
 
 @gpu_check("cross_entropy")
 def cross_entropy_eager_matches_reference():
     assert triton_unavailable() is None
-    for dtype, N, V, reduction, options in ce_cases():
-        logits, targets = ce_inputs(N, V, dtype)
-        g = torch.randn(N if reduction == "none" else (), device="cuda")   # the losses' dtype
+    for dtype, V, reduction, options, logits, targets, g in ce_cases():
         fast = ce_run(lambda x, t: ops.cross_entropy(x, t, backend="triton", reduction=reduction,
                                                      **options), logits, targets, g)
         ce_check(fast, logits, targets, g, reduction, options, f"eager {dtype} V={V} {reduction}")
@@ -308,10 +309,7 @@ def cross_entropy_eager_matches_reference():
 @gpu_check("cross_entropy")
 def cross_entropy_compile_fullgraph():
     assert triton_unavailable() is None
-    for dtype, N, V, reduction, options in ce_cases():
-        logits, targets = ce_inputs(N, V, dtype)
-        g = torch.randn(N if reduction == "none" else (), device="cuda")   # the losses' dtype
-
+    for dtype, V, reduction, options, logits, targets, g in ce_cases():
         def loss(x, t):
             return ops.cross_entropy(x, t, backend="triton", reduction=reduction, **options)
         fast, code = run_compiled(ce_run, loss, logits, targets, g)
