@@ -63,7 +63,7 @@ setup(
     version="0.1.0",
     description="Character-level GPT training with fused Triton kernels and a C++/CUDA extension",
     python_requires=">=3.10",
-    packages=["fastgpt", "fastgpt.ops", "fastgpt.kernels"],
+    packages=["fastgpt", "fastgpt.ops", "fastgpt.tools", "fastgpt.tools.bench", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/tinyshakespeare.txt"]},
     install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib"],

@@ -1,6 +1,6 @@
 """Linear + cross-entropy (the LM head's loss), forward + backward: time and peak memory.
 
-A thin front end of the shared harness (fastgpt/benchmark.py, cases in fastgpt/bench_suites.py)
+A thin front end of the shared harness (fastgpt/tools/bench/harness.py, cases in fastgpt/tools/bench/suites.py)
 that keeps this script's named cases (N tokens, C width, V vocabulary):
   baby              N=768    C=128  V=65      (the `baby` preset: batch 12 x block 64)
   shakespeare-char  N=16384  C=384  V=65      (batch 64 x block 256)
@@ -27,7 +27,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from fastgpt.benchmark import Case, environment, format_env, format_table, run_cases, write_csv
+from fastgpt.tools.bench.harness import Case, format_table, run_cases, write_csv
+from fastgpt.tools.bench.suites import build
+from fastgpt.tools.environment import environment, format_env
 
 CASES = {"baby": (768, 128, 65), "shakespeare-char": (16384, 384, 65),
          "gpt2-small": (8192, 768, 50304)}
@@ -52,7 +54,7 @@ def main(argv=None):
              for N, C, V in (CASES[c] for c in args.cases) for pr in providers]
     env = environment(args.device)
     print(f"# {format_env(env)}")
-    rows = run_cases(cases, args.device, "torch", args.min_run_time, isolate=not cuda,
+    rows = run_cases(cases, args.device, "torch", build, args.min_run_time, isolate=not cuda,
                      progress=lambda r: print(f"  measured {r.case.provider} "
                                               f"{r.case.shape_str()}", flush=True))
     print(format_table(rows, "torch", args.device))

@@ -1,6 +1,6 @@
 """Training-step speed of a preset per configuration (attention backend, dtype, compile).
 
-A thin front end of `fastgpt bench train` (fastgpt/bench_train.py): each configuration runs the
+A thin front end of `fastgpt bench train` (fastgpt/tools/bench/train_steps.py): each configuration runs the
 real training loop for a short run, and the per-log-interval throughput rows of its
 metrics.jsonl give ms/iter and tokens/s (first intervals dropped as warm-up); configurations run
 interleaved over several rounds. Not a test: run it by hand.
@@ -11,7 +11,7 @@ interleaved over several rounds. Not a test: run it by hand.
 
 import sys
 
-from fastgpt.bench_train import CONFIGS
+from fastgpt.tools.bench.train_steps import CONFIGS
 from fastgpt.cli import main
 
 if __name__ == "__main__":

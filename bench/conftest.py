@@ -1,7 +1,7 @@
 """`pytest bench/ --benchmark-only`: the `fastgpt bench` cases timed by pytest-benchmark.
 
 Save results with ``--benchmark-json FILE`` (or ``--benchmark-autosave``) and compare commits
-with ``--benchmark-compare``. Cases come from fastgpt.bench_suites (the quick sizes unless
+with ``--benchmark-compare``. Cases come from fastgpt.tools.bench.suites (the quick sizes unless
 ``--bench-full``); Triton runs only on CUDA (on CPU it would be the interpreter). Not part of
 `pytest tests`; CI runs every file here once with ``--benchmark-disable`` (`make test`), so the
 scripts cannot rot. The per-op scripts (bench_<op>.py) are collected too, for any pytest entry

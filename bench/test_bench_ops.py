@@ -9,8 +9,9 @@ import argparse
 import pytest
 import torch
 
-from fastgpt.bench_suites import SUITES, build
-from fastgpt.benchmark import SkipCase, environment
+from fastgpt.tools.bench.harness import SkipCase
+from fastgpt.tools.bench.suites import SUITES, build
+from fastgpt.tools.environment import environment
 
 OWN_FILES = {"transformer-block"}   # timed by bench/bench_transformer_block.py
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from fastgpt.benchmark import environment, format_env
+from fastgpt.tools.environment import environment, format_env
 
 ITERS = 2000
 

@@ -1,4 +1,4 @@
-"""The `fastgpt` command: train, sample.
+"""The `fastgpt` command: train, sample, bench, check, compile-report.
 
 Errors meant for the user (FastGPTError, and the input checks of the C++ extension: see
 fastgpt.errors.user_error) print as one line without a traceback and exit 2.
@@ -15,14 +15,16 @@ import os
 import sys
 
 from fastgpt import config as cfgmod
-from fastgpt.benchmark import add_bench_parser
-from fastgpt.check import add_check_parser
-from fastgpt.compile_report import add_compile_report_parser
+from fastgpt.data import read_text
 from fastgpt.errors import user_error
+from fastgpt.sample import SampleOptions, sample_from_checkpoint
+from fastgpt.tools.bench.command import add_bench_parser
+from fastgpt.tools.check import add_check_parser
+from fastgpt.tools.compile_report import add_compile_report_parser
+from fastgpt.train import RunOptions, train
 
 # CLI flag -> GPTConfig field holding the backend preference
-BACKEND_FLAGS = {"attention": "attention", "cross-entropy": "cross_entropy", "embedding": "embedding",
-                 "transformer-block": "transformer_block"}
+BACKEND_FLAGS = {name.replace("_", "-"): name for name in cfgmod.BACKEND_FIELDS}
 
 
 def _field_flags(parser: argparse.ArgumentParser) -> None:
@@ -68,8 +70,6 @@ def _train_parser(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from fastgpt.train import RunOptions, train
-
     field_names = cfgmod.MODEL_FIELDS + cfgmod.TRAIN_FIELDS
     overrides = {name: getattr(args, name) for name in field_names
                  if hasattr(args, name) and getattr(args, name) is not None}
@@ -108,9 +108,6 @@ def _sample_parser(sub) -> None:
 
 
 def _run_sample(args) -> int:
-    from fastgpt.data import read_text
-    from fastgpt.sample import SampleOptions, sample_from_checkpoint
-
     prompt = read_text(args.prompt_file) if args.prompt_file else (args.prompt or "\n")
     samples = sample_from_checkpoint(SampleOptions(
         out_dir=args.out_dir, prompt=prompt, num_samples=args.num_samples,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from fastgpt.errors import FastGPTError
+from fastgpt.ops.registry import canonical_op
 
 
 @dataclass
@@ -83,6 +84,18 @@ PRESETS: dict[str, dict] = {
         min_lr=6e-5, warmup_iters=2000, beta2=0.95, eval_iters=200, eval_interval=2000,
     ),
 }
+
+# The GPTConfig fields holding a backend preference (None: fastgpt.ops chooses), one per op the
+# models call; ``cross_entropy`` is the loss op's: the bigram's cross_entropy, GPT's
+# linear_cross_entropy.
+BACKEND_FIELDS = ("attention", "cross_entropy", "embedding", "transformer_block")
+
+
+def backend_field(op: str) -> str:
+    """The BACKEND_FIELDS entry for an op name or alias (``block``, ``cross-entropy``, ...)."""
+    op = canonical_op(op)
+    return "cross_entropy" if op == "linear_cross_entropy" else op
+
 
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -149,24 +149,6 @@ class GPT(nn.Module):
         return None, loss
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (nanoGPT's grouping)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
-                   betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW over optimizer_groups, fused where available."""
-    groups = optimizer_groups(model, weight_decay)
-    # fused AdamW has CPU and CUDA kernels in recent torch; foreach is the portable fallback
-    try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
-
-
 def build_model(kind: str, config: GPTConfig) -> nn.Module:
     if kind == "gpt":
         return GPT(config)

@@ -1,4 +1,6 @@
-"""FlatAdamW: AdamW for fp32 master weights trained through a bf16 working copy, one C++ op a step.
+"""The optimizers: torch's AdamW over nanoGPT's parameter groups, and FlatAdamW.
+
+FlatAdamW: AdamW for fp32 master weights trained through a bf16 working copy, one C++ op a step.
 
 Why: on CPU in bf16 (fastgpt.precision.LowPrecisionCopy) the optimizer step used to be five
 passes over ~30 small tensors (bf16 grads -> fp32, norm, clip, torch's fused AdamW, fp32 ->
@@ -51,6 +53,24 @@ def _register_fake() -> None:
     def _fake(master, exp_avg, exp_avg_sq, working, steps, grads, offsets, group, lr,
               weight_decay, beta1, beta2, eps, max_norm):
         return master.new_empty(())
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (nanoGPT's grouping)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, learning_rate: float, weight_decay: float,
+                   betas: tuple[float, float]) -> torch.optim.AdamW:
+    """torch's AdamW over optimizer_groups, fused where available."""
+    groups = optimizer_groups(model, weight_decay)
+    # fused AdamW has CPU and CUDA kernels in recent torch; foreach is the portable fallback
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, foreach=True)
 
 
 def flat_adamw_or_none(groups: list[dict], pairs, lr: float, betas: tuple[float, float],

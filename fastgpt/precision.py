@@ -23,19 +23,10 @@ import functools
 
 import torch
 
+from fastgpt.device import cpu_has_native_bf16
 from fastgpt.errors import FastGPTError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype_name(name: str, device_type: str) -> str:

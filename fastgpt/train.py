@@ -26,9 +26,11 @@ from fastgpt import config as cfgmod
 from fastgpt import distributed, ops
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from fastgpt.data import CharTokenizer, TextDataset, read_text
+from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
-from fastgpt.model import build_model, make_optimizer, optimizer_groups
-from fastgpt.optim import flat_adamw_or_none
+from fastgpt.generate import generate
+from fastgpt.model import build_model
+from fastgpt.optim import flat_adamw_or_none, make_optimizer, optimizer_groups
 from fastgpt.precision import (LowPrecisionCopy, autocast, grad_scaler, parse_dtype,
                                resolve_dtype_name, uses_working_copy)
 
@@ -65,17 +67,6 @@ class RunResult:
     out_dir: str
     sample: str = ""
     rank: int = 0                          # under torchrun only rank 0 should print the result
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise FastGPTError(f"unknown device {name!r}; devices are: auto, cpu, cuda, cuda:N")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FastGPTError(f"device {name!r} requested but this torch sees no CUDA GPU "
-                           f"(torch {torch.__version__}); use --device cpu")
-    return torch.device(name)
 
 
 def lr_at(it: int, t: cfgmod.TrainConfig) -> float:
@@ -439,7 +430,6 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
 
     sample = ""
     if opts.sample_chars > 0 and world.is_main:
-        from fastgpt.sample import generate
         start = torch.tensor([[tokenizer.stoi.get("\n", 0)]], device=device)
         gen = torch.Generator(device=device).manual_seed(opts.seed)
         model.eval()

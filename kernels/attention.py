@@ -40,7 +40,7 @@ into fp32 right after ``tl.load``.
 
 Launch configs: ``FWD_CONFIGS`` / ``BWD_CONFIGS`` are what the launchers autotune over on GPU;
 ``INTERPRET_*`` is the single config used under the interpreter. ``aot_configs()`` lists what
-fastgpt.aot compiles for sm_80/sm_90 (see its docstring).
+fastgpt.tools.aot compiles for sm_80/sm_90 (see its docstring).
 """
 
 import itertools
@@ -382,7 +382,7 @@ def launch_configs(block_d: int, dtype: str) -> tuple[list, list]:
     return FWD_CONFIGS[block_d], BWD_CONFIGS[block_d]
 
 
-# --- ahead-of-time compilation (fastgpt.aot) ---
+# --- ahead-of-time compilation (fastgpt.tools.aot) ---
 
 def _signature(kernel, dtype: str) -> dict:
     """Triton types for every argument, with the specialisations the JIT makes for contiguous
@@ -411,7 +411,7 @@ def _signature(kernel, dtype: str) -> dict:
 def aot_configs(dtypes=("fp16", "bf16", "fp32"), dropout=(False, True)) -> list:
     """(kernel, signature, constexprs, num_warps, num_stages) for every GPU launch config of the
     forward and backward kernels (fp32 with IEEE and with tf32 dots); the convention is
-    fastgpt.aot's."""
+    fastgpt.tools.aot's."""
     out = []
     for dt, block_d, drop, precision in itertools.product(dtypes, FWD_CONFIGS, dropout,
                                                           ("ieee", "tf32")):

@@ -171,10 +171,10 @@ def num_warps_for(block: int) -> int:
 
 
 def aot_configs(dtypes=("fp32", "bf16", "fp16")):
-    """The launches shipped on GPU (see fastgpt.aot): fp32/bf16/fp16 logits, the small block
+    """The launches shipped on GPU (see fastgpt.tools.aot): fp32/bf16/fp16 logits, the small block
     (V=65 -> 128) and the large-vocab block, plain and with soft-capping plus smoothing.
     Hints are what Triton specialises at launch: 16-byte-aligned pointers, contiguous rows."""
-    from fastgpt.aot import AOTConfig
+    from fastgpt.tools.aot import AOTConfig
 
     configs = []
     for dtype in dtypes:

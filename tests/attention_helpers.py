@@ -1,7 +1,7 @@
 """Helpers the attention backend tests share (test_attention_triton.py, test_attention_ext.py).
 
 q, k, v are strided views of one (B, T, 3, H, D) tensor, as the model makes them; a backend's
-output and input gradients are checked against the float64 reference with fastgpt.testing's
+output and input gradients are checked against the float64 reference with fastgpt.tools.accuracy's
 accuracy rule.
 """
 
@@ -10,7 +10,7 @@ import torch
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPT
 from fastgpt.ops.attention import attention_torch
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 
 def qkv(B, H, T, D, dtype, requires_grad=True):

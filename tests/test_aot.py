@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation for real GPUs (fastgpt.aot), no GPU needed.
+"""Ahead-of-time compilation for real GPUs (fastgpt.tools.aot), no GPU needed.
 
 The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it for this
 process, and interpreted kernels cannot be compiled).
@@ -6,8 +6,8 @@ process, and interpreted kernels cannot be compiled).
 
 import pytest
 
-from fastgpt.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
-from fastgpt.compile_report import compile_all
+from fastgpt.tools.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
+from fastgpt.tools.compile_report import compile_all
 from fastgpt.kernels import attention as attn
 
 # Every shipped GPU config of the attention kernels (fp16 configs, which bf16 shares, and the
@@ -74,7 +74,7 @@ def test_occupancy():
 
 
 def test_refuses_to_run_under_the_interpreter(monkeypatch):
-    from fastgpt.aot import compile_for_arch
+    from fastgpt.tools.aot import compile_for_arch
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         compile_for_arch(attn.attn_fwd, {}, {}, 80, 4, 3)

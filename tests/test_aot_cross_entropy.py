@@ -7,8 +7,8 @@ shape, so the test compiles fp32 and bf16; `fastgpt compile-report` compiles eve
 
 import pytest
 
-from fastgpt.aot import ARCH_LIMITS
-from fastgpt.compile_report import compile_all
+from fastgpt.tools.aot import ARCH_LIMITS
+from fastgpt.tools.compile_report import compile_all
 from fastgpt.kernels import cross_entropy as ce
 
 DTYPES = ("fp32", "bf16")

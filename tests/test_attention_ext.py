@@ -15,7 +15,7 @@ from fastgpt.ops import registry
 from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_ext import attention_ext
 from fastgpt.ops.extension import available
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 from attention_helpers import check_against_reference, qkv, run, tiny_gpt_losses
 

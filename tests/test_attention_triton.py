@@ -14,7 +14,7 @@ import fastgpt.ops as ops
 from fastgpt.errors import FastGPTError
 from fastgpt.ops.attention import attention_torch
 from fastgpt.ops.attention_triton import _available, attention_triton, dropout_keep_mask
-from fastgpt.testing import assert_matches_reference, compare
+from fastgpt.tools.accuracy import assert_matches_reference, compare
 
 from attention_helpers import check_against_reference, check_all, qkv, run, tiny_gpt_losses
 

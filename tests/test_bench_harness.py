@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fastgpt import cli
-from fastgpt.bench_suites import SUITES, build, check_providers
-from fastgpt.bench_train import parse_config
-from fastgpt.benchmark import (CSV_FIELDS, Case, device_peak, environment, run_cases,
-                               summarize)
+from fastgpt.tools.bench.suites import SUITES, build, check_providers
+from fastgpt.tools.bench.train_steps import parse_config
+from fastgpt.tools.bench.harness import CSV_FIELDS, Case, device_peak, run_cases, summarize
+from fastgpt.tools.environment import environment
 from fastgpt.errors import FastGPTError
 
 FAST = ["--device", "cpu", "--min-run-time", "0.01"]
@@ -122,7 +122,7 @@ def test_transformer_block_flops():
 def test_isolated_case_reports_memory():
     case = Case("cross-entropy", "linear_cross_entropy", "torch", "fwd+bwd",
                 dict(N=256, C=16, V=2048), "float32")
-    (row,) = run_cases([case], "cpu", baseline="torch", min_run_time=0.01, isolate=True)
+    (row,) = run_cases([case], "cpu", "torch", build, min_run_time=0.01, isolate=True)
     assert not row.skipped, row.skipped
     assert row.median > 0 and row.speedup == 1.0 and row.unit == "TFLOP/s"
     assert row.peak_mb is not None and row.peak_mb >= 0

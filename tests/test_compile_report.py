@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from fastgpt.compile_report import config_str, parse_archs, parse_ext_log
+from fastgpt.tools.compile_report import config_str, parse_archs, parse_ext_log
 from fastgpt.errors import FastGPTError
 
 KERNELS = textwrap.dedent('''

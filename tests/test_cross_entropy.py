@@ -1,7 +1,7 @@
 """fastgpt.ops.cross_entropy: the torch reference's options and the Triton backend (interpreted).
 
 Every case compares against the float64 ``torch`` backend, forward and backward with a random
-grad_output, under the 2x-same-dtype-error rule (fastgpt.testing).
+grad_output, under the 2x-same-dtype-error rule (fastgpt.tools.accuracy).
 """
 
 import pytest
@@ -15,7 +15,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.kernels import cross_entropy as ce
 from fastgpt.ops.cross_entropy import cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import cross_entropy_triton, triton_unavailable
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 assert triton_unavailable() is None, triton_unavailable()   # also defines the ops
 

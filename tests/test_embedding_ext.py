@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import embedding_ext, extension, registry
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 # the README install builds fastgpt._C: a missing extension is a failure, not a skip
 assert embedding_ext.available() is None, embedding_ext.available()

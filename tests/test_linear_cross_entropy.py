@@ -15,7 +15,7 @@ from fastgpt.ops import linear_cross_entropy_chunked as lce
 from fastgpt.ops import registry
 from fastgpt.ops.cross_entropy import cross_entropy_torch
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 ALL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
 OPTIONS = {"plain": {}, "smooth": dict(label_smoothing=0.2), "zloss": dict(z_loss=1e-2),

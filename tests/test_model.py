@@ -7,7 +7,8 @@ import torch
 
 from fastgpt.config import GPTConfig, preset
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT, BigramLanguageModel, make_optimizer
+from fastgpt.model import GPT, BigramLanguageModel
+from fastgpt.optim import make_optimizer
 
 TINY = GPTConfig(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
 

@@ -1,6 +1,6 @@
 """The accuracy rule bites: deliberately wrong backends fail it, the real ones pass it.
 
-A mutant (fastgpt.testing) is a real fast backend whose output or one input gradient is scaled
+A mutant (fastgpt.tools.accuracy) is a real fast backend whose output or one input gradient is scaled
 by 1.01, or has its last element moved by 5% of the tensor's largest magnitude. For every op with
 a fast backend and every dtype, each mutant runs through `fastgpt check`'s full grid (odd T,
 head dims 16-128, vocabularies 65-50257, ignored targets, padding rows, strided inputs) and must
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fastgpt import cli
-from fastgpt.check import check_case, grid
+from fastgpt.tools.check import check_case, grid
 from fastgpt.ops import BlockWeights, registry
-from fastgpt.testing import mutant_name, mutants_registered
+from fastgpt.tools.accuracy import mutant_name, mutants_registered
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # the backend whose mutants are run, and the tensors they perturb ("out" or an input's gradient)
@@ -103,7 +103,7 @@ def test_check_help_states_the_rule(capsys):
 def test_floor_scales_with_the_reference():
     """The issue's case: a bf16 cross-entropy-sized gradient (~0.01) that is 3% wrong fails;
     the old fixed floor (8e-3) let it through."""
-    from fastgpt.testing import compare
+    from fastgpt.tools.accuracy import compare
     ref = torch.randn(7, 65, dtype=torch.float64).softmax(-1) * 0.1
     plain = ref.to(torch.bfloat16)
     assert compare(plain, plain, ref).passed

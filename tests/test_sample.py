@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from fastgpt import kv_cache, ops
+from fastgpt import generate as generate_mod
+from fastgpt import ops
 from fastgpt.config import GPTConfig
-from fastgpt.kv_cache import KVCache
+from fastgpt.generate import KVCache, generate, next_tokens
 from fastgpt.model import BigramLanguageModel, GPT
-from fastgpt.sample import generate, next_tokens
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 
 def _gpt(dtype=torch.float32, bias=True, **kw) -> GPT:
@@ -37,7 +37,7 @@ PLAIN = dict(attention="torch", embedding="torch", transformer_block="torch")
 
 def _check_cached_logits(model, prompt_len, label, steps=20):
     """The cached last-position logits of a growing sequence against full recomputation of the
-    cropped context, with fastgpt.testing's rule over all steps at once: model() in float64 is
+    cropped context, with fastgpt.tools.accuracy's rule over all steps at once: model() in float64 is
     the reference, model() with plain PyTorch ops in the model's dtype the yardstick."""
     model64 = copy.deepcopy(model).double()
     cache = KVCache(model)
@@ -64,13 +64,13 @@ def test_cached_logits_match_full_recompute(dtype, prompt_len, bias):
 
 def _drop_past(monkeypatch, fraction):
     """Break the cache: a block forgets its cached keys and values on ``fraction`` of its calls."""
-    real, gen = kv_cache._block, torch.Generator().manual_seed(1)
+    real, gen = generate_mod._block, torch.Generator().manual_seed(1)
 
     def block(x, w, n_head, past, last_only):
         if past is not None and torch.rand((), generator=gen) < fraction:
             past = None
         return real(x, w, n_head, past, last_only)
-    monkeypatch.setattr(kv_cache, "_block", block)
+    monkeypatch.setattr(generate_mod, "_block", block)
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.59, 0.2])

@@ -1,6 +1,6 @@
 """fastgpt.ops.transformer_block: the C++ block (``ext``) against the float64 reference.
 
-Forward and every gradient must meet the accuracy rule (fastgpt.testing) against the ``torch``
+Forward and every gradient must meet the accuracy rule (fastgpt.tools.accuracy) against the ``torch``
 backend in float64, in float32 and bfloat16, with and without biases, at odd lengths and with a
 non-contiguous input; the three custom ops pass opcheck; the op traces under
 torch.compile(fullgraph=True); dispatch sends dropout and user-named attention backends to
@@ -17,7 +17,7 @@ from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.ops import registry, transformer_block_ext
 from fastgpt.ops.transformer_block import BlockWeights, transformer_block_torch
-from fastgpt.testing import assert_matches_reference
+from fastgpt.tools.accuracy import assert_matches_reference
 
 # the README install builds fastgpt._C: a missing extension is a failure, not a skip
 assert transformer_block_ext.available() is None, transformer_block_ext.available()

@@ -35,7 +35,7 @@ from fastgpt.ops.attention_triton import (_autotuned, _flags, _kernels, attentio
                                           dropout_keep_mask)
 from fastgpt.ops.cross_entropy import cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import triton_unavailable
-from fastgpt.testing import assert_matches_reference, max_abs_error
+from fastgpt.tools.accuracy import assert_matches_reference, max_abs_error
 
 from attention_helpers import check_against_reference, check_all, run
 from test_attention_triton import (check_worst_elements, masked_reference, matmul_precision,

@@ -85,11 +85,14 @@ _CONTEXT: list[dict[str, str]] = []   # stack of use_backends(...) overrides
 _LOGGED: set = set()
 
 
-def canonical_op(op: str) -> str:
-    op = _OP_ALIASES.get(op, op)
-    if op not in OPS:
-        raise FastGPTError(f"unknown op {op!r}; ops are: {', '.join(OPS)}")
-    return op
+def canonical_op(op: str, flag: Optional[str] = None) -> str:
+    """The registry key of an op name or alias; an unknown name is an error that lists the ops
+    (and names the command-line ``flag`` it came from, if any)."""
+    key = _OP_ALIASES.get(op, op)
+    if key not in OPS:
+        where = f"{flag} {op!r}:" if flag else f"unknown op {op!r};"
+        raise FastGPTError(f"{where} ops are: {', '.join(OPS)}")
+    return key
 
 
 def register(op: str, name: str, fn: Callable, *, supports: Callable = _always,

@@ -5,7 +5,7 @@ per-log-interval throughput rows of its metrics.jsonl give tokens/s and ms/iter,
 two intervals dropped as warm-up. Configurations run interleaved over several rounds so that a
 noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nanoGPT's estimate:
 6 * parameters + 12 * n_layer * n_embd * block_size FLOPs per token, forward and backward) over
-the device's peak for the dtype (fastgpt.benchmark.DEVICE_PEAKS); "unknown" for other devices.
+the device's peak for the dtype (fastgpt.tools.bench.harness.DEVICE_PEAKS); "unknown" for other devices.
 
 A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
 ``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding,
@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 
+from fastgpt.config import BACKEND_FIELDS, backend_field
+from fastgpt.config import preset as get_preset
 from fastgpt.errors import FastGPTError
+from fastgpt.model import GPT
+from fastgpt.tools.bench.harness import device_peak, summarize, write_csv
+from fastgpt.train import RunOptions, train
 
 CONFIGS = {
     "sdpa fp32": dict(attention="sdpa", dtype="float32"),
@@ -33,10 +38,6 @@ CONFIGS = {
 }
 DEFAULT = {"cpu": ["sdpa fp32", "tril fp32", "sdpa bf16", "torch-block bf16", "default bf16"],
            "cuda": ["triton bf16", "sdpa bf16", "tril bf16"]}
-_FIELDS = {"attention": "attention", "cross_entropy": "cross_entropy",
-           "cross-entropy": "cross_entropy", "embedding": "embedding",
-           "transformer_block": "transformer_block", "transformer-block": "transformer_block",
-           "block": "transformer_block"}
 
 
 def parse_config(spec: str) -> dict:
@@ -47,11 +48,15 @@ def parse_config(spec: str) -> dict:
     out = {"dtype": dtype or "float32"}
     for item in filter(None, backends.split(",")):
         op, eq, name = item.partition("=")
-        if not eq or op.strip() not in _FIELDS:
+        try:
+            field = backend_field(op.strip())
+        except FastGPTError:
+            field = None
+        if not eq or field is None:
             raise FastGPTError(f"bad train config {spec!r}: use a name ({', '.join(CONFIGS)}) or "
                                f"op=backend[,op=backend][@dtype] with ops "
-                               f"attention, cross_entropy, embedding, transformer_block")
-        out[_FIELDS[op.strip()]] = name.strip()
+                               f"{', '.join(BACKEND_FIELDS)}")
+        out[field] = name.strip()
     return out
 
 
@@ -68,8 +73,6 @@ def add_train_args(p) -> None:
 
 def flops_per_token(preset: str) -> float:
     """nanoGPT's estimate of training FLOPs per token (forward + backward)."""
-    from fastgpt.config import preset as get_preset
-    from fastgpt.model import GPT
     m, _ = get_preset(preset)
     with torch.device("meta"):
         n_params = GPT(m).num_params()
@@ -78,7 +81,6 @@ def flops_per_token(preset: str) -> float:
 
 def run_once(preset: str, iters: int, config: dict, compile: bool, device: str) -> list[float]:
     """tokens/s of each log interval after the first two."""
-    from fastgpt.train import RunOptions, train
     config = dict(config)
     dtype = config.pop("dtype")
     with tempfile.TemporaryDirectory() as out:
@@ -92,8 +94,6 @@ def run_once(preset: str, iters: int, config: dict, compile: bool, device: str) 
 
 
 def run_train_bench(args, env: dict) -> list[dict]:
-    from fastgpt.benchmark import device_peak, summarize, write_csv
-    from fastgpt.config import preset as get_preset
     device = args.device
     names = [s.strip() for s in args.configs.split(";")] if args.configs else \
         DEFAULT["cuda" if device.startswith("cuda") else "cpu"]

@@ -1,9 +1,10 @@
 """One benchmark harness for every op: `fastgpt bench`, bench/bench_<op>.py, bench/test_bench_*.py.
 
-A benchmark is a list of ``Case``s (op, provider, mode, shape, dtype). Providers are the registry's
-backend names; a suite (fastgpt/bench_suites.py) turns a case into the callable to time and its
-FLOP or byte count. This module times the callables, measures peak memory and prints one table per
-op and mode with speedups over the naive baseline measured in the same run.
+A benchmark is a list of ``Case``s (op, provider, mode, shape, dtype). Providers are the
+registry's backend names; a suite (fastgpt/tools/bench/suites.py) turns a case into the callable
+to time and its FLOP or byte count. This module knows no op: it times the callables, measures
+peak memory and prints one table per op and mode with speedups over the naive baseline measured
+in the same run.
 
 Timing. CUDA: ``triton.testing.do_bench`` (L2 cache flushed between repetitions; p20/p50/p80).
 CPU: ``torch.utils.benchmark`` after one warm-up call; the providers of one shape are timed in
@@ -22,60 +23,27 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
+import importlib
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch._functorch.config
+from torch.profiler import ProfilerActivity, profile
+
+from fastgpt.tools.formatting import number
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-# --- environment and statistics -------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def environment(device: str = "cpu") -> dict:
-    """What a reader needs to reproduce or compare a measurement."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
-    return {"device": dev, "cpu": cpu_model(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "triton": triton_version, "git_sha": git_sha(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
-def format_env(env: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in env.items())
-
+# --- statistics -----------------------------------------------------------------------------
 
 def summarize(samples: list[float]) -> dict:
     """Median and the 20th/80th percentiles."""
@@ -116,13 +84,13 @@ def device_peak(device_name: str, dtype: torch.dtype) -> tuple[Optional[float], 
 def time_group_ms(fns: dict[str, Callable], device: str, min_run_time: float = 0.5) -> dict:
     """{name: {"median", "p20", "p80"} in ms} for each callable (see module docstring)."""
     if device.startswith("cuda"):
-        import triton.testing
+        import triton.testing   # lazily: importing triton costs ~0.5 s, and only CUDA times with it
         out = {}
         for name, fn in fns.items():
             p20, med, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8])
             out[name] = {"median": med, "p20": p20, "p80": p80}
         return out
-    import torch.utils.benchmark as benchmark
+    import torch.utils.benchmark as benchmark   # lazily: ~0.5 s to import, CPU timing only
     timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}) for name, fn in fns.items()}
     per_call = {name: t.timeit(1).mean for name, t in timers.items()}   # warm-up
     per_call = {name: t.timeit(1).mean for name, t in timers.items()}   # cost of one call
@@ -139,8 +107,6 @@ def time_group_ms(fns: dict[str, Callable], device: str, min_run_time: float = 0
 def _cpu_peak_bytes(fn: Callable) -> int:
     """Peak tensor bytes allocated during one call of ``fn`` above what was allocated before it,
     from the torch profiler's allocation events (the CPU analogue of max_memory_allocated)."""
-    import tempfile
-    from torch.profiler import ProfilerActivity, profile
     # libkineto logs two lines per profile straight to fd 2: keep them out of the table
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -182,7 +148,7 @@ def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:
 @dataclass
 class Case:
     """One measurement: ``op`` run by ``provider`` (a backend name) in ``mode`` on ``shape``."""
-    suite: str                  # a key of fastgpt.bench_suites.SUITES
+    suite: str                  # a key of fastgpt.tools.bench.suites.SUITES
     op: str
     provider: str
     mode: str
@@ -228,9 +194,11 @@ def _rate(built: Built, ms: float) -> tuple[float, str]:
     return built.bytes / (ms * 1e-3) / 1e9, "GB/s"
 
 
-def _measure_group(cases: list[Case], device: str, min_run_time: float) -> list[Row]:
+Build = Callable[[Case, str], Built]   # a suite's (case, device) -> Built
+
+
+def _measure_group(cases: list[Case], device: str, build: Build, min_run_time: float) -> list[Row]:
     """Time the providers of one (op, mode, shape) side by side, in this process."""
-    from fastgpt.bench_suites import build
     rows, fns, builts = [], {}, {}
     for case in cases:
         try:
@@ -258,11 +226,13 @@ def _measure_group(cases: list[Case], device: str, min_run_time: float) -> list[
     return rows
 
 
-def _measure_isolated(case: Case, device: str, min_run_time: float) -> Row:
-    """Measure one case in a fresh Python process (nothing another provider left behind)."""
+def _measure_isolated(case: Case, device: str, build: Build, min_run_time: float) -> Row:
+    """Measure one case in a fresh Python process (nothing another provider left behind); the
+    worker imports ``build`` by its module and name."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastgpt.benchmark", "--worker",
+    cmd = [sys.executable, "-m", __name__, "--worker",
            json.dumps(dict(case=dataclasses.asdict(case), device=device,
+                           build=f"{build.__module__}:{build.__qualname__}",
                            min_run_time=min_run_time, threads=torch.get_num_threads()))]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -275,9 +245,10 @@ def _measure_isolated(case: Case, device: str, min_run_time: float) -> Row:
 def _worker(spec: str) -> None:
     w = json.loads(spec)
     torch.set_num_threads(w["threads"])
-    import torch._functorch.config as functorch_config
-    functorch_config.donated_buffer = False   # as run_bench does (bwd mode)
-    row = _measure_group([Case(**w["case"])], w["device"], w["min_run_time"])[0]
+    allow_repeated_backward()
+    module, _, name = w["build"].partition(":")
+    build = getattr(importlib.import_module(module), name)
+    row = _measure_group([Case(**w["case"])], w["device"], build, w["min_run_time"])[0]
     print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "case"}))
 
 
@@ -285,18 +256,26 @@ class SkipCase(Exception):
     """A provider that cannot run a case here; the message says why."""
 
 
-def run_cases(cases: list[Case], device: str, baseline: str, min_run_time: float = 0.5,
-              isolate: bool = False, progress: Optional[Callable[[Row], None]] = None) -> list[Row]:
-    """Measure every case; speedups are against ``baseline`` on the same op, mode and shape."""
+def allow_repeated_backward() -> None:
+    """bwd mode re-runs one graph's backward (retain_graph), which torch.compile'd graphs allow
+    only without buffer donation."""
+    torch._functorch.config.donated_buffer = False
+
+
+def run_cases(cases: list[Case], device: str, baseline: str, build: Build,
+              min_run_time: float = 0.5, isolate: bool = False,
+              progress: Optional[Callable[[Row], None]] = None) -> list[Row]:
+    """Measure every case (``build`` makes its callable: a suite's); speedups are against
+    ``baseline`` on the same op, mode and shape."""
     groups: dict[tuple, list[Case]] = {}
     for c in cases:
         groups.setdefault((c.op, c.mode, c.shape_str(), c.dtype), []).append(c)
     rows: list[Row] = []
     for group in groups.values():
         if isolate:
-            got = [_measure_isolated(c, device, min_run_time) for c in group]
+            got = [_measure_isolated(c, device, build, min_run_time) for c in group]
         else:
-            got = _measure_group(group, device, min_run_time)
+            got = _measure_group(group, device, build, min_run_time)
         base = next((r for r in got if r.case.provider == baseline and not r.skipped), None)
         for r in got:
             if r.skipped:
@@ -316,10 +295,6 @@ def run_cases(cases: list[Case], device: str, baseline: str, min_run_time: float
 
 
 # --- output ---------------------------------------------------------------------------------
-
-def _fmt(x: Optional[float], spec: str, none: str = "-") -> str:
-    return none if x is None else format(x, spec)
-
 
 def format_table(rows: list[Row], baseline: str, device: str) -> str:
     """One block per (op, mode, dtype): provider, shape, times, rate, memory, speedup, % peak."""
@@ -343,10 +318,10 @@ def format_table(rows: list[Row], baseline: str, device: str) -> str:
                 continue
             spread = f"{r.p20:.3f}-{r.p80:.3f}"
             line = (f"  {c.provider:<{pw}} {c.shape_str():<{width}} {r.median:>10.3f} {spread:>19} "
-                    f"{_fmt(r.rate, '.3f'):>8} {_fmt(r.peak_mb, '.1f'):>9} "
-                    f"{_fmt(r.speedup, '.2f') + ('x' if r.speedup else ''):>9}")
+                    f"{number(r.rate, '.3f'):>8} {number(r.peak_mb, '.1f'):>9} "
+                    f"{number(r.speedup, '.2f') + ('x' if r.speedup else ''):>9}")
             if cuda:
-                line += f" {_fmt(r.pct_peak, '.1f', 'unknown'):>7}"
+                line += f" {number(r.pct_peak, '.1f', 'unknown'):>7}"
             out.append(line)
     return "\n".join(out)
 
@@ -371,9 +346,9 @@ def plot(rows: list[Row], out_dir: str, x: str, y: str) -> list[str]:
 
     ``y`` is "rate" (TFLOP/s or GB/s), "median" (ms) or "peak_mb". Returns the files written.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # lazily: matplotlib takes ~1-2 s to import, and only --plot needs it. A Figure renders to
+    # PNG without pyplot, so the caller's matplotlib backend stays as it was
+    from matplotlib.figure import Figure
 
     os.makedirs(out_dir, exist_ok=True)
     charts: dict[tuple, dict[str, list]] = {}
@@ -387,7 +362,8 @@ def plot(rows: list[Row], out_dir: str, x: str, y: str) -> list[str]:
     labels = {"rate": None, "median": "median ms", "peak_mb": "peak memory (MiB)"}
     written = []
     for (op, mode, dtype, rest), lines in charts.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for provider, pts in lines.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
@@ -402,111 +378,13 @@ def plot(rows: list[Row], out_dir: str, x: str, y: str) -> list[str]:
         path = os.path.join(out_dir, f"{name}_{y}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
         written.append(path)
     return written
-
-
-# --- `fastgpt bench` ------------------------------------------------------------------------
-
-def run_suite(name: str, args) -> list[Row]:
-    """Run one op suite with the CLI's arguments; prints its table; returns the rows."""
-    from fastgpt.bench_suites import SUITES
-    suite = SUITES[name]
-    cases = suite.cases(args)
-    isolate = suite.isolate_on_cpu and not args.device.startswith("cuda") and not args.in_process
-    print(f"\n# {name}: {len(cases)} cases on {args.device}"
-          + (" (each in a fresh process)" if isolate else ""), flush=True)
-    rows = run_cases(cases, args.device, suite.baseline, args.min_run_time, isolate=isolate)
-    print(format_table(rows, suite.baseline, args.device), flush=True)
-    if args.plot:
-        for path in plot(rows, args.plot, *suite.plot):
-            print(f"wrote {path}")
-    return rows
-
-
-def add_bench_parser(sub) -> None:
-    from fastgpt.bench_suites import SUITES
-    p = sub.add_parser("bench", help="benchmark the ops' backends (or training steps)",
-                       description="Time every backend of an op side by side and print median ms "
-                       "(p20-p80), TFLOP/s or GB/s, peak memory and the speedup over the naive "
-                       "backend measured in the same run. `train` times whole training steps.")
-    # suites are spelled with dashes; the op names' underscores are accepted too
-    p.add_argument("what", nargs="?", default="all", choices=list(SUITES) + ["train", "all"],
-                   type=lambda name: name.replace("_", "-"))
-    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 "
-                   "(default: bfloat16 on cuda, float32 on cpu; transformer-block: both)")
-    p.add_argument("--providers", nargs="+", default=None, help="backend names, comma- or "
-                   "space-separated (default: all that run on the device)")
-    p.add_argument("--modes", nargs="+", default=None, help="fwd, bwd, fwd+bwd (comma- or "
-                   "space-separated; default: all, fwd+bwd for cross-entropy)")
-    p.add_argument("--T", type=int, nargs="+", default=None,
-                   help="attention / transformer-block sequence lengths")
-    p.add_argument("--D", type=int, nargs="+", default=None, help="attention head dims")
-    p.add_argument("--B", type=int, default=None, help="attention / transformer-block batch")
-    p.add_argument("--H", type=int, default=None, help="attention / transformer-block heads")
-    p.add_argument("--N", type=int, nargs="+", default=None,
-                   help="cross-entropy rows / embedding tokens")
-    p.add_argument("--C", type=int, nargs="+", default=None,
-                   help="hidden / embedding / transformer-block width")
-    p.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
-    p.add_argument("--quick", action="store_true", help="the smallest sizes only")
-    p.add_argument("--min-run-time", type=float, default=0.5,
-                   help="CPU: seconds of timing per provider and shape")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--in-process", action="store_true",
-                   help="CPU cross-entropy: do not start a fresh process per case")
-    p.add_argument("--csv", default=None, metavar="FILE", help="append rows (with environment)")
-    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts to DIR")
-    from fastgpt.bench_train import add_train_args
-    add_train_args(p)
-    p.set_defaults(run=run_bench)
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def run_bench(args) -> int:
-    from fastgpt.bench_suites import SUITES, check_providers
-    from fastgpt.errors import FastGPTError
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FastGPTError(f"--device {args.device}: this torch ({torch.__version__}) sees no "
-                           f"CUDA device; use --device cpu")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        raise FastGPTError(f"--device must be cpu or cuda[:N]; got {args.device!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise FastGPTError(f"--dtype {args.dtype!r} is not a dtype; dtypes: {', '.join(DTYPES)}")
-    for name in ("providers", "modes"):   # "a,b c" -> "a,b,c"
-        if getattr(args, name):
-            setattr(args, name, ",".join(getattr(args, name)))
-    names = list(SUITES) if args.what == "all" else [] if args.what == "train" else [args.what]
-    if args.providers and names:
-        check_providers([p.strip() for p in args.providers.split(",") if p.strip()], names)
-    # bwd mode re-runs one graph's backward (retain_graph), which torch.compile'd graphs allow
-    # only without buffer donation
-    import torch._functorch.config as functorch_config
-    functorch_config.donated_buffer = False
-    env = environment(args.device)
-    print(f"# fastgpt bench {args.what}; {format_env(env)}", flush=True)
-    rows: list[Row] = []
-    for name in names:
-        rows += run_suite(name, args)
-    if args.csv and rows:
-        write_csv([r.record() for r in rows], args.csv, env)
-        print(f"appended {len(rows)} rows to {args.csv}")
-    if args.what in ("train", "all"):
-        from fastgpt.bench_train import run_train_bench
-        run_train_bench(args, env)
-    return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2])
     else:
-        sys.exit("usage: fastgpt bench ... (python -m fastgpt.benchmark is the subprocess worker)")
+        sys.exit("usage: fastgpt bench ... (python -m fastgpt.tools.bench.harness is the worker "
+                 "that measures one case in a fresh process)")

@@ -4,7 +4,7 @@ How a user checks a new GPU, driver or Triton version before trusting a training
 op, backend, dtype and shape of a grid (odd T, several head dims and vocabulary sizes, ignored
 targets, padding rows, non-contiguous inputs), the backend's forward output and its gradients
 (from a random grad_output) are compared with plain PyTorch in float64 on the same (rounded)
-inputs. The rule is fastgpt.testing's: largest error and scale error each at most 2x those of
+inputs. The rule is fastgpt.tools.accuracy's: largest error and scale error each at most 2x those of
 plain PyTorch computing in the same dtype, plus a floor of about one unit in the last place at the
 reference's magnitude. One row per forward and per backward (the worst gradient); exit status 1
 if any row fails.
@@ -25,10 +25,14 @@ from typing import Callable, Optional
 
 import torch
 
+from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
+from fastgpt.ops import BlockWeights, registry
 from fastgpt.ops._triton import interpreting
-
-OPS = ("attention", "cross_entropy", "linear_cross_entropy", "embedding", "transformer_block")
+from fastgpt.ops.registry import OPS, canonical_op
+from fastgpt.tools.accuracy import compare
+from fastgpt.tools.environment import environment, format_env
+from fastgpt.tools.formatting import number
 REFERENCE = "torch"     # every op's plain-PyTorch backend: the float64 reference and the baseline
 # Teaching versions checked in float32/float64 only unless named with --backend: the lecture's
 # loop adds each row's dK/dV contribution into bfloat16/float16 gradients one step at a time, so
@@ -116,7 +120,6 @@ def _embedding_case(V, C, idx_shape, padding_idx):
 
 def _block_case(B, T, C, n_head, bias, strided=False):
     def make(gen):
-        from fastgpt.ops import BlockWeights
 
         def randn(*shape, scale=1.0):
             return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
@@ -187,8 +190,6 @@ def check_case(op: str, backend: str, label: str, make: Callable, dtype: torch.d
                device: str, seed: int = 0, memo: Optional[dict] = None) -> list[CheckRow]:
     """The rows of one backend on one case. ``memo`` (a dict the caller keeps) shares the
     float64 and plain runs of a case between backends."""
-    from fastgpt.ops import registry
-    from fastgpt.testing import compare
     gen = torch.Generator().manual_seed(seed)
     leaves64, view, call = make(gen)
     # the reference sees exactly the values the dtype can hold
@@ -255,7 +256,6 @@ def check_case(op: str, backend: str, label: str, make: Callable, dtype: torch.d
 def run_checks(ops: list[str], device: str, dtypes: list[torch.dtype], quick: bool,
                backends: Optional[list[str]] = None,
                progress: Optional[Callable[[CheckRow], None]] = None) -> list[CheckRow]:
-    from fastgpt.ops import registry
     rows = []
 
     def emit(row):
@@ -291,10 +291,6 @@ def run_checks(ops: list[str], device: str, dtypes: list[torch.dtype], quick: bo
 
 # --- output and the command -------------------------------------------------------------------
 
-def _fmt(x: Optional[float], spec: str) -> str:
-    return "-" if x is None else ("inf" if x == float("inf") else format(x, spec))
-
-
 PART_WIDTH = 22     # "bwd dmlp_c_proj_weight", the longest gradient name (transformer_block)
 HEADER = (f"{'op':<21} {'backend':<8} {'dtype':<9} {'pass':<{PART_WIDTH}} {'max abs err':>11} "
           f"{'plain err':>10} {'ratio':>6}  {'result':<6} shape")
@@ -302,8 +298,8 @@ HEADER = (f"{'op':<21} {'backend':<8} {'dtype':<9} {'pass':<{PART_WIDTH}} {'max 
 
 def format_row(r: CheckRow) -> str:
     line = (f"{r.op:<21} {r.backend:<8} {r.dtype:<9} {r.part:<{PART_WIDTH}} "
-            f"{_fmt(r.max_abs_err, '.3g'):>11} "
-            f"{_fmt(r.plain_err, '.3g'):>10} {_fmt(r.ratio, '.2f'):>6}  {r.result:<6} {r.shape}")
+            f"{number(r.max_abs_err, '.3g'):>11} "
+            f"{number(r.plain_err, '.3g'):>10} {number(r.ratio, '.2f'):>6}  {r.result:<6} {r.shape}")
     return line + (f"  ({r.note})" if r.note else "")
 
 
@@ -340,22 +336,15 @@ def _parse_dtypes(spec: str) -> list[torch.dtype]:
 
 
 def run_check_cli(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FastGPTError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
-                           f"device; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FastGPTError(f"--device must be cpu or cuda[:N]; got {device!r}")
-    ops = [op.strip().replace("-", "_") for op in args.op.split(",")] if args.op else list(OPS)
-    for op in ops:
-        if op not in OPS:
-            raise FastGPTError(f"--op {op!r}: ops are {', '.join(OPS)}")
+    device = str(resolve_device(args.device))
+    ops = [canonical_op(op.strip(), "--op") for op in args.op.split(",")] if args.op else list(OPS)
     dtypes = _parse_dtypes(args.dtype or ("float32,bfloat16,float16" if device.startswith("cuda")
                                           else "float32,bfloat16"))
     interp = None
     if device == "cpu":
         # Triton kernels run on CPU only through the interpreter, which must be on before the
-        # kernels are defined, i.e. before fastgpt.ops imports them: this is the command's job.
+        # kernels are defined, i.e. before a triton backend's first call imports them: this is
+        # the command's job.
         if not interpreting():
             if any(m.startswith("fastgpt.kernels.") for m in sys.modules):
                 interp = ("Triton kernels were already loaded for GPU in this process: the "
@@ -365,9 +354,6 @@ def run_check_cli(args) -> int:
         interp = interp or ("no GPU: Triton kernels run through the Triton interpreter "
                             "(TRITON_INTERPRET=1) on CPU tensors; this checks their arithmetic, "
                             "not GPU code generation")
-    from fastgpt import ops as _ops  # noqa: F401  (registers every backend)
-    from fastgpt.ops import registry
-    from fastgpt.benchmark import environment, format_env
     env = environment(device)
     print(f"# fastgpt check on {device}{' (quick grid)' if args.quick else ''}; {format_env(env)}")
     if interp:

@@ -196,7 +196,6 @@ def mutant_name(backend: str, target: str, kind: str) -> str:
 def register_mutants(op: str, backend: str, targets: list[str]) -> list[str]:
     """Register, for each target ("out" or an input name) and kind, a mutant of ``backend`` as
     a backend of ``op``; returns their names (``triton~dlogits*1.01``, ``ext~out[-1]+5%``...)."""
-    from fastgpt.ops import registry
     real = registry.get(op, backend)
     names = []
     for target in targets:
@@ -211,7 +210,6 @@ def register_mutants(op: str, backend: str, targets: list[str]) -> list[str]:
 @contextlib.contextmanager
 def mutants_registered(op: str, backend: str, targets: list[str]):
     """register_mutants for the duration of a ``with`` block; yields their names."""
-    from fastgpt.ops import registry
     names = register_mutants(op, backend, targets)
     try:
         yield names

@@ -1,9 +1,9 @@
 """`fastgpt compile-report`: what each shipped GPU kernel costs the hardware, without a GPU.
 
 Triton: every launch config that a kernel module in fastgpt.kernels lists in ``aot_configs()``
-(see fastgpt.aot) is compiled for each named architecture to a cubin; ptxas reports registers
+(see fastgpt.tools.aot) is compiled for each named architecture to a cubin; ptxas reports registers
 per thread and spilled bytes, Triton the shared memory per block. The occupancy bound is the
-number of resident warps per SM those allow (fastgpt.aot.occupancy_warps_per_sm). Compiles run
+number of resident warps per SM those allow (fastgpt.tools.aot.occupancy_warps_per_sm). Compiles run
 in one subprocess per architecture without TRITON_INTERPRET (interpreted kernels cannot be
 compiled), so the command works from any process.
 
@@ -44,7 +44,7 @@ def kernel_modules() -> list[str]:
 
 
 def parse_archs(spec: str) -> list[int]:
-    from fastgpt.aot import ARCH_LIMITS
+    from fastgpt.tools.aot import ARCH_LIMITS
     archs = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         m = re.fullmatch(r"(?:sm_)?(\d+)", item)
@@ -69,7 +69,7 @@ def _dtype_of(signature: dict) -> str:
 # --- the worker: one process per architecture, one JSON line per config ----------------------
 
 def _worker(arch: int, modules: list[str], dtypes: Optional[list[str]]) -> None:
-    from fastgpt.aot import (AOTConfig, ARCH_LIMITS, check, compile_for_arch,
+    from fastgpt.tools.aot import (AOTConfig, ARCH_LIMITS, check, compile_for_arch,
                              occupancy_warps_per_sm)
     for module in modules:
         mod = importlib.import_module(module)
@@ -102,7 +102,7 @@ def _worker(arch: int, modules: list[str], dtypes: Optional[list[str]]) -> None:
 
 def parse_ext_log(text: str, archs: list[int]) -> list[dict]:
     """Rows for the kernels in an nvcc ``-Xptxas -v`` log (registers, spills, static smem)."""
-    from fastgpt.aot import ARCH_LIMITS
+    from fastgpt.tools.aot import ARCH_LIMITS
     rows, cur = [], None
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
@@ -194,7 +194,7 @@ def compile_all(archs: list[int], modules: list[str], dtypes: Optional[list[str]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = []
     for arch in archs:
-        cmd = [sys.executable, "-m", "fastgpt.compile_report", "--worker", str(arch),
+        cmd = [sys.executable, "-m", "fastgpt.tools.compile_report", "--worker", str(arch),
                ",".join(modules), ",".join(dtypes or [])]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
@@ -276,7 +276,7 @@ def run_compile_report(args) -> int:
         print(f"wrote {args.json}")
     if not rows:
         raise FastGPTError(f"no kernel configs found in {', '.join(modules)} (a module lists "
-                           f"them in aot_configs(); see fastgpt.aot)")
+                           f"them in aot_configs(); see fastgpt.tools.aot)")
     if bad:
         print(f"# {len(bad)} config(s) with problems" + ("" if args.strict else
                                                          " (--strict makes this an error)"))
@@ -288,5 +288,5 @@ if __name__ == "__main__":
         _worker(int(sys.argv[2]), sys.argv[3].split(","),
                 [d for d in sys.argv[4].split(",") if d] or None)
     else:
-        sys.exit("usage: fastgpt compile-report ... (python -m fastgpt.compile_report is the "
+        sys.exit("usage: fastgpt compile-report ... (python -m fastgpt.tools.compile_report is the "
                  "subprocess worker)")

@@ -23,7 +23,7 @@ ones the launchers ship on GPU; kernel modules do not import this module (layeri
 
 This must run in a process where TRITON_INTERPRET is not set (the interpreter replaces
 ``@triton.jit`` functions with Python ones that cannot be compiled). ``fastgpt compile-report``
-(fastgpt/compile_report.py) therefore runs it in worker subprocesses, one per architecture; the
+(fastgpt/tools/compile_report.py) therefore runs it in worker subprocesses, one per architecture; the
 tests use those workers too.
 """
 
@@ -99,7 +99,7 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
                      num_warps: int, num_stages: int) -> KernelResources:
     """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
     if interpreting():
-        raise RuntimeError("fastgpt.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
+        raise RuntimeError("fastgpt.tools.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
                            "be compiled. `fastgpt compile-report` compiles in clean subprocesses.")
     import triton
     from triton import knobs

@@ -1,4 +1,6 @@
-"""Incremental decoding for GPT: the next-token logits without recomputing what sampling has seen.
+"""Sampling from a model: ``generate`` (nanoGPT's loop: temperature, top-k) and, for a GPT in eval
+mode, incremental decoding with a KV cache: the next-token logits without recomputing what
+sampling has seen.
 
 Sampling needs the logits of the last position only. While the context still fits block_size,
 each block's keys and values of earlier positions do not change when a token is appended, so
@@ -10,7 +12,7 @@ needed for every position: its queries, attention output and MLP run on the last
 
 The math is the ``torch`` transformer_block's (fastgpt.ops.transformer_block) in eval mode: no
 dropout. It gives the same logits as ``model(idx)`` up to rounding (the matmuls see other
-shapes; tests/test_sample.py holds it to fastgpt.testing's accuracy rule), so sampled tokens
+shapes; tests/test_sample.py holds it to fastgpt.tools.accuracy's accuracy rule), so sampled tokens
 agree with full recomputation.
 """
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt import ops
+from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, check_tokens
 from fastgpt.ops import BlockWeights
 
@@ -83,3 +86,39 @@ class KVCache:
         self.seen = T
         x = F.layer_norm(x, (cfg.n_embd,), tr.ln_f.weight, tr.ln_f.bias)
         return F.linear(x[:, -1], self.model.lm_head.weight)                 # (B, V)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; the context fed to the model
+    is cropped to its last block_size tokens, as nanoGPT does."""
+    if temperature <= 0:
+        raise FastGPTError(f"temperature must be > 0; got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FastGPTError(f"top_k must be >= 1; got {top_k}")
+    if max_new_tokens < 0:
+        raise FastGPTError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    block_size = model.config.block_size
+    # a GPT in eval mode keeps its keys and values between tokens (KVCache)
+    cache = (KVCache(model)
+             if isinstance(model, GPT) and not model.training and max_new_tokens else None)
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = cache.logits(idx)
+        else:
+            logits, _ = model(idx[:, -block_size:])
+            logits = logits[:, -1, :]
+        idx = torch.cat([idx, next_tokens(logits, temperature, top_k, generator)], dim=1)
+    return idx
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row (B, 1), drawn from last-position logits (B, V) as nanoGPT draws it."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)

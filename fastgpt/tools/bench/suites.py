@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fastgpt.benchmark import MODES, Built, Case, SkipCase
 from fastgpt.errors import FastGPTError
+from fastgpt.ops import BlockWeights, registry
+from fastgpt.tools.bench.harness import MODES, Built, Case, SkipCase
 
 
 def _default_dtype(args) -> str:
@@ -42,7 +43,6 @@ LCE_EXTRA = ("F.linear_cross_entropy",) if hasattr(F, "linear_cross_entropy") el
 def _providers(op: str, args, extra: tuple = ()) -> list[str]:
     """The providers of ``op`` to time: those --providers names (check_providers has rejected
     names no suite knows), else every one that runs on the device."""
-    from fastgpt.ops import registry
     names = registry.backend_names(op) + list(extra)
     if args.providers:
         wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -64,7 +64,6 @@ def _modes(args, default: tuple = MODES) -> list[str]:
 
 def _backend(op: str, provider: str, *probe, **kw) -> Callable:
     """The backend's function, or SkipCase saying why it cannot run these inputs here."""
-    from fastgpt.ops import registry
     b = registry.get(op, provider)
     reason = b.available() or b.supports(*probe, **kw)
     if reason:
@@ -231,7 +230,6 @@ def transformer_block_cases(args) -> list[Case]:
 
 
 def transformer_block_build(case: Case, device: str) -> Built:
-    from fastgpt.ops import BlockWeights
     B, T, C, H = (case.shape[k] for k in "BTCH")
     dtype = getattr(torch, case.dtype)
 
@@ -284,7 +282,6 @@ SUITES = {
 
 def providers(suite: str) -> list[str]:
     """Every provider a suite knows, runnable here or not."""
-    from fastgpt.ops import registry
     s = SUITES[suite]
     names = [n for op in s.ops for n in registry.backend_names(op)] + list(s.extra_providers)
     return list(dict.fromkeys(names))
