@@ -173,9 +173,9 @@ def num_warps_for(block: int) -> int:
 def aot_configs(dtypes=("fp32", "bf16", "fp16")):
     """The launches shipped on GPU (see fastgpt.tools.aot): fp32/bf16/fp16 logits, the small block
     (V=65 -> 128) and the large-vocab block, plain and with soft-capping plus smoothing.
-    Hints are what Triton specialises at launch: 16-byte-aligned pointers, contiguous rows."""
-    from fastgpt.tools.aot import AOTConfig
-
+    Hints are what Triton specialises at launch: 16-byte-aligned pointers, contiguous rows.
+    Each is a plain (kernel, signature, constexprs, num_warps, num_stages) tuple: kernels import
+    nothing from fastgpt."""
     configs = []
     for dtype in dtypes:
         for block in (128, 4096):
@@ -192,5 +192,5 @@ def aot_configs(dtypes=("fp32", "bf16", "fp16")):
                        "label_smoothing": "fp32", "softcap": "fp32"}
                 for kernel, sig in ((cross_entropy_fwd_kernel, fwd), (cross_entropy_bwd_kernel, bwd)):
                     sig = {**sig, **{k: "constexpr" for k in flags}}
-                    configs.append(AOTConfig(kernel, sig, dict(flags), num_warps_for(block), 1))
+                    configs.append((kernel, sig, dict(flags), num_warps_for(block), 1))
     return configs
