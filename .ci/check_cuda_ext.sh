@@ -5,16 +5,21 @@
 # survives between CI runs on one machine) holds the CUDA 13.0 build of torch==2.14.1, installed
 # from the machine's local package files; it is created when missing or broken (~2.5 min, 5.5 GB).
 # The extension is built from this checkout for sm_80 and sm_90 with -Xptxas -v into a
-# temporary folder (the checkout's own CPU build is left alone), the ptxas register/spill lines
-# are printed, and the script fails on a build error, a load error or any spilled byte.
+# temporary folder (the checkout's own CPU build is left alone; FASTGPT_PTXAS_LOG=FILE keeps the
+# ptxas log there), `fastgpt compile-report --ext-only` (run by the checkout's venv,
+# FASTGPT_PYTHON) prints registers and spills per kernel, and the script fails on a build error,
+# a load error or any spilled byte.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTGPT_CUDA_VENV:-/work/.venv-cuda-ext}"
+PY="${FASTGPT_PYTHON:-$ROOT/.venv/bin/python}"     # the checkout's venv (make setup): reads the log
 TORCH_PIN="2.14.1"
 start=$(date +%s)
 
 command -v nvcc >/dev/null || { echo "check_cuda_ext: nvcc not found on PATH" >&2; exit 1; }
+"$PY" -c "import fastgpt.tools.compile_report" || {
+  echo "check_cuda_ext: $PY cannot import fastgpt (make setup, or set FASTGPT_PYTHON)" >&2; exit 1; }
 # nvcc may be a wrapper script: ask it where its toolkit is
 if [ -z "${CUDA_HOME:-}" ]; then
   top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
@@ -62,33 +67,13 @@ for op in ("embedding_forward", "embedding_backward"):
 print("check_cuda_ext: loaded", sys.argv[1].rsplit("/", 1)[-1], "with CPU and CUDA kernels")
 EOF
 
-# ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'", then the spill line, then
-# the register line; show one line per kernel and arch with demangled-enough names.
-"$VENV/bin/python" - "$log" <<'EOF'
-import re, subprocess, sys
-lines = open(sys.argv[1]).read().splitlines()
-kernel, arch, rows, spilled = None, None, [], 0
-for line in lines:
-    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
-    if m:
-        kernel, arch = m.group(1), m.group(2)
-        continue
-    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and kernel:
-        stack, stores, loads = map(int, m.groups())
-        spilled += stores + loads
-        continue
-    m = re.search(r"Used (\d+) registers", line)
-    if m and kernel:
-        name = subprocess.run(["c++filt"], input=kernel, capture_output=True, text=True).stdout.strip()
-        name = re.sub(r"^void |\(anonymous namespace\)::|fastgpt::|embedding_gpu::|\(.*\)$", "", name)
-        rows.append(f"{arch}  {m.group(1):>3} registers  {stores:>3}/{loads:<3} spill st/ld bytes  {stack:>3} stack  {name}")
-        kernel = None
-if not rows:
-    sys.exit("check_cuda_ext: FAILED: no ptxas -v lines in the build log")
-print("\n".join(sorted(rows)))
-if spilled:
-    sys.exit(f"check_cuda_ext: FAILED: {spilled} spilled bytes")
-print(f"check_cuda_ext: {len(rows)} kernels, no spills")
-EOF
+# Registers and spills per kernel and arch: fastgpt compile-report reads the ptxas log (one
+# parser, fastgpt.tools.aot's, for Triton and nvcc alike) and --strict fails on any spill.
+if [ -n "${FASTGPT_PTXAS_LOG:-}" ]; then   # keep it where `fastgpt compile-report` looks
+  cp "$log" "$FASTGPT_PTXAS_LOG" && echo "check_cuda_ext: ptxas log kept in $FASTGPT_PTXAS_LOG"
+fi
+if ! "$PY" -m fastgpt compile-report --ext-only --ext-log "$log" --arch sm_80,sm_90 --strict; then
+  echo "check_cuda_ext: FAILED: the extension's kernels spill or their ptxas log is unreadable" >&2
+  exit 1
+fi
 echo "check_cuda_ext: OK in $(( $(date +%s) - start )) s"

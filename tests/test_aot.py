@@ -6,7 +6,8 @@ process, and interpreted kernels cannot be compiled).
 
 import pytest
 
-from fastgpt.tools.aot import ARCH_LIMITS, KernelResources, occupancy_warps_per_sm, parse_ptxas_log
+from fastgpt.tools.aot import (ARCH_LIMITS, KernelResources, PtxasFunction, occupancy_warps_per_sm,
+                               parse_ptxas_log, warps_by_registers)
 from fastgpt.tools.compile_report import compile_all
 from fastgpt.kernels import attention as attn
 
@@ -53,13 +54,21 @@ def test_config_lists_keep_the_diagonal_on_whole_blocks():
 
 
 def test_parse_ptxas_log():
-    log = ("ptxas info    : Compiling entry function 'attn_fwd' for 'sm_80'\n"
+    # Triton's log for one kernel (sm_90 compiles as sm_90a), then a device function ptxas did not
+    # inline: its properties follow the kernel's and its spills count as the config's
+    log = ("ptxas info    : 0 bytes gmem\n"
+           "ptxas info    : Compiling entry function 'attn_fwd' for 'sm_90a'\n"
            "ptxas info    : Function properties for attn_fwd\n"
            "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
-           "ptxas info    : Used 168 registers, used 1 barriers, 380 bytes cmem[0]\n")
-    assert parse_ptxas_log(log) == (168, 8)
-    with pytest.raises(RuntimeError):
-        parse_ptxas_log("nothing here")
+           "ptxas info    : Used 168 registers, used 1 barriers, 380 bytes cmem[0]\n"
+           "ptxas info    : Compile time = 446.332 ms\n"
+           "ptxas info    : Function properties for helper\n"
+           "    0 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n")
+    kernel, helper = parse_ptxas_log(log)
+    assert kernel == PtxasFunction("attn_fwd", 90, True, 168, 4, 4, 8, 0)
+    assert kernel.spill_bytes == 8
+    assert helper == PtxasFunction("helper", 90, False, 0, 12, 16, 0, 0)
+    assert parse_ptxas_log("nothing here") == []
 
 
 def test_occupancy():
@@ -71,6 +80,8 @@ def test_occupancy():
     assert occupancy_warps_per_sm(tiny, 90) == 64
     huge = KernelResources("k", 80, dict(num_warps=4), registers=64, shared_bytes=200 * 1024)
     assert occupancy_warps_per_sm(huge, 80) == 0
+    # registers alone (the extension's kernels: block size unknown), capped at 64 warps
+    assert [warps_by_registers(r, 80) for r in (1, 40, 128, 255)] == [64, 51, 16, 8]
 
 
 def test_refuses_to_run_under_the_interpreter(monkeypatch):

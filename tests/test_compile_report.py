@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from fastgpt.tools.compile_report import config_str, parse_archs, parse_ext_log
+from fastgpt.tools.compile_report import EXT_LOG_ENV, config_str, parse_archs, parse_ext_log
 from fastgpt.errors import FastGPTError
 
 KERNELS = textwrap.dedent('''
@@ -36,19 +36,22 @@ KERNELS = textwrap.dedent('''
 ''')
 
 
+def compile_report(folder, *args):
+    """`fastgpt compile-report` run in ``folder`` (also on the module path), without the
+    interpreter and without an extension log that the environment or ./build would add."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", EXT_LOG_ENV)}
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "fastgpt", "compile-report", *args], env=env,
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     d = tmp_path_factory.mktemp("kernels")
     (d / "spilly_kernels.py").write_text(KERNELS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(d), env.get("PYTHONPATH", "")])
     js = d / "report.json"
-
-    def run(*extra):
-        return subprocess.run([sys.executable, "-m", "fastgpt", "compile-report", "--modules",
-                               "spilly_kernels", "--arch", "sm_80", "--json", str(js), *extra],
-                              env=env, capture_output=True, text=True, timeout=600)
-    return run("--strict"), js
+    return compile_report(d, "--modules", "spilly_kernels", "--arch", "sm_80", "--json", str(js),
+                          "--strict"), js
 
 
 def test_strict_fails_on_a_spilling_config(report):
@@ -78,36 +81,57 @@ def test_rows_are_well_formed(report):
 def test_strict_passes_when_nothing_spills(tmp_path):
     (tmp_path / "fine_kernels.py").write_text(
         KERNELS.replace("[(256, 4), (16384, 1)]", "[(256, 4)]"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
-    p = subprocess.run([sys.executable, "-m", "fastgpt", "compile-report", "--modules",
-                        "fine_kernels", "--arch", "sm_90", "--strict"], env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = compile_report(tmp_path, "--modules", "fine_kernels", "--arch", "sm_90", "--strict")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "sm_90  scale_by_sum" in p.stdout and "# sm_90: 1 configs" in p.stdout
 
 
+# nvcc 13.0 -Xptxas -v, trimmed: a template kernel in nested and anonymous namespaces (sm_80
+# prints cmem, sm_90 does not), a kernel that spills, and a device function ptxas did not inline,
+# whose properties follow the kernel it was compiled with
 EXT_LOG = """\
-ptxas info    : Compiling entry function '_ZN7fastgpt12_GLOBAL__N_113embedding_fwdEv' for 'sm_80'
-ptxas info    : Function properties for _ZN7fastgpt12_GLOBAL__N_113embedding_fwdEv
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN7fastgpt13embedding_gpu36_GLOBAL__N__4ba538a8_4_k_cu_03227e156kernelINS1_3FwdIfEEEEvNT_6ParamsE' for 'sm_80'
+ptxas info    : Function properties for _ZN7fastgpt13embedding_gpu36_GLOBAL__N__4ba538a8_4_k_cu_03227e156kernelINS1_3FwdIfEEEEvNT_6ParamsE
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
-ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]
-ptxas info    : Compiling entry function '_Z7bwd_kerv' for 'sm_90'
-ptxas info    : Function properties for _Z7bwd_kerv
-    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
-ptxas info    : Used 255 registers, used 1 barriers, 4096 bytes smem, 400 bytes cmem[0]
+ptxas info    : Used 40 registers, used 0 barriers, 376 bytes cmem[0]
+ptxas info    : Compile time = 20.660 ms
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z5heavyPfPKfi' for 'sm_90'
+ptxas info    : Function properties for _Z5heavyPfPKfi
+    1536 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 1536 bytes cumulative stack size, 4096 bytes smem
+ptxas info    : Compile time = 446.332 ms
+ptxas info    : Function properties for _Z6helperPKfi
+    0 bytes stack frame, 960 bytes spill stores, 1128 bytes spill loads
 """
 
 
 def test_ext_log_rows():
     rows = parse_ext_log(EXT_LOG, [80, 90])
-    assert [(r["arch"], r["registers"], r["spill_bytes"]) for r in rows] == \
-        [(80, 40, 0), (90, 255, 16)]
+    assert [(r["arch"], r["kernel"], r.get("registers"), r["spill_bytes"]) for r in rows] == \
+        [(80, "kernel<Fwd<float> >", 40, 0), (90, "heavy", 255, 16), (90, "helper", None, 2088)]
     # 40 registers x 32 threads = 1280 per warp -> 65536 // 1280 = 51 warps; 255 -> 8192 -> 8
-    assert [r["warps_per_sm"] for r in rows] == [51, 8]
+    assert [r["warps_per_sm"] for r in rows[:2]] == [51, 8]
     assert rows[1]["shared_bytes"] == 4096 and rows[1]["problems"] == ["spills 16 bytes"]
+    assert rows[2]["problems"] == ["device function spills 2088 bytes"]
     assert not rows[0]["problems"]
-    assert [r["arch"] for r in parse_ext_log(EXT_LOG, [90])] == [90]
+    assert [r["arch"] for r in parse_ext_log(EXT_LOG, [90])] == [90, 90]
+
+
+def test_ext_only_reads_the_log_and_strict_fails_on_its_spills(tmp_path):
+    """What .ci/check_cuda_ext.sh runs on the extension's build log: no Triton compiles."""
+    (tmp_path / "ok.log").write_text(EXT_LOG.split("ptxas info    : 0 bytes gmem\n")[1])
+    (tmp_path / "spills.log").write_text(EXT_LOG)
+    ok = compile_report(tmp_path, "--ext-only", "--ext-log", "ok.log", "--strict")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "modules: none" in ok.stdout and "# sm_80: 1 configs" in ok.stdout
+    assert [line.split()[:2] for line in ok.stdout.splitlines() if line.startswith("sm_")] == \
+        [["sm_80", "kernel<Fwd<float>"]]
+    bad = compile_report(tmp_path, "--ext-only", "--ext-log", "spills.log", "--strict")
+    assert bad.returncode == 1 and "2 config(s) with problems" in bad.stdout, bad.stdout
+    missing = compile_report(tmp_path, "--ext-only")
+    assert missing.returncode == 2 and "--ext-log" in missing.stderr
 
 
 def test_arch_and_config_formatting():

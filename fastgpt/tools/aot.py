@@ -8,7 +8,10 @@ the limit) and ``fastgpt compile-report``.
 
 Resource figures come from the ptxas log (``-v``: registers, spill stores/loads), which Triton
 prints when ``knobs.nvidia.dump_ptxas_log`` is on; we capture it with Triton's cache bypassed so
-ptxas really runs. Shared memory is Triton's own figure (``metadata.shared``: the dynamic shared
+ptxas really runs. ``parse_ptxas_log`` is the one reader of such logs: the CUDA extension's
+nvcc ``-Xptxas -v`` build log goes through it too (``fastgpt compile-report --ext-log``,
+.ci/check_cuda_ext.sh), as do the register rounding (``warps_by_registers``) and the
+shippability rules (``check``). Shared memory is Triton's own figure (``metadata.shared``: the dynamic shared
 memory the launch asks for).
 
 Convention for kernel modules: a module in ``fastgpt.kernels`` that can be compiled ahead of time
@@ -67,16 +70,61 @@ class KernelResources:
     shared_bytes: int = 0       # dynamic shared memory per block
 
 
+class PtxasFunction(NamedTuple):
+    """One function of a ``ptxas -v`` log (Triton's or nvcc's ``-Xptxas -v``: the same ptxas)."""
+    name: str                # as ptxas prints it (mangled, for C++)
+    arch: int                # 80 for sm_80
+    entry: bool              # a kernel; False for a device function ptxas did not inline
+    registers: int           # per thread (0 for a device function: its kernel's figure counts it)
+    spill_stores: int        # bytes
+    spill_loads: int         # bytes
+    stack_bytes: int         # stack frame
+    shared_bytes: int        # static shared memory ("bytes smem"; Triton's is dynamic)
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)[a-z]?'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_SMEM = re.compile(r"(\d+) bytes smem")
 
 
-def parse_ptxas_log(log: str) -> tuple[int, int]:
-    """(registers, spill bytes) from ``ptxas -v`` output; raises if the log has no figures."""
-    regs, spills = _REGS.findall(log), _SPILL.findall(log)
-    if not regs or not spills:
-        raise RuntimeError(f"could not read registers/spills from the ptxas log:\n{log}")
-    return max(int(r) for r in regs), max(int(a) + int(b) for a, b in spills)
+def parse_ptxas_log(log: str) -> list[PtxasFunction]:
+    """Every function in a ``ptxas -v`` log, in log order. ptxas prints, per kernel and arch,
+    ``Compiling entry function '<name>' for 'sm_XX'``, ``Function properties for <name>``, the
+    stack/spill line, then ``Used N registers, ... [M bytes smem]``; a device function it did not
+    inline gets only the properties and stack/spill lines (its arch: the nearest kernel's)."""
+    out: list[PtxasFunction] = []
+    arch, entry, props, frame = None, None, None, (0, 0, 0)
+    pending: list[tuple] = []            # device functions seen before any arch
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            entry, arch, props, frame = m.group(1), int(m.group(2)), None, (0, 0, 0)
+            out += [PtxasFunction(n, arch, False, 0, *f) for n, f in pending]
+            pending = []
+        elif m := _PROPERTIES.search(line):
+            props = m.group(1)
+        elif m := _FRAME.search(line):
+            stack, stores, loads = map(int, m.groups())
+            if props is not None and props == entry:
+                frame = (stores, loads, stack)
+            elif props is not None:          # a device function
+                f = (stores, loads, stack, 0)
+                if arch is None:
+                    pending.append((props, f))
+                else:
+                    out.append(PtxasFunction(props, arch, False, 0, *f))
+            props = None
+        elif (m := _REGS.search(line)) and entry is not None:
+            smem = _SMEM.search(line)
+            out.append(PtxasFunction(entry, arch, True, int(m.group(1)), *frame,
+                                     int(smem.group(1)) if smem else 0))
+            entry, frame = None, (0, 0, 0)
+    return out
 
 
 def _apply_hints(fn, signature: dict[str, str], constexprs: dict):
@@ -115,10 +163,22 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
         knobs.nvidia.dump_ptxas_log = True
         compiled = triton.compile(src, target=target,
                                   options=dict(num_warps=num_warps, num_stages=num_stages))
-    registers, spills = parse_ptxas_log(log.getvalue())
+    functions = parse_ptxas_log(log.getvalue())
+    if not any(f.entry for f in functions):
+        raise RuntimeError(f"could not read registers/spills from the ptxas log:\n{log.getvalue()}")
+    registers = max(f.registers for f in functions)
+    spills = max(f.spill_bytes for f in functions)    # a device function's spills count too
     config = dict(constexprs, num_warps=num_warps, num_stages=num_stages)
     return KernelResources(kernel=fn.__name__, arch=arch, config=config, registers=registers,
                            spill_bytes=spills, shared_bytes=int(compiled.metadata.shared))
+
+
+def warps_by_registers(registers: int, arch: int) -> int:
+    """Resident warps per SM that ``registers`` per thread allow, whatever the block size."""
+    lim = ARCH_LIMITS[arch]
+    # registers are allocated per warp in units of 256 (8 per thread, rounded up)
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    return min(lim["regs_per_sm"] // regs_per_warp, lim["max_warps_per_sm"])
 
 
 def occupancy_warps_per_sm(res: KernelResources, arch: int) -> int:
@@ -127,9 +187,7 @@ def occupancy_warps_per_sm(res: KernelResources, arch: int) -> int:
     warps = res.config.get("num_warps", 4)
     if res.shared_bytes > lim["smem_per_block"] or res.registers > lim["max_regs_per_thread"]:
         return 0
-    # registers are allocated per warp in units of 256 (8 per thread, rounded up)
-    regs_per_warp = -(-max(res.registers, 1) * 32 // 256) * 256
-    blocks_by_regs = lim["regs_per_sm"] // (regs_per_warp * warps)
+    blocks_by_regs = warps_by_registers(res.registers, arch) // warps     # whole blocks
     blocks_by_smem = lim["smem_per_sm"] // res.shared_bytes if res.shared_bytes else 10 ** 9
     blocks_by_warps = lim["max_warps_per_sm"] // warps
     return min(blocks_by_regs, blocks_by_smem, blocks_by_warps) * warps

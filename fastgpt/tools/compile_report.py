@@ -10,8 +10,9 @@ compiled), so the command works from any process.
 CUDA extension (fastgpt._C): its kernels are compiled by nvcc, not here; `.ci/check_cuda_ext.sh`
 builds them with ``-Xptxas -v``. Given that build log (``--ext-log FILE``, or the file named by
 FASTGPT_PTXAS_LOG, or ./build/ptxas-ext.log when present) the report adds one row per kernel and
-architecture. The log does not say the block size, so their occupancy bound counts registers
-only, per warp.
+architecture (``--ext-only``: only those, no Triton compiles). The log is read by the parser the
+Triton compiles use (fastgpt.tools.aot.parse_ptxas_log). It does not say the block size, so their
+occupancy bound counts registers only, per warp.
 
 ``--strict`` exits 1 when any config spills, needs more shared memory than a block may have,
 cannot place one block on an SM, or fails to compile.
@@ -31,7 +32,10 @@ import sys
 import threading
 from typing import Optional
 
+import fastgpt.kernels
 from fastgpt.errors import FastGPTError
+from fastgpt.tools.aot import (ARCH_LIMITS, AOTConfig, KernelResources, check, compile_for_arch,
+                               occupancy_warps_per_sm, parse_ptxas_log, warps_by_registers)
 
 EXT_LOG_ENV = "FASTGPT_PTXAS_LOG"
 EXT_LOG_DEFAULT = os.path.join("build", "ptxas-ext.log")
@@ -39,12 +43,11 @@ EXT_LOG_DEFAULT = os.path.join("build", "ptxas-ext.log")
 
 def kernel_modules() -> list[str]:
     """Every module of the fastgpt.kernels package (those without aot_configs are skipped later)."""
-    import fastgpt.kernels as pkg
-    return [f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+    # the package only (no kernels defined): its modules load in the workers
+    return [f"fastgpt.kernels.{m.name}" for m in pkgutil.iter_modules(fastgpt.kernels.__path__)]
 
 
 def parse_archs(spec: str) -> list[int]:
-    from fastgpt.tools.aot import ARCH_LIMITS
     archs = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         m = re.fullmatch(r"(?:sm_)?(\d+)", item)
@@ -68,9 +71,15 @@ def _dtype_of(signature: dict) -> str:
 
 # --- the worker: one process per architecture, one JSON line per config ----------------------
 
+def _figures(res: KernelResources, warps_per_sm: int) -> dict:
+    """A row's measured columns and its problems (what makes it unshippable)."""
+    return dict(registers=res.registers, spill_bytes=res.spill_bytes,
+                shared_bytes=res.shared_bytes, warps_per_sm=warps_per_sm,
+                max_warps=ARCH_LIMITS[res.arch]["max_warps_per_sm"],
+                problems=check(res) + ([] if warps_per_sm else ["one block does not fit on an SM"]))
+
+
 def _worker(arch: int, modules: list[str], dtypes: Optional[list[str]]) -> None:
-    from fastgpt.tools.aot import (AOTConfig, ARCH_LIMITS, check, compile_for_arch,
-                             occupancy_warps_per_sm)
     for module in modules:
         mod = importlib.import_module(module)
         if not hasattr(mod, "aot_configs"):
@@ -90,48 +99,30 @@ def _worker(arch: int, modules: list[str], dtypes: Optional[list[str]]) -> None:
                 msg = (str(e).strip().splitlines() or [""])[-1][:300]
                 row.update(problems=[f"compile failed: {type(e).__name__}: {msg}"])
             else:
-                warps = occupancy_warps_per_sm(r, arch)
-                problems = check(r) + ([] if warps else ["one block does not fit on an SM"])
-                row.update(registers=r.registers, spill_bytes=r.spill_bytes,
-                           shared_bytes=r.shared_bytes, warps_per_sm=warps,
-                           max_warps=ARCH_LIMITS[arch]["max_warps_per_sm"], problems=problems)
+                row.update(_figures(r, occupancy_warps_per_sm(r, arch)))
             print(json.dumps(row, default=str), flush=True)
 
 
 # --- the CUDA extension's ptxas log ----------------------------------------------------------
 
 def parse_ext_log(text: str, archs: list[int]) -> list[dict]:
-    """Rows for the kernels in an nvcc ``-Xptxas -v`` log (registers, spills, static smem)."""
-    from fastgpt.tools.aot import ARCH_LIMITS
-    rows, cur = [], None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
-        if m:
-            cur = dict(source="ext", module="fastgpt._C", kernel=_demangle(m.group(1)),
-                       arch=int(m.group(2)), dtype="-", config={}, spill_bytes=0)
+    """Rows for the kernels of ``archs`` in an nvcc ``-Xptxas -v`` log (fastgpt.tools.aot reads
+    it). A device function that ptxas did not inline gets a row only when it spills (its
+    registers count in its callers')."""
+    rows = []
+    for f in parse_ptxas_log(text):
+        if f.arch not in archs or not (f.entry or f.spill_bytes):
             continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur["spill_bytes"] = int(m.group(1)) + int(m.group(2))
-            continue
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["registers"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            cur["shared_bytes"] = int(s.group(1)) if s else 0
-            if cur["arch"] in archs:
-                lim = ARCH_LIMITS[cur["arch"]]
-                per_warp = -(-max(cur["registers"], 1) * 32 // 256) * 256
-                cur["warps_per_sm"] = min(lim["regs_per_sm"] // per_warp, lim["max_warps_per_sm"])
-                cur["max_warps"] = lim["max_warps_per_sm"]
-                cur["problems"] = ([f"spills {cur['spill_bytes']} bytes"] if cur["spill_bytes"]
-                                   else []) + ([f"needs {cur['shared_bytes']} bytes of shared "
-                                                f"memory"] if cur["shared_bytes"] >
-                                               lim["smem_per_block"] else [])
-                rows.append(cur)
-            cur = None
+        row = dict(source="ext", module="fastgpt._C", kernel=_demangle(f.name), arch=f.arch,
+                   dtype="-", config={})
+        if f.entry:
+            res = KernelResources(row["kernel"], f.arch, registers=f.registers,
+                                  spill_bytes=f.spill_bytes, shared_bytes=f.shared_bytes)
+            row.update(_figures(res, warps_by_registers(f.registers, f.arch)))
+        else:
+            row.update(spill_bytes=f.spill_bytes,
+                       problems=[f"device function spills {f.spill_bytes} bytes"])
+        rows.append(row)
     return rows
 
 
@@ -141,15 +132,17 @@ def _demangle(name: str) -> str:
                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return name
-    out = re.sub(r"^void |\(anonymous namespace\)::|fastgpt::", "", out)
-    return out.split("(")[0] if "(" in out else out
+    # "void fastgpt::ns::(anonymous namespace)::kernel<fastgpt::ns::Fwd<float> >(...)"
+    # -> "kernel<Fwd<float> >"
+    out = re.sub(r"^void |\(anonymous namespace\)::", "", out).split("(")[0]
+    return re.sub(r"\b(?:\w+::)+", "", out)
 
 
 def find_ext_log(path: Optional[str]) -> Optional[str]:
     if path:
         if not os.path.exists(path):
-            raise FastGPTError(f"--ext-log {path}: no such file (it is written by "
-                               f".ci/check_cuda_ext.sh)")
+            raise FastGPTError(f"--ext-log {path}: no such file (FASTGPT_PTXAS_LOG={path} "
+                               f"bash .ci/check_cuda_ext.sh writes it)")
         return path
     for candidate in (os.environ.get(EXT_LOG_ENV), EXT_LOG_DEFAULT):
         if candidate and os.path.exists(candidate):
@@ -239,20 +232,29 @@ def add_compile_report_parser(sub) -> None:
     p.add_argument("--ext-log", default=None, metavar="FILE",
                    help=f"nvcc -Xptxas -v build log of fastgpt._C (default: ${EXT_LOG_ENV} or "
                         f"{EXT_LOG_DEFAULT} when present)")
+    p.add_argument("--ext-only", action="store_true",
+                   help="report only the CUDA extension's kernels from the ptxas log (no Triton "
+                        "compiles; .ci/check_cuda_ext.sh uses this)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the rows as JSON")
     p.set_defaults(run=run_compile_report)
 
 
 def run_compile_report(args) -> int:
     archs = parse_archs(args.arch)
-    modules = args.modules.split(",") if args.modules else kernel_modules()
+    log = find_ext_log(args.ext_log)
+    if args.ext_only and not log:
+        raise FastGPTError(f"--ext-only needs the extension's ptxas log: pass --ext-log FILE "
+                           f"or set {EXT_LOG_ENV} (.ci/check_cuda_ext.sh keeps its log there)")
+    modules = [] if args.ext_only else (args.modules.split(",") if args.modules
+                                        else kernel_modules())
     dtypes = args.dtypes.split(",") if args.dtypes else None
     print(f"# fastgpt compile-report: {', '.join(f'sm_{a}' for a in archs)}; modules: "
-          f"{', '.join(modules)}" + (f"; dtypes: {', '.join(dtypes)}" if dtypes else ""))
+          f"{', '.join(modules) or 'none (--ext-only)'}"
+          + (f"; dtypes: {', '.join(dtypes)}" if dtypes else ""))
     print("# warps/SM: resident warps per SM allowed by registers and shared memory (of the max)")
     print(HEADER, flush=True)
-    rows = compile_all(archs, modules, dtypes, on_row=lambda r: print(format_row(r), flush=True))
-    log = find_ext_log(args.ext_log)
+    rows = compile_all(archs, modules, dtypes,
+                       on_row=lambda r: print(format_row(r), flush=True)) if modules else []
     if log:
         ext = parse_ext_log(open(log).read(), archs)
         print(f"# fastgpt._C (CUDA extension) from {log}; warps/SM from registers only "
@@ -274,6 +276,9 @@ def run_compile_report(args) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
         print(f"wrote {args.json}")
+    if not rows and args.ext_only:
+        raise FastGPTError(f"no ptxas -v lines for {', '.join(f'sm_{a}' for a in archs)} in {log} "
+                           f"(build with FASTGPT_PTXAS_VERBOSE=1)")
     if not rows:
         raise FastGPTError(f"no kernel configs found in {', '.join(modules)} (a module lists "
                            f"them in aot_configs(); see fastgpt.tools.aot)")
