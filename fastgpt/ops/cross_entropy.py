@@ -9,6 +9,12 @@ PaLM). Rows whose target is ``ignore_index`` count 0. Reductions: "mean" over no
 "sum", "none" (per row). A batch whose targets are all ignored gives loss 0 and zero gradients.
 The mean divides by a device tensor, so nothing here synchronises with the host.
 
+Each piece of that math is written once, below (``apply_softcap``/``softcap_grad``,
+``row_losses``, ``add_z_loss``, ``softmax_coef``, ``smoothed_target``, ``reduce_rows``), and every
+PyTorch-side backend (here, cross_entropy_triton.py, linear_cross_entropy_chunked.py) forms its
+losses and gradients with them; the Triton kernels (fastgpt/kernels/cross_entropy.py) are the one
+other spelling. Helpers that the chunked path runs over a chunk-sized buffer take ``inplace``.
+
 With ``return_z_loss=True`` the result is ``(loss, z_loss_part)``: the z-loss term, reduced
 like the loss and already included in it, returned detached for logging (Liger's convention).
 
@@ -33,6 +39,59 @@ REDUCTIONS = ("mean", "sum", "none")
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the losses compute and come back in: float64 for float64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_softcap(x: torch.Tensor, softcap: float, *, inplace: bool = False,
+                  keep_tanh: bool = True):
+    """(softcap * tanh(x / softcap), that tanh for softcap_grad, or None without keep_tanh).
+
+    ``inplace`` reuses x's buffer for the tanh, and for the capped logits too when the tanh is
+    not kept: one buffer where the caller needs no gradient, two where it does.
+    """
+    th = x.div_(softcap).tanh_() if inplace else torch.tanh(x / softcap)
+    if keep_tanh:
+        return th * softcap, th
+    return (th.mul_(softcap) if inplace else th * softcap), None
+
+
+def softcap_grad(th: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """d(softcap * tanh(x / softcap))/dx = 1 - tanh**2, from apply_softcap's tanh ``th``."""
+    return th.square_().neg_().add_(1.0) if inplace else 1.0 - th * th
+
+
+def row_losses(z_t: torch.Tensor, z_mean: Optional[torch.Tensor], label_smoothing: float, *,
+               lse: Optional[torch.Tensor] = None, m: Optional[torch.Tensor] = None,
+               log_s: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-row loss without z-loss: (1 - eps) * (lse - z_t) + eps * (lse - z_mean), where z_t is
+    the target's (capped) logit, z_mean the row mean (unused when eps = label_smoothing is 0).
+
+    lse comes whole, or as the row max ``m`` and ``log_s`` = log(sum(exp(z - m))): then each
+    lse - v is formed as (m - v) + log_s, which keeps the digits m + log_s loses at |z| ~ 1e4.
+    """
+    def lse_minus(v):
+        return lse - v if log_s is None else (m - v) + log_s
+    rows = lse_minus(z_t)
+    if label_smoothing:
+        rows = (1.0 - label_smoothing) * rows + label_smoothing * lse_minus(z_mean)
+    return rows
+
+
+def add_z_loss(rows: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, z_loss: float):
+    """(rows + z-loss rows, z-loss rows): PaLM's z_loss * lse**2 per row, 0 where ignored."""
+    z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
+    return rows + z_rows, z_rows
+
+
+def softmax_coef(coef: torch.Tensor, lse: Optional[torch.Tensor], z_loss: float) -> torch.Tensor:
+    """a in d(sum_i coef_i * loss_i)/dz = a * softmax(z) - coef * smoothed_target, per row:
+    z-loss adds coef * d(z_loss * lse**2)/dlse = coef * 2 * z_loss * lse (lse unused without it)."""
+    return coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
+
+
+def smoothed_target(label_smoothing: float, V: int) -> tuple[float, float]:
+    """The label-smoothed one-hot target as (weight on the target, weight on every column):
+    (1 - eps) * one_hot + eps / V, so its row sums to 1."""
+    return 1.0 - label_smoothing, label_smoothing / V
 
 
 def reduce_rows(rows: torch.Tensor, z_rows: Optional[torch.Tensor], valid: torch.Tensor,
@@ -63,16 +122,14 @@ def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
         rows = F.cross_entropy(x, targets, ignore_index=ignore_index, reduction="none",
                                label_smoothing=label_smoothing)
         return reduce_rows(rows, None, valid, reduction, False)
-    z = x if softcap is None else softcap * torch.tanh(x / softcap)
+    z = x if softcap is None else apply_softcap(x, softcap)[0]
     lse = torch.logsumexp(z, dim=-1)                                       # (N,)
     z_t = z.gather(1, targets.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
-    rows = lse - z_t
-    if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows + label_smoothing * (lse - z.mean(dim=-1))
+    z_mean = z.mean(dim=-1) if label_smoothing else None
+    rows = row_losses(z_t, z_mean, label_smoothing, lse=lse)
     z_rows = None
     if z_loss or return_z_loss:
-        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
-        rows = rows + z_rows
+        rows, z_rows = add_z_loss(rows, lse, valid, z_loss)
     rows = torch.where(valid, rows, 0.0)
     return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 

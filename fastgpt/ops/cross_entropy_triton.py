@@ -21,7 +21,7 @@ import torch
 
 from fastgpt.ops import registry
 from fastgpt.ops._triton import interpreting, store_dtype
-from fastgpt.ops.cross_entropy import acc_dtype, reduce_rows
+from fastgpt.ops.cross_entropy import acc_dtype, add_z_loss, reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -150,7 +150,7 @@ def _define_ops() -> None:
         g_rows = torch.zeros_like(row_max) if g_rows is None else g_rows.to(row_max.dtype)
         g_lse = torch.zeros_like(row_max) if g_lse is None else g_lse.to(row_max.dtype)
         b = torch.where(targets != ignore_index, g_rows, 0.0)   # ignored rows have constant loss
-        a = b + g_lse
+        a = b + g_lse   # cross_entropy.softmax_coef, with autograd's g_lse = b * 2 * z_loss * lse
         dlogits = torch.ops.fastgpt.cross_entropy_bwd(logits, targets, row_max, row_sum, a, b,
                                                       label_smoothing, softcap)
         return dlogits, None, None, None, None
@@ -164,9 +164,8 @@ def cross_entropy_triton(logits, targets, *, ignore_index=-100, reduction="mean"
                                                           label_smoothing, softcap or 0.0)
     valid = targets != ignore_index
     z_rows = None
-    if z_loss or return_z_loss:
-        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
-        rows = rows + z_rows
+    if z_loss or return_z_loss:   # through lse, autograd hands z-loss to the backward kernel
+        rows, z_rows = add_z_loss(rows, lse, valid, z_loss)
     return reduce_rows(rows, z_rows, valid, reduction, return_z_loss)
 
 
