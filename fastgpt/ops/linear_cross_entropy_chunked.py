@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.ops import registry
-from fastgpt.ops.cross_entropy import acc_dtype, reduce_rows
+from fastgpt.ops.cross_entropy import (acc_dtype, add_z_loss, apply_softcap, reduce_rows,
+                                       row_losses, smoothed_target, softcap_grad, softmax_coef)
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
 from fastgpt.ops.cross_entropy_triton import (launch_bwd, launch_fwd, triton_device_reason,
                                               triton_unavailable)
@@ -65,9 +66,8 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
     z = x.to(acc_dtype(x.dtype))                  # x itself when it is already fp32/fp64
     del x
     th = None
-    if softcap:
-        th = z.div_(softcap).tanh_()
-        z = th * softcap if coef is not None else th.mul_(softcap)
+    if softcap:   # the tanh is kept (a second buffer) only for the gradient
+        z, th = apply_softcap(z, softcap, inplace=True, keep_tanh=coef is not None)
     # softmax as exp(z - m) / s with torch's pairwise row sum: CPU log_softmax sums a row of
     # 50257 with ~1e-5 relative error, a scale error of the whole row's gradient
     m = z.amax(dim=-1, keepdim=True)                                   # (n, 1)
@@ -77,61 +77,58 @@ def step_eager(x, t, ignore_index: int, coef: Optional[torch.Tensor], label_smoo
     del z
     s = e.sum(dim=-1, keepdim=True)
     log_s = s.log()
-    # (m - z) first, then log(s): at |logits| ~ 1e4 this keeps the digits m + log(s) loses
-    rows = (m - z_t) + log_s
-    if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows + label_smoothing * ((m - z_mean) + log_s)
+    rows = row_losses(z_t, z_mean, label_smoothing, m=m, log_s=log_s)
     rows = torch.where(valid, rows.squeeze(1), 0.0)
     z_rows = lse = None
     if z_loss:
         lse = (m + log_s).squeeze(1)
-        z_rows = torch.where(valid, z_loss * lse.square(), 0.0)
-        rows = rows + z_rows
+        rows, z_rows = add_z_loss(rows, lse, valid, z_loss)
     if coef is None:
         return rows, z_rows, None
-    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    dz = e.mul_(a.unsqueeze(1) / s)               # a * softmax, over e's buffer
-    dz.scatter_add_(1, t_safe, (coef * -(1.0 - label_smoothing)).unsqueeze(1))
+    # the gradient over e's buffer: a * softmax, minus coef * the smoothed one-hot in place
+    # (a scatter into the target column and one uniform subtraction, no (n, V) target tensor)
+    on_target, uniform = smoothed_target(label_smoothing, e.shape[1])
+    dz = e.mul_(softmax_coef(coef, lse, z_loss).unsqueeze(1) / s)
+    dz.scatter_add_(1, t_safe, (coef * -on_target).unsqueeze(1))
     if label_smoothing:
-        dz.sub_((coef * (label_smoothing / dz.shape[1])).unsqueeze(1))
+        dz.sub_((coef * uniform).unsqueeze(1))
     if th is not None:
-        dz.mul_(th.square_().neg_().add_(1.0))    # d(cap * tanh(x / cap))/dx = 1 - tanh^2
+        dz.mul_(softcap_grad(th, inplace=True))
     return rows, z_rows, dz.to(out_dtype)
 
 
 def _step_functional(x, t, ignore_index: int, coef: Optional[torch.Tensor],
                      label_smoothing: float, z_loss: float, softcap: float):
-    """step_eager's math without in-place updates, for torch.compile."""
+    """step_eager's math without in-place updates, for torch.compile: the smoothed one-hot is a
+    where() that fuses into the gradient's one elementwise kernel (a scatter would not)."""
     valid = t != ignore_index
     z = x.to(acc_dtype(x.dtype))
+    th = None
     if softcap:
-        th = torch.tanh(z / softcap)
-        z = th * softcap
-    t_safe = t.masked_fill(~valid, 0)
+        z, th = apply_softcap(z, softcap)
+    t_safe = t.masked_fill(~valid, 0).unsqueeze(1)
     m = z.amax(dim=-1, keepdim=True)
     e = torch.exp(z - m)
     # summed in float64: Inductor's CPU row sums run serially per vector lane (~3e-6 off at
     # V=50257 in fp32), unlike eager torch's pairwise sum
     s = e.sum(dim=-1, keepdim=True, dtype=torch.float64).to(e.dtype)
     log_s = torch.log(s)
-    rows = ((m - z.gather(1, t_safe.unsqueeze(1))) + log_s).squeeze(1)
-    if label_smoothing:
-        rows = (1.0 - label_smoothing) * rows + label_smoothing * (
-            (m - z.mean(dim=-1, keepdim=True)) + log_s).squeeze(1)
+    z_mean = z.mean(dim=-1, keepdim=True) if label_smoothing else None
+    rows = row_losses(z.gather(1, t_safe), z_mean, label_smoothing, m=m, log_s=log_s).squeeze(1)
     lse = (m + log_s).squeeze(1)
-    z_rows = torch.where(valid, z_loss * lse.square(), 0.0) if z_loss else None
     rows = torch.where(valid, rows, 0.0)
-    if z_rows is not None:
-        rows = rows + z_rows
+    z_rows = None
+    if z_loss:
+        rows, z_rows = add_z_loss(rows, lse, valid, z_loss)
     if coef is None:
         return rows, z_rows, None
-    a = coef * (1.0 + 2.0 * z_loss * lse)
     V = z.shape[1]
-    hit = torch.arange(V, device=z.device) == t_safe.unsqueeze(1)
-    target = torch.where(hit, 1.0 - label_smoothing, 0.0) + label_smoothing / V
-    dz = e * (a.unsqueeze(1) / s) - target * coef.unsqueeze(1)
-    if softcap:
-        dz = dz * (1.0 - th * th)
+    on_target, uniform = smoothed_target(label_smoothing, V)
+    hit = torch.arange(V, device=z.device) == t_safe
+    target = torch.where(hit, on_target, 0.0) + uniform
+    dz = e * (softmax_coef(coef, lse, z_loss).unsqueeze(1) / s) - target * coef.unsqueeze(1)
+    if th is not None:
+        dz = dz * softcap_grad(th)
     return rows, z_rows, dz.to(x.dtype)
 
 
@@ -143,13 +140,11 @@ def step_triton(x, t, ignore_index, coef, label_smoothing, z_loss, softcap):
     rows, lse, row_max, row_sum = launch_fwd(x, t, ignore_index, label_smoothing, softcap)
     z_rows = None
     if z_loss:
-        z_rows = torch.where(t != ignore_index, z_loss * lse.square(), 0.0)
-        rows = rows + z_rows
+        rows, z_rows = add_z_loss(rows, lse, t != ignore_index, z_loss)
     if coef is None:
         return rows, z_rows, None
-    a = coef * (1.0 + 2.0 * z_loss * lse) if z_loss else coef
-    return rows, z_rows, launch_bwd(x, t, row_max, row_sum, a, coef, label_smoothing, softcap,
-                                    out=x)
+    return rows, z_rows, launch_bwd(x, t, row_max, row_sum, softmax_coef(coef, lse, z_loss),
+                                    coef, label_smoothing, softcap, out=x)
 
 
 _STEP_FNS = {"chunked": step_eager, "compile": step_compile, "triton": step_triton}
