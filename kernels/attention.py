@@ -48,10 +48,8 @@ import itertools
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-MAX_DROPOUT_T = 46340          # largest T with T*T < 2**31 (dropout counter)
-MAX_HEAD_DIM = 128
+LOG2E = tl.constexpr(1.4426950408889634)     # softmax runs in base 2: exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)       # and back: log(x) = log2(x) * LN2
 
 # GPU launch configs, by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # Forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0, so that the
@@ -82,6 +80,28 @@ FP32_BWD_CONFIGS = {16: [(16, 32, 4, 2)], 32: [(16, 32, 4, 3)], 64: [(16, 32, 8,
                     128: [(16, 32, 8, 2)]}
 INTERPRET_FWD = (32, 16, 4, 1)
 INTERPRET_BWD = (16, 32, 4, 1)
+
+
+@triton.jit
+def _program_block(H, T, BLOCK: tl.constexpr):
+    """Where a program of the (T blocks, B*H) grid works: (start, offs, offs < T, bh, b, h) for
+    its BLOCK positions offs = start + [0, BLOCK) along T in head bh = b*H + h. b and h are int64,
+    as they scale strides."""
+    start = tl.program_id(0) * BLOCK
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs = start + tl.arange(0, BLOCK)
+    return start, offs, offs < T, bh, b, h
+
+
+@triton.jit
+def _seed_and_scale(SEED, sm_scale, DROPOUT: tl.constexpr):
+    """(dropout seed, or 0 without dropout; score scale in base 2)."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed, sm_scale * LOG2E
 
 
 @triton.jit
@@ -149,24 +169,16 @@ def attn_fwd(Q, K, V, O, O32, LSE, SEED,
              DOT_PRECISION: tl.constexpr, STORE_O32: tl.constexpr):
     """out (B, H, T, D), lse (B*H, T) for BLOCK_M rows of one head. T_BUCKET: autotune key.
     STORE_O32: also store the fp32 output in O32 (same strides as O) for the backward's delta."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, rows, row_ok, bh, b, h = _program_block(H, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    row_ok = rows < T
 
     q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd,
               row_ok[:, None] & dmask[None, :], UPCAST, DOT_PRECISION)                   # (M, D)
     k_ptr = K + b * skb + h * skh + offs_d[:, None] * skd
     v_ptr = V + b * svb + h * svh + offs_d[None, :] * svd
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    qk_scale = sm_scale * 1.4426950408889634   # log2(e): softmax in base 2
+    seed, qk_scale = _seed_and_scale(SEED, sm_scale, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -181,7 +193,7 @@ def attn_fwd(Q, K, V, O, O32, LSE, SEED,
                                tl.minimum(start_m + BLOCK_M, T), qk_scale, dropout_p, seed,
                                BLOCK_N, True, DROPOUT, UPCAST, DOT_PRECISION)
     acc = acc / l_i[:, None]
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(LSE + bh.to(tl.int64) * T + rows, lse, mask=row_ok)
     o_offs = b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod
     tl.store(O + o_offs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
@@ -195,18 +207,15 @@ def attn_bwd_preprocess(O, DO, DELTA, sob, soh, sot, sod, sdb, sdh, sdt, sdd, H,
                         DOT_PRECISION: tl.constexpr):
     """delta[bh, t] = sum_d dO * O, in fp32; O is the forward's fp32 output (O32) for fp16/bf16.
     dO is rounded as the dots that form dP round it, so that rowsum(P * dP) - delta cancels."""
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, rows, row_ok, bh, b, h = _program_block(H, T, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     o = tl.load(O + b * sob + h * soh + rows[:, None] * sot + offs_d[None, :] * sod, mask=mask,
                 other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, mask=mask,
                  other=0.0).to(tl.float32)
     do = _dot_operand(do, DOT_PRECISION)
-    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=rows < T)
+    tl.store(DELTA + bh.to(tl.int64) * T + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
@@ -222,7 +231,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, sqt, sdt, c
         do = _load(do_ptr + rows[:, None] * sdt, dmask_do & row_ok[:, None], UPCAST,
                    DOT_PRECISION)                                                       # (M, D)
         # rows past T get lse = +inf, hence probability 0
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale                    # (N, M)
         pT = tl.math.exp2(sT - lse2[None, :])
@@ -252,15 +261,11 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
                   BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                   DOT_PRECISION: tl.constexpr):
     """dK, dV for one block of BLOCK_N keys; sg*: strides of DK and DV (same layout)."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    cols = start_n + tl.arange(0, BLOCK_N)
+    start_n, cols, col_ok, bh, b, h = _program_block(H, T, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    tile_mask = (cols < T)[:, None] & dmask[None, :]
+    tile_mask = col_ok[:, None] & dmask[None, :]
     k = _load(K + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :] * skd, tile_mask,
               UPCAST, DOT_PRECISION)                                                    # (N, D)
     v = _load(V + b * svb + h * svh + cols[:, None] * svt + offs_d[None, :] * svd, tile_mask,
@@ -269,10 +274,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEED,
     do_ptr = DO + b * sdb + h * sdh + offs_d[None, :] * sdd
     lse_ptr = LSE + bh.to(tl.int64) * T
     delta_ptr = DELTA + bh.to(tl.int64) * T
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    qk_scale = sm_scale * 1.4426950408889634
+    seed, qk_scale = _seed_and_scale(SEED, sm_scale, DROPOUT)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -326,29 +328,20 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEED,
                 BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
     """dQ for one block of BLOCK_M queries; sg*: strides of DQ."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    start_m, rows, row_ok, bh, b, h = _program_block(H, T, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
-    row_ok = rows < T
     tile_mask = row_ok[:, None] & dmask[None, :]
     q = _load(Q + b * sqb + h * sqh + rows[:, None] * sqt + offs_d[None, :] * sqd, tile_mask,
               UPCAST, DOT_PRECISION)                                                    # (M, D)
     do = _load(DO + b * sdb + h * sdh + rows[:, None] * sdt + offs_d[None, :] * sdd, tile_mask,
                UPCAST, DOT_PRECISION)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok,
-                   other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
     k_ptr = K + b * skb + h * skh + offs_d[:, None] * skd
     v_ptr = V + b * svb + h * svh + offs_d[:, None] * svd
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    qk_scale = sm_scale * 1.4426950408889634
+    seed, qk_scale = _seed_and_scale(SEED, sm_scale, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_ptr, v_ptr, skt, svt, rows, offs_n,
