@@ -4,7 +4,8 @@ Forward and every gradient must meet the accuracy rule (fastgpt.tools.accuracy) 
 backend in float64, in float32 and bfloat16, with and without biases, at odd lengths and with a
 non-contiguous input; the three custom ops pass opcheck; the op traces under
 torch.compile(fullgraph=True); dispatch sends dropout and user-named attention backends to
-``torch``; bad input gets a clear error.
+``torch``; bad input gets a clear error. Incremental decoding (transformer_block_decode, the KV
+cache's path) gives the full block's rows and keys/values, and only ``torch`` runs it.
 """
 
 
@@ -16,7 +17,8 @@ from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
 from fastgpt.ops import registry, transformer_block_ext
-from fastgpt.ops.transformer_block import BlockWeights, transformer_block_torch
+from fastgpt.ops.transformer_block import (BlockWeights, decode_unsupported,
+                                           transformer_block_decode, transformer_block_torch)
 from fastgpt.tools.accuracy import assert_matches_reference
 
 # the README install builds fastgpt._C: a missing extension is a failure, not a skip
@@ -240,3 +242,108 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.fastgpt.transformer_block(x, *w._replace(ln_2_weight=w.ln_2_weight.double()), 2)
     with pytest.raises(FastGPTError, match="ln_2_weight is torch.float64"):
         ops.transformer_block(x, w._replace(ln_2_weight=w.ln_2_weight.double()), 2, backend="ext")
+
+
+# ----------------------------------------------------------------------- incremental decoding
+
+def _keys_values(x, w, n_head):
+    """The block's keys and values of every position of x, written out: (B, nh, T, hs) each."""
+    B, T, C = x.shape
+    h = torch.nn.functional.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
+    qkv = torch.nn.functional.linear(h, w.c_attn_weight, w.c_attn_bias)
+    _, k, v = qkv.view(B, T, 3, n_head, C // n_head).unbind(2)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_decoding_gives_the_full_blocks_rows(bias):
+    # float64: the decoded rows equal the full block's up to rounding, whichever way the
+    # sequence arrives (a prompt, one position at a time, several after a past)
+    gen = torch.Generator().manual_seed(7)
+    w = _weights(48, bias, gen)
+    x = torch.randn(2, 13, 48, generator=gen, dtype=torch.float64)
+    full = ops.transformer_block(x, w, 3)
+    k_full, v_full = _keys_values(x, w, 3)
+    out, past = transformer_block_decode(x[:, :5], w, 3)                     # the prompt
+    torch.testing.assert_close(out, full[:, :5], rtol=1e-12, atol=1e-12)
+    for t in range(5, 9):                                                     # one at a time
+        out, past = transformer_block_decode(x[:, t:t + 1], w, 3, past=past)
+        torch.testing.assert_close(out, full[:, t:t + 1], rtol=1e-12, atol=1e-12)
+    out, past = transformer_block_decode(x[:, 9:12], w, 3, past=past)        # several rows
+    torch.testing.assert_close(out, full[:, 9:12], rtol=1e-12, atol=1e-12)
+    out, past = transformer_block_decode(x[:, 12:], w, 3, past=past, last_only=True)
+    torch.testing.assert_close(out, full[:, 12:], rtol=1e-12, atol=1e-12)
+    for got, want in zip(past, (k_full, v_full)):
+        assert got.shape == (2, 3, 13, 16)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    out, _ = transformer_block_decode(x, w, 3, last_only=True)   # a cropped window: no past
+    torch.testing.assert_close(out, full[:, -1:], rtol=1e-12, atol=1e-12)
+
+
+def test_a_decoding_block_that_drops_the_past_is_caught():
+    # the check above fails when the past is forgotten (the rows then see only themselves)
+    gen = torch.Generator().manual_seed(8)
+    w = _weights(16, False, gen)
+    x = torch.randn(1, 6, 16, generator=gen, dtype=torch.float64)
+    out, _ = transformer_block_decode(x[:, 5:], w, 2)
+    assert not torch.allclose(out, ops.transformer_block(x, w, 2)[:, 5:], rtol=1e-3, atol=1e-3)
+
+
+def test_decoding_dispatch_takes_torch_and_refuses_ext_when_named():
+    x, w = _f32()
+    xb, wb = x.bfloat16(), _map(torch.Tensor.bfloat16, w)
+    decode = {"dropout_p": 0.0, "attention": None, "past": None, "last_only": True,
+              "return_kv": True}
+    # bfloat16's automatic order starts at ext, which cannot decode: torch, quietly
+    assert registry.choose("transformer_block", "cpu", (xb, wb, 2), decode,
+                           dtype=torch.bfloat16).name == "torch"
+    assert "no incremental decoding" in transformer_block_ext.supports(xb, wb, 2, **decode)
+    with pytest.raises(FastGPTError, match=r"'ext' \(from backend= argument\) cannot run here: "
+                                           r"the C\+\+ block has no incremental decoding"):
+        transformer_block_decode(xb, wb, 2, backend="ext")
+    with ops.use_backends(transformer_block="ext"), pytest.raises(FastGPTError, match="decoding"):
+        transformer_block_decode(xb, wb, 2)
+    with pytest.raises(ValueError, match="no incremental decoding"):
+        transformer_block_ext.transformer_block_ext(xb, wb, 2, return_kv=True)
+    # what generate asks before it keeps a KV cache
+    assert decode_unsupported(xb, wb, 2) is None
+    assert decode_unsupported(xb, wb, 2, preferred="torch") is None
+    assert "no incremental decoding" in decode_unsupported(xb, wb, 2, preferred="ext")
+    # the training path still takes ext in bfloat16
+    assert registry.choose("transformer_block", "cpu", (xb, wb, 2), {"dropout_p": 0.0},
+                           dtype=torch.bfloat16).name == "ext"
+
+
+def test_bad_past_raises_clear_errors():
+    x, w = _f32()
+    k = torch.zeros(2, 2, 3, 8)
+    with pytest.raises(FastGPTError, match="past must be None or \\(keys, values\\)"):
+        transformer_block_decode(x, w, 2, past=k)
+    with pytest.raises(FastGPTError, match=r"\(2, 2, T_past, 8\).*got \(2, 2, 3, 8\) and "
+                                           r"\(2, 4, 3, 4\)"):
+        transformer_block_decode(x, w, 2, past=(k, torch.zeros(2, 4, 3, 4)))
+    with pytest.raises(FastGPTError, match=r"got \(1, 2, 3, 8\)"):
+        transformer_block_decode(x, w, 2, past=(k[:1], k[:1]))
+
+
+def test_torch_block_compiles_with_fullgraph_for_training_and_decoding():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(9)
+    w = _map(lambda t: t.float().requires_grad_(True), _weights(32, True, gen))
+    x = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
+    grad_out = torch.randn(2, 9, 32, generator=gen)
+    train = torch.compile(lambda x, w: _torch(x, w, 4), fullgraph=True, backend="aot_eager")
+    out = train(x, w)
+    grads = torch.autograd.grad(out, _leaves(x, w), grad_out)
+    ref = _torch(x, w, 4)
+    ref_grads = torch.autograd.grad(ref, _leaves(x, w), grad_out)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+    with torch.no_grad():
+        _, past = transformer_block_decode(x[:, :8], w, 4)
+        decode = torch.compile(lambda x, w, past: transformer_block_decode(x, w, 4, past=past),
+                               fullgraph=True, backend="eager")
+        got, _ = decode(x[:, 8:], w, past)
+        want, _ = transformer_block_decode(x[:, 8:], w, 4, past=past)
+    torch.testing.assert_close(got, want)

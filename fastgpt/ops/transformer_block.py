@@ -11,7 +11,14 @@ Backends:
 * ``ext``   - fastgpt._C's C++ forward and backward (csrc/transformer_block_cpu.cpp): the same
               math as ``torch`` with the ``torch`` attention backend, as one op and one autograd
               node per block. At the baby preset's size this removes the per-op Python and
-              autograd cost, a large share of a CPU training step. CPU, no dropout.
+              autograd cost, a large share of a CPU training step. CPU, no dropout, no
+              incremental decoding.
+
+Incremental decoding (sampling with a KV cache, fastgpt/generate.py) is the same op:
+``transformer_block_decode`` runs the block on the positions after ``past``, the keys and values
+of earlier positions, optionally for the last position only, and returns the keys and values
+so far too. It dispatches like ``transformer_block``, with those inputs as keyword arguments,
+so a backend states in ``supports()`` whether it can decode; ``torch`` is written once for both.
 """
 
 from __future__ import annotations
@@ -42,20 +49,46 @@ class BlockWeights(NamedTuple):
     mlp_c_proj_bias: Optional[torch.Tensor]
 
 
+KV = tuple[torch.Tensor, torch.Tensor]   # a block's keys and values, each (B, nh, T, hs)
+
+
 def transformer_block_torch(x, w: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
-                            attention: Optional[str] = None):
+                            attention: Optional[str] = None, past: Optional[KV] = None,
+                            last_only: bool = False, return_kv: bool = False):
     B, T, C = x.shape
     h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
     qkv = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head)
     q, k, v = qkv.unbind(2)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                         # (B, nh, T, hs)
-    y = causal_attention(q, k, v, dropout_p=dropout_p, preferred=attention)  # (B, nh, T, hs)
+    if past is not None:                         # decoding: the keys and values before x's
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+    if last_only:                                # decoding: only the last position goes on
+        q, x, T = q[:, :, -1:], x[:, -1:], 1
+    if past is None and not last_only:           # every query row of every key: training
+        y = causal_attention(q, k, v, dropout_p=dropout_p, preferred=attention)
+    else:
+        y = _attend_last_rows(q, k, v, dropout_p)
     y = F.linear(y.transpose(1, 2).reshape(B, T, C), w.attn_c_proj_weight, w.attn_c_proj_bias)
     x = x + (F.dropout(y, dropout_p) if dropout_p > 0 else y)
     h = F.layer_norm(x, (C,), w.ln_2_weight, w.ln_2_bias)
     y = F.linear(F.gelu(F.linear(h, w.c_fc_weight, w.c_fc_bias)), w.mlp_c_proj_weight,
                  w.mlp_c_proj_bias)
-    return x + (F.dropout(y, dropout_p) if dropout_p > 0 else y)
+    out = x + (F.dropout(y, dropout_p) if dropout_p > 0 else y)
+    return (out, (k, v)) if return_kv else out
+
+
+def _attend_last_rows(q, k, v, dropout_p):
+    """Attention of the last T_q positions (q: (B, nh, T_q, hs)) over all T_k >= T_q so far.
+
+    fastgpt.ops.causal_attention takes square inputs (as many query rows as keys), so decoding
+    uses PyTorch's SDPA: one query row sees every key and needs no mask (the math the KV cache
+    has always used, so sampled tokens stay as they were); several rows after a past get the
+    causal mask shifted by T_k - T_q. Both within the accuracy rule (tests/test_sample.py).
+    """
+    T_q, T_k = q.shape[2], k.shape[2]
+    mask = (None if T_q == 1 else
+            torch.ones(T_q, T_k, dtype=torch.bool, device=q.device).tril(T_k - T_q))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 registry.register("transformer_block", "torch", transformer_block_torch)
@@ -77,6 +110,23 @@ def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float) -> N
         raise FastGPTError(f"dropout_p must be in [0, 1); got {dropout_p}")
 
 
+def _check_past(x: torch.Tensor, n_head: int, past: Optional[KV]) -> None:
+    if past is None:
+        return
+    B, _, C = x.shape
+    if not (isinstance(past, (tuple, list)) and len(past) == 2
+            and all(isinstance(t, torch.Tensor) for t in past)):
+        raise FastGPTError(f"transformer_block_decode: past must be None or (keys, values), two "
+                           f"tensors; got {type(past).__name__}")
+    k, v = past
+    want = (B, n_head, C // n_head)
+    if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != want or v.shape != k.shape:
+        raise FastGPTError(f"transformer_block_decode: past keys and values must both have shape "
+                           f"(B, n_head, T_past, C // n_head) = ({B}, {n_head}, T_past, "
+                           f"{C // n_head}) for x of shape {tuple(x.shape)}; got "
+                           f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+
 def transformer_block(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                       dropout_p: float = 0.0, attention: Optional[str] = None,
                       backend: Optional[str] = None,
@@ -91,3 +141,45 @@ def transformer_block(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
     chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
                              backend=backend, preferred=preferred, dtype=x.dtype)
     return chosen.fn(x, weights, n_head, **kwargs)
+
+
+def _decode_kwargs(past: Optional[KV], last_only: bool, attention: Optional[str]) -> dict:
+    return {"dropout_p": 0.0, "attention": attention, "past": past, "last_only": last_only,
+            "return_kv": True}
+
+
+def transformer_block_decode(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
+                             past: Optional[KV] = None, last_only: bool = False,
+                             attention: Optional[str] = None, backend: Optional[str] = None,
+                             preferred: Optional[str] = None) -> tuple[torch.Tensor, KV]:
+    """One block in eval mode (no dropout) on x (B, T, C), the positions after ``past``: the
+    (keys, values) of this block at the T_past positions before, each (B, nh, T_past, hs), or
+    None. Returns the output, (B, 1, C) for the last position only with ``last_only``, else
+    (B, T, C), and the keys and values of all T_past + T positions.
+
+    Same backend choice as ``transformer_block``; a backend that cannot decode (``ext``) is
+    skipped by the automatic choice and raises when named.
+    """
+    _check(x, weights, n_head, 0.0)
+    _check_past(x, n_head, past)
+    kwargs = _decode_kwargs(past, last_only, attention)
+    chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
+                             backend=backend, preferred=preferred, dtype=x.dtype)
+    return chosen.fn(x, weights, n_head, **kwargs)
+
+
+def decode_unsupported(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
+                       attention: Optional[str] = None, backend: Optional[str] = None,
+                       preferred: Optional[str] = None) -> Optional[str]:
+    """None when ``transformer_block_decode`` runs inputs like these (metadata only); else why
+    not: the block backend the user named cannot decode. The automatic choice always can
+    (it ends at ``torch``). Lets a caller that has another way (full recomputation) take it
+    instead of failing."""
+    asked = registry.requested("transformer_block", backend, preferred)
+    if asked is None:
+        return None
+    name, source = asked
+    chosen = registry.get("transformer_block", name)
+    reason = chosen.available() or chosen.supports(x, weights, n_head,
+                                                   **_decode_kwargs(None, True, attention))
+    return None if reason is None else f"transformer_block backend {name!r} ({source}): {reason}"

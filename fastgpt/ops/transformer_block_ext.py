@@ -2,9 +2,10 @@
 
 The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transformer_block_train``
 and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
-kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, and
-attention is the ``ext`` attention backend's kernel (csrc/attention_cpu.cpp), so another
-attention backend named by the user sends the automatic choice to the ``torch`` block instead.
+kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, no
+incremental decoding (past keys and values: sampling takes the ``torch`` block), and attention
+is the ``ext`` attention backend's kernel (csrc/attention_cpu.cpp), so another attention
+backend named by the user sends the automatic choice to the ``torch`` block instead.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import torch
 from fastgpt.ops import registry
 from fastgpt.ops.attention_ext import saved_fake as attention_saved_fake
 from fastgpt.ops.extension import available, on_load
-from fastgpt.ops.transformer_block import BlockWeights
+from fastgpt.ops.transformer_block import KV, BlockWeights
 
 _SAVED = 12   # activations transformer_block_train returns (see csrc/transformer_block_cpu.cpp)
 
 
 def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
-             attention: Optional[str] = None) -> Optional[str]:
+             attention: Optional[str] = None, past: Optional[KV] = None, last_only: bool = False,
+             return_kv: bool = False) -> Optional[str]:
+    if past is not None or last_only or return_kv:
+        return ("the C++ block has no incremental decoding (past keys and values, last position "
+                "only); the torch backend has it")
     if x.device.type != "cpu":
         return f"fastgpt._C has a CPU transformer_block only; got {x.device.type}"
     if dropout_p > 0:
@@ -39,12 +44,18 @@ def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: 
 
 
 def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
-                          dropout_p: float = 0.0, attention: Optional[str] = None) -> torch.Tensor:
+                          dropout_p: float = 0.0, attention: Optional[str] = None,
+                          past: Optional[KV] = None, last_only: bool = False,
+                          return_kv: bool = False) -> torch.Tensor:
     reason = available()
     if reason is not None:
         raise RuntimeError(reason)
     if dropout_p > 0:
         raise ValueError(f"the ext transformer_block has no dropout; got dropout_p={dropout_p}")
+    if past is not None or last_only or return_kv:
+        raise ValueError("the ext transformer_block has no incremental decoding; got "
+                         f"past={'given' if past is not None else None}, last_only={last_only}, "
+                         f"return_kv={return_kv}")
     # the OpOverload, not the packet: skips overload resolution per call
     return torch.ops.fastgpt.transformer_block.default(x, *weights, n_head)
 
