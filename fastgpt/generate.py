@@ -10,14 +10,18 @@ does; every position then moves, its position embedding and so all its keys and 
 it, so that window is recomputed in full. Even then only the last block's keys and values are
 needed for every position: its queries, attention output and MLP run on the last position only.
 
-The math is the ``torch`` transformer_block's (fastgpt.ops.transformer_block) in eval mode: no
-dropout. It gives the same logits as ``model(idx)`` up to rounding (the matmuls see other
-shapes; tests/test_sample.py holds it to fastgpt.tools.accuracy's accuracy rule), so sampled tokens
-agree with full recomputation.
+Each block runs through the transformer_block op (fastgpt.ops.transformer_block's
+``transformer_block_decode``: the model's block with past keys and values, in eval mode), so the
+block math is written once and a block backend that decodes serves sampling too. It gives the
+same logits as ``model(idx)`` up to rounding (the matmuls see other shapes;
+tests/test_sample.py holds it to fastgpt.tools.accuracy's accuracy rule), so sampled tokens
+agree with full recomputation. A block backend the user named that cannot decode (the C++
+``ext`` block) makes ``generate`` recompute the context for every token instead, as nanoGPT does.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -26,29 +30,9 @@ import torch.nn.functional as F
 from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, check_tokens
-from fastgpt.ops import BlockWeights
+from fastgpt.ops.transformer_block import decode_unsupported, transformer_block_decode
 
-
-def _block(x: torch.Tensor, w: BlockWeights, n_head: int, past: Optional[tuple], last_only: bool):
-    """One block on x (B, T, C), the positions after the ``past`` (keys, values) of this block,
-    each (B, nh, T_past, hs), or None. Returns the output, (B, 1, C) for the last position only
-    with ``last_only``, else (B, T, C), and the keys and values of all positions so far."""
-    B, T, C = x.shape
-    h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
-    qkv = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head)
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))                   # (B, nh, T, hs)
-    if past is not None:
-        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-    if last_only:
-        q, x, T = q[:, :, -1:], x[:, -1:], 1
-    # one query row sees every position so far; several rows (a prompt) come with no past
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)          # (B, nh, T, hs)
-    x = x + F.linear(y.transpose(1, 2).reshape(B, T, C), w.attn_c_proj_weight,
-                     w.attn_c_proj_bias)
-    h = F.layer_norm(x, (C,), w.ln_2_weight, w.ln_2_bias)
-    x = x + F.linear(F.gelu(F.linear(h, w.c_fc_weight, w.c_fc_bias)), w.mlp_c_proj_weight,
-                     w.mlp_c_proj_bias)
-    return x, (k, v)
+log = logging.getLogger("fastgpt.generate")
 
 
 class KVCache:
@@ -82,7 +66,9 @@ class KVCache:
         x = tok + tr.wpe.weight[start:T]                                     # (B, T', C)
         last = len(self.weights) - 1
         for i, w in enumerate(self.weights):
-            x, self.kv[i] = _block(x, w, cfg.n_head, self.kv[i] if start else None, i == last)
+            x, self.kv[i] = transformer_block_decode(
+                x, w, cfg.n_head, past=self.kv[i] if start else None, last_only=i == last,
+                attention=cfg.attention, preferred=cfg.transformer_block)
         self.seen = T
         x = F.layer_norm(x, (cfg.n_embd,), tr.ln_f.weight, tr.ln_f.bias)
         return F.linear(x[:, -1], self.model.lm_head.weight)                 # (B, V)
@@ -102,8 +88,8 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
         raise FastGPTError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     block_size = model.config.block_size
     # a GPT in eval mode keeps its keys and values between tokens (KVCache)
-    cache = (KVCache(model)
-             if isinstance(model, GPT) and not model.training and max_new_tokens else None)
+    cache = (KVCache(model) if isinstance(model, GPT) and not model.training and max_new_tokens
+             and _decodes(model) else None)
     for _ in range(max_new_tokens):
         if cache is not None:
             logits = cache.logits(idx)
@@ -112,6 +98,22 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
             logits = logits[:, -1, :]
         idx = torch.cat([idx, next_tokens(logits, temperature, top_k, generator)], dim=1)
     return idx
+
+
+def _decodes(model: GPT) -> bool:
+    """Whether the model's blocks can decode with a KV cache: no, when the block backend the
+    user named (config, use_backends, FASTGPT_BACKENDS) cannot (logged); that backend still runs,
+    on the whole context for every token."""
+    cfg, tr = model.config, model.transformer
+    if not len(tr.h):
+        return True
+    # metadata only: an input of the dtype and device the blocks see
+    reason = decode_unsupported(tr.wpe.weight[None, :1], tr.h[0].weights(), cfg.n_head,
+                                attention=cfg.attention, preferred=cfg.transformer_block)
+    if reason is not None:
+        log.info("fastgpt: sampling without a KV cache (every token recomputes the context): "
+                 "%s", reason)
+    return reason is None
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],

@@ -5,11 +5,13 @@ import copy
 import pytest
 import torch
 
-from fastgpt import generate as generate_mod
 from fastgpt import ops
 from fastgpt.config import GPTConfig
+from fastgpt.errors import FastGPTError
 from fastgpt.generate import KVCache, generate, next_tokens
 from fastgpt.model import BigramLanguageModel, GPT
+from fastgpt.ops import registry
+from fastgpt.ops.transformer_block import transformer_block_torch
 from fastgpt.tools.accuracy import assert_matches_reference
 
 
@@ -62,23 +64,41 @@ def test_cached_logits_match_full_recompute(dtype, prompt_len, bias):
     _check_cached_logits(_gpt(dtype, bias=bias), prompt_len, f"cached logits {dtype} bias={bias}")
 
 
-def _drop_past(monkeypatch, fraction):
-    """Break the cache: a block forgets its cached keys and values on ``fraction`` of its calls."""
-    real, gen = generate_mod._block, torch.Generator().manual_seed(1)
+@pytest.fixture
+def forgetful_block():
+    """Registers a broken transformer_block backend, ``torch~forgets past``: the torch block that
+    forgets its cached keys and values on ``fraction`` of its calls; returns its name. KVCache
+    reaches it only through the op's dispatch (use_backends), so this also shows the cache
+    decodes through fastgpt.ops."""
+    name, gen, state = "torch~forgets past", torch.Generator().manual_seed(1), {}
 
-    def block(x, w, n_head, past, last_only):
-        if past is not None and torch.rand((), generator=gen) < fraction:
+    def block(x, w, n_head, *, past=None, **kwargs):
+        if past is not None and torch.rand((), generator=gen) < state["fraction"]:
             past = None
-        return real(x, w, n_head, past, last_only)
-    monkeypatch.setattr(generate_mod, "_block", block)
+        return transformer_block_torch(x, w, n_head, past=past, **kwargs)
+
+    def use(fraction):
+        state["fraction"] = fraction
+        return name
+    registry.register("transformer_block", name, block)
+    try:
+        yield use
+    finally:
+        registry.unregister("transformer_block", [name])
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.59, 0.2])
-def test_a_cache_that_drops_the_past_fails_the_check(monkeypatch, fraction):
-    # bfloat16, where the rule is widest (0.05 tolerances once let a 59% drop rate through)
-    _drop_past(monkeypatch, fraction)
-    with pytest.raises(AssertionError, match="broken cache"):
-        _check_cached_logits(_gpt(torch.bfloat16, bias=False), 3, "broken cache")
+def test_a_cache_that_drops_the_past_fails_the_check(forgetful_block, fraction):
+    # bfloat16, where the rule is widest (0.05 tolerances once let a 59% drop rate through);
+    # the check's full recompute names the torch block itself, so only the cache is broken
+    with ops.use_backends(transformer_block=forgetful_block(fraction)):
+        with pytest.raises(AssertionError, match="broken cache"):
+            _check_cached_logits(_gpt(torch.bfloat16, bias=False), 3, "broken cache")
+
+
+def test_the_unbroken_block_passes_through_the_same_dispatch(forgetful_block):
+    with ops.use_backends(transformer_block=forgetful_block(0.0)):
+        _check_cached_logits(_gpt(torch.bfloat16, bias=False), 3, "cache, forgetting nothing")
 
 
 def test_cached_logits_a_percent_off_fail_the_check(monkeypatch):
@@ -107,3 +127,19 @@ def test_generate_without_a_cache():
         got = generate(model, idx, 30, generator=torch.Generator().manual_seed(3))
         want = _reference(model, idx, 30, generator=torch.Generator().manual_seed(3))
         assert torch.equal(got, want)
+
+
+def test_a_block_backend_that_cannot_decode():
+    # the C++ block has no KV cache: named in the config, generate recomputes the context for
+    # every token (the named block runs) and KVCache itself says why it cannot run
+    model = GPT(GPTConfig(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=32,
+                          transformer_block="ext")).bfloat16().eval()
+    idx = torch.randint(0, 23, (2, 3))
+    got = generate(model, idx, 20, generator=torch.Generator().manual_seed(5))
+    want = _reference(model, idx, 20, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, want)
+    with pytest.raises(FastGPTError, match=r"'ext' \(from model config\).*no incremental deco"):
+        KVCache(model).logits(idx)
+    # unnamed, the automatic choice (ext first for bfloat16 on CPU) takes the torch block quietly
+    model.config.transformer_block = None
+    _check_cached_logits(model, 3, "automatic block backend, bfloat16")
