@@ -37,7 +37,7 @@ def test_summarize_and_environment():
     assert s["median"] == 3.0 and 1.0 <= s["p20"] <= s["median"] <= s["p80"] <= 5.0
     assert summarize([7.0]) == {"median": 7.0, "p20": 7.0, "p80": 7.0}
     env = environment("cpu")
-    assert set(env) >= {"device", "cpu", "threads", "torch", "triton", "git_sha", "date"}
+    assert set(env) >= {"device", "cpu", "cpu_flags", "threads", "torch", "triton", "git_sha", "date"}
     assert env["threads"] == torch.get_num_threads()
 
 
@@ -246,3 +246,17 @@ def test_any_other_skip_fails_the_run_and_is_listed(tmp_path):
                  "test_c.py: whole module"):
         assert line in listed, listed
     assert "test_a.py" not in listed
+
+
+def test_charts_leave_the_matplotlib_backend_alone(tmp_path):
+    # as train's loss plot: a caller's backend (a notebook's, say) survives --plot
+    code = ("import sys, matplotlib; matplotlib.use('svg'); "
+            "from fastgpt.tools.bench.harness import Case, Row, plot; "
+            "rows = [Row(Case('attention', 'attention', 'tril', 'fwd', dict(T=T), 'float32'), "
+            "median=1.0, rate=float(T), unit='TFLOP/s') for T in (64, 128)]; "
+            f"paths = plot(rows, {str(tmp_path)!r}, 'T', 'rate'); "
+            "print(len(paths), matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "svg", "False"]
+    assert all(_png(p) for p in tmp_path.glob("*.png"))

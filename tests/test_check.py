@@ -125,7 +125,7 @@ def test_broken_transformer_block_fails(monkeypatch, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--op", "softmax"], "--op 'softmax'"),
     (["--dtype", "int8"], "--dtype 'int8'"),
-    (["--device", "tpu"], "--device must be"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
     (["--op", "embedding", "--backend", "nonesuch"], "--backend 'nonesuch' is not a backend"),
 ])
 def test_bad_arguments(argv, message, capsys):

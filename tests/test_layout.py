@@ -126,3 +126,16 @@ def test_no_function_local_imports_of_fastgpt_but_the_lazy_ones():
            for t, line, local in imps
            if local and not any(t == a or t.startswith(a + ".") for a in LAZY)]
     assert not bad, bad
+
+
+def test_functions_fit_in_a_reader_s_head():
+    # about one screen: a longer function is several ideas that want names of their own
+    limit = 80
+    long = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    long.append(f"{module}.{node.name}: {lines} lines")
+    assert not long, long

@@ -32,6 +32,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from fastgpt.ops import registry
+
 FACTOR = 2.0
 ZERO_REF_ULPS = 4.0     # floor of a reference that cancels to zero, at the call's magnitude
 MUTANT_SCALE = 1.01
