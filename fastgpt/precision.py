@@ -1,4 +1,5 @@
-"""Mixed precision: dtype names, autocast, the bf16 working copy and the fp16 gradient scaler.
+"""Mixed precision: dtype names, autocast, the bf16 working copy, the fp16 gradient scaler, and
+the optimizer step each mode takes (Stepper).
 
 Every mode keeps fp32 master weights (what the optimizer updates and checkpoints hold).
 
@@ -23,8 +24,10 @@ import functools
 
 import torch
 
+from fastgpt.config import TrainConfig
 from fastgpt.device import cpu_has_native_bf16
 from fastgpt.errors import FastGPTError
+from fastgpt.optim import flat_adamw_or_none, make_optimizer, optimizer_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,3 +118,70 @@ class LowPrecisionCopy:
     @torch.no_grad()
     def refresh(self) -> None:
         torch._foreach_copy_([w for _, w in self.pairs], [m for m, _ in self.pairs])
+
+
+class Stepper:
+    """The optimizer step of one precision mode, chosen once so a training loop has one step:
+
+    * ``flat``: bf16 on CPU; a bf16 working copy (LowPrecisionCopy) runs forward and backward and
+      FlatAdamW clips, steps the fp32 masters and refreshes the copy in one C++ op (no scaler:
+      bf16 needs no loss scaling);
+    * ``working copy``: the same without the extension; torch.optim.AdamW steps the masters
+      after the gradients are copied to them and clipped, then the copy is refreshed;
+    * ``scaler``: every other mode; torch.optim.AdamW on the model itself, through a GradScaler
+      (which scales only in float16).
+
+    ``model`` is the module to run forward and backward; ``backward(loss)`` then ``step()`` (which
+    also zeroes the gradients) make one update. ``state_dict()`` holds the optimizer's and the
+    scaler's state under the keys checkpoints keep them under.
+    """
+
+    def __init__(self, master: torch.nn.Module, device_type: str, dtype: torch.dtype,
+                 t: TrainConfig):
+        betas = (t.beta1, t.beta2)
+        self.low = (LowPrecisionCopy(master, dtype) if uses_working_copy(device_type, dtype)
+                    else None)
+        self.flat = (flat_adamw_or_none(optimizer_groups(master, t.weight_decay), self.low.pairs,
+                                        t.learning_rate, betas, t.grad_clip)
+                     if self.low is not None else None)
+        self.optimizer = self.flat or make_optimizer(master, t.learning_rate, t.weight_decay, betas)
+        self.scaler = grad_scaler(device_type, dtype)
+        self.master, self.grad_clip = master, t.grad_clip
+        self.model = master if self.low is None else self.low.model
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> None:
+        """Clip, step and zero the gradients; the working copy, if any, then holds the masters."""
+        if self.flat is not None:
+            self.flat.step()
+        else:
+            self._torch_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _torch_step(self) -> None:
+        if self.low is not None:
+            self.low.grads_to_master()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            if self.low is not None:
+                self.low.clip_grad_norm_(self.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.low is not None:
+            self.low.refresh()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """``state``: a checkpoint, or state_dict()'s; one without a scaler keeps the fresh one."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state.get("scaler", {}))

@@ -30,9 +30,7 @@ from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
-from fastgpt.optim import flat_adamw_or_none, make_optimizer, optimizer_groups
-from fastgpt.precision import (LowPrecisionCopy, autocast, grad_scaler, parse_dtype,
-                               resolve_dtype_name, uses_working_copy)
+from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype_name
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -250,30 +248,45 @@ def train(opts: RunOptions) -> RunResult:
 
 def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> RunResult:
     t_start = time.perf_counter()
+    run = _setup(opts, world, device)
+    progress = _Progress(run, t_start)
+    try:
+        _loop(run, progress)
+    finally:
+        progress.close()
+    sample = run.sample() if opts.sample_chars > 0 and world.is_main else ""
+    return RunResult(iter_num=run.tcfg.max_iters, train_loss=run.losses["train"],
+                     val_loss=run.losses["val"], best_val_loss=run.best_val,
+                     wall_time=time.perf_counter() - t_start, out_dir=str(run.out_dir),
+                     sample=sample, rank=world.rank)
+
+
+def _loop(run: _Run, progress: _Progress) -> None:
+    """Iterations start_iter..max_iters: an estimate and a checkpoint where one is due, then a
+    step (none after the last estimate)."""
+    t = run.tcfg
+    for it in range(run.start_iter, t.max_iters + 1):
+        lr = lr_at(it, t)
+        run.stepper.set_lr(lr)
+        if run.estimate_due(it):
+            progress.eval_row(it, run.evaluate(it), lr)
+            run.checkpoint(it)
+        if it == t.max_iters:
+            break
+        progress.stepped(it, run.train_step())
+        if len(progress.pending) >= t.log_interval or it + 1 == t.max_iters:
+            progress.train_row(it, run.last_step_loss(progress.pending), lr)
+
+
+def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> _Run:
+    """Data, configuration, model and optimizer; on --resume, the checkpoint's state."""
     dtype = parse_dtype(opts.dtype, device.type)
     out_dir = Path(opts.out_dir)
     prepare_out_dir(out_dir, opts.resume, opts.overwrite)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    resumed = load_checkpoint(ckpt_path) if opts.resume else None
-
+    resumed = load_checkpoint(out_dir / CHECKPOINT_NAME) if opts.resume else None
     text = read_text(opts.data)
     tokenizer = CharTokenizer.from_text(text)
-    preset_name = opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby")
-    if resumed is not None:
-        # the run continues with its own configuration; flags given now may only extend max_iters
-        if resumed["vocab"] != tokenizer.chars:
-            raise FastGPTError(f"the data's vocabulary ({tokenizer.vocab_size} characters) differs "
-                               f"from the checkpoint's ({len(resumed['vocab'])}); resume with the "
-                               f"same --data")
-        mcfg = cfgmod.GPTConfig(**resumed["model_args"])
-        tcfg = cfgmod.TrainConfig(**{**resumed["train_args"],
-                                     **{k: v for k, v in opts.overrides.items()
-                                        if k in cfgmod.TRAIN_FIELDS and v is not None}})
-        model_kind = resumed["model_kind"]
-    else:
-        mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
-        mcfg.vocab_size = tokenizer.vocab_size
-        model_kind = opts.model
+    model_kind, mcfg, tcfg = _configure(opts, device, tokenizer, resumed)
     check_backends(model_kind, mcfg)
     dataset = TextDataset(text, tokenizer, mcfg.block_size,
                           source=f"data file {opts.data!r}" if opts.data else "the bundled text")
@@ -285,160 +298,223 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
     if resumed is not None:
         model.load_state_dict(resumed["model"])
-    # `model` holds the fp32 master weights; on CPU in bf16 a bf16 copy does the compute, and
-    # FlatAdamW clips, steps and refreshes it in one C++ op (None: torch.optim.AdamW does)
-    low = LowPrecisionCopy(model, dtype) if uses_working_copy(device.type, dtype) else None
-    betas = (tcfg.beta1, tcfg.beta2)
-    flat = (flat_adamw_or_none(optimizer_groups(model, tcfg.weight_decay), low.pairs,
-                               tcfg.learning_rate, betas, tcfg.grad_clip)
-            if low is not None else None)
-    optimizer = flat or make_optimizer(model, tcfg.learning_rate, tcfg.weight_decay, betas)
-    scaler = grad_scaler(device.type, dtype)
-    start_iter, best_val = 0, float("inf")
-    losses = {"train": float("nan"), "val": float("nan")}
+    # `model` holds the fp32 master weights; on CPU in bf16 the stepper's bf16 copy computes
+    run = _Run(opts, world, device, out_dir, tokenizer, model_kind, mcfg, tcfg, model,
+               Stepper(model, device.type, dtype, tcfg), batches, autocast(device.type, dtype))
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed.get("scaler", {}))
-        _resume_rng(resumed, world, device, batches)
-        start_iter, best_val = resumed["iter_num"], resumed["best_val_loss"]
-        losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
-    compute_model = model if low is None else low.model
-    # DDP averages the gradients over the ranks; eval uses the plain model
-    ddp = (torch.nn.parallel.DistributedDataParallel(
-        compute_model, device_ids=[device.index] if device.type == "cuda" else None)
-        if world.enabled else None)
-    step_model = compute_model if ddp is None else ddp
-    step_model = torch.compile(step_model) if opts.compile else step_model
-    metrics = (MetricsLog(out_dir / METRICS_NAME, fresh=resumed is None) if world.is_main
-               else _Discard())
-    ctx = autocast(device.type, dtype)
-    tokens_per_iter = tcfg.batch_size * mcfg.block_size * tcfg.gradient_accumulation_steps
+        run.resume_from(resumed)
+    run.wrap_for_steps()
+    run.stepper.model.train()
+    if batches.pending is None:
+        batches.prefetch()
+    return run
+
+
+def _configure(opts: RunOptions, device: torch.device, tokenizer: CharTokenizer,
+               resumed: Optional[dict]) -> tuple[str, cfgmod.GPTConfig, cfgmod.TrainConfig]:
+    """The model kind and configuration: the preset's with the overrides, or the checkpoint's."""
+    if resumed is None:
+        preset_name = opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby")
+        mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
+        mcfg.vocab_size = tokenizer.vocab_size
+        return opts.model, mcfg, tcfg
+    # the run continues with its own configuration; flags given now may only extend max_iters
+    if resumed["vocab"] != tokenizer.chars:
+        raise FastGPTError(f"the data's vocabulary ({tokenizer.vocab_size} characters) differs "
+                           f"from the checkpoint's ({len(resumed['vocab'])}); resume with the "
+                           f"same --data")
+    mcfg = cfgmod.GPTConfig(**resumed["model_args"])
+    tcfg = cfgmod.TrainConfig(**{**resumed["train_args"],
+                                 **{k: v for k, v in opts.overrides.items()
+                                    if k in cfgmod.TRAIN_FIELDS and v is not None}})
+    return resumed["model_kind"], mcfg, tcfg
+
+
+@dataclass
+class _Run:
+    """One run as _setup builds it (every rank holds one), and the state its iterations carry
+    on: the last estimate, the best val loss and the last checkpoint's iteration."""
+    opts: RunOptions
+    world: distributed.World
+    device: torch.device
+    out_dir: Path
+    tokenizer: CharTokenizer
+    model_kind: str
+    mcfg: cfgmod.GPTConfig
+    tcfg: cfgmod.TrainConfig
+    model: torch.nn.Module        # the fp32 master weights: what checkpoints hold and samples use
+    stepper: Stepper              # its .model runs forward and backward (and the estimates)
+    batches: BatchStream
+    ctx: contextlib.AbstractContextManager   # autocast, or nothing
+    resumed: bool = False
+    start_iter: int = 0
+    best_val: float = float("inf")
+    losses: dict = field(default_factory=lambda: {"train": float("nan"), "val": float("nan")})
+    last_ckpt_iter: Optional[int] = None
+    ddp: Optional[torch.nn.parallel.DistributedDataParallel] = None
+    step_model: Optional[torch.nn.Module] = None   # what a training step calls
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def resume_from(self, resumed: dict) -> None:
+        self.stepper.load_state_dict(resumed)
+        _resume_rng(resumed, self.world, self.device, self.batches)
+        self.resumed, self.start_iter = True, resumed["iter_num"]
+        self.best_val, self.last_ckpt_iter = resumed["best_val_loss"], resumed["iter_num"]
+        self.losses = {"train": resumed["train_loss"], "val": resumed["val_loss"]}
+
+    def wrap_for_steps(self) -> None:
+        """DDP (which averages the gradients over the ranks) and torch.compile, as asked; the
+        estimates use the plain model."""
+        model = self.stepper.model
+        if self.world.enabled:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        model = model if self.ddp is None else self.ddp
+        self.step_model = torch.compile(model) if self.opts.compile else model
+
+    def estimate_due(self, it: int) -> bool:
+        """At every eval_interval and at max_iters, except at a resumed run's first iteration:
+        the checkpoint it starts from holds that estimate."""
+        t = self.tcfg
+        return ((it % t.eval_interval == 0 or it == t.max_iters)
+                and not (self.resumed and it == self.start_iter))
+
+    def train_step(self) -> torch.Tensor:
+        """One update from gradient_accumulation_steps micro-batches; the last one's loss."""
+        steps = self.tcfg.gradient_accumulation_steps
+        for micro in range(steps):
+            x, y = self.batches.take()
+            # DDP all-reduces the gradients only in the backward of the last micro-step
+            last = micro + 1 == steps
+            with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
+                with self.ctx:
+                    _, loss = self.step_model(x, y)
+                self.batches.prefetch()   # the next batch, fetched while this one is in flight
+                self.stepper.backward(loss / steps)
+        self.stepper.step()
+        return loss.detach()
+
+    def last_step_loss(self, pending: list[tuple[int, torch.Tensor]]) -> float:
+        """The last of the (iteration, loss) pairs' losses, averaged over the ranks; raises at the
+        first that is not finite. One sync, and every rank sees a NaN anywhere, so all stop."""
+        values = distributed.mean(torch.stack([l for _, l in pending]).float(), self.world).cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            first = int(bad[0])
+            raise FastGPTError(_diverged_message(pending[first][0], values[first].item(),
+                                                 self.last_ckpt_iter, self.ckpt_path))
+        return values[-1].item()
+
+    def evaluate(self, it: int) -> dict[str, float]:
+        """Estimate the losses and keep them; raises when one is not finite."""
+        losses = self.estimate_loss()
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FastGPTError(_diverged_message(it, losses["val"], self.last_ckpt_iter,
+                                                 self.ckpt_path))
+        self.losses, self.best_val = losses, min(self.best_val, losses["val"])
+        return losses
 
     @torch.inference_mode()
-    def estimate_loss() -> dict[str, float]:
-        compute_model.eval()
+    def estimate_loss(self) -> dict[str, float]:
+        """The mean loss over eval_iters batches of each split; the same on every rank."""
+        model, t = self.stepper.model, self.tcfg
+        model.eval()
         out = {}
         for split in ("train", "val"):
-            drawn = [batches.draw(split) for _ in range(tcfg.eval_iters)]
-            total = torch.zeros((), device=device)
+            drawn = [self.batches.draw(split) for _ in range(t.eval_iters)]
+            total = torch.zeros((), device=self.device)
             # several equal-size batches per forward: the mean of group means is the same
             # estimate, and bigger matmuls run faster
             for i in range(0, len(drawn), EVAL_GROUP):
                 group = drawn[i:i + EVAL_GROUP]
                 x = torch.cat([b[0] for b in group])
                 y = torch.cat([b[1] for b in group])
-                with ctx:
-                    _, loss = compute_model(x, y)
+                with self.ctx:
+                    _, loss = model(x, y)
                 total += loss.float() * len(group)
-            out[split] = distributed.mean(total / tcfg.eval_iters, world).item()   # same on all ranks
-        compute_model.train()
+            out[split] = distributed.mean(total / t.eval_iters, self.world).item()
+        model.train()
         return out
 
-    def checkpoint(it: int, losses: dict) -> None:
+    def checkpoint(self, it: int) -> None:
+        """Rank 0 saves the state at the start of iteration ``it``."""
+        world = self.world
         # every rank's RNG state goes in, so a resume with as many ranks goes on bit for bit
         ranks = ({"world_size": world.size,
-                  "rng_ranks": distributed.all_gather(_rng_state(device, batches), world)}
+                  "rng_ranks": distributed.all_gather(_rng_state(self.device, self.batches), world)}
                  if world.enabled else {})
-        if not world.is_main:
-            return
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "iter_num": it, "best_val_loss": best_val,
-            "train_loss": losses["train"], "val_loss": losses["val"], "model_kind": model_kind, "model_args": asdict(mcfg),
-            "train_args": asdict(tcfg), "vocab": tokenizer.chars, "dtype": resolve_dtype_name(opts.dtype, device.type),
-            "seed": opts.seed, "rng": _rng_state(device, batches), **ranks,
-        })
+        if world.is_main:
+            save_checkpoint(self.ckpt_path, {
+                "model": self.model.state_dict(), **self.stepper.state_dict(),   # optimizer, scaler
+                "iter_num": it, "best_val_loss": self.best_val, "train_loss": self.losses["train"],
+                "val_loss": self.losses["val"], "model_kind": self.model_kind,
+                "model_args": asdict(self.mcfg), "train_args": asdict(self.tcfg),
+                "vocab": self.tokenizer.chars,
+                "dtype": resolve_dtype_name(self.opts.dtype, self.device.type),
+                "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks,
+            })
+        self.last_ckpt_iter = it
 
-    from tqdm import tqdm
-    bar = tqdm(total=tcfg.max_iters, initial=start_iter,
-               disable=not (opts.progress and world.is_main), dynamic_ncols=True, unit="it")
-    pending: list[tuple[int, torch.Tensor]] = []   # recent losses, read at log time (no per-step sync)
-    last_ckpt_iter = start_iter if resumed is not None else None
-    t_log, tokens_since_log, tok_per_s = time.perf_counter(), 0, 0.0
-    compute_model.train()
-    if batches.pending is None:
-        batches.prefetch()
-    try:
-        for it in range(start_iter, tcfg.max_iters + 1):
-            lr = lr_at(it, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            is_eval = it % tcfg.eval_interval == 0 or it == tcfg.max_iters
-            if is_eval and not (resumed is not None and it == start_iter):
-                losses = estimate_loss()
-                if not all(math.isfinite(v) for v in losses.values()):
-                    raise FastGPTError(_diverged_message(it, losses["val"], last_ckpt_iter, ckpt_path))
-                best_val = min(best_val, losses["val"])
-                metrics.write(kind="eval", iter=it, train_loss=losses["train"],
-                              val_loss=losses["val"], lr=lr, tokens_per_s=tok_per_s,
-                              wall_time=time.perf_counter() - t_start)
-                if world.is_main:
-                    bar.write(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                checkpoint(it, losses)
-                last_ckpt_iter = it
-            if it == tcfg.max_iters:
-                break
+    def sample(self) -> str:
+        """opts.sample_chars characters from the trained model, seeded by opts.seed."""
+        start = torch.tensor([[self.tokenizer.stoi.get("\n", 0)]], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.opts.seed)
+        self.model.eval()
+        with self.ctx:
+            ids = generate(self.model, start, self.opts.sample_chars, generator=gen)
+        return self.tokenizer.decode(ids[0].tolist())
 
-            for micro in range(tcfg.gradient_accumulation_steps):
-                x, y = batches.take()
-                # DDP all-reduces the gradients only in the backward of the last micro-step
-                last = micro + 1 == tcfg.gradient_accumulation_steps
-                with contextlib.nullcontext() if ddp is None or last else ddp.no_sync():
-                    with ctx:
-                        _, loss = step_model(x, y)
-                    batches.prefetch()   # the next batch, fetched while this one is in flight
-                    scaler.scale(loss / tcfg.gradient_accumulation_steps).backward()
-            if flat is not None:
-                flat.step()   # no scaler: bf16 needs no loss scaling
-            else:
-                if low is not None:
-                    low.grads_to_master()
-                if tcfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    if low is not None:
-                        low.clip_grad_norm_(tcfg.grad_clip)
-                    else:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                if low is not None:
-                    low.refresh()
-            optimizer.zero_grad(set_to_none=True)
-            pending.append((it, loss.detach()))
-            tokens_since_log += tokens_per_iter
-            bar.update(1)
 
-            if len(pending) >= tcfg.log_interval or it + 1 == tcfg.max_iters:
-                # the mean over ranks: one sync, and every rank sees a NaN anywhere, so all stop
-                values = distributed.mean(torch.stack([l for _, l in pending]).float(), world).cpu()
-                bad = (~torch.isfinite(values)).nonzero()
-                if len(bad):
-                    first = int(bad[0])
-                    raise FastGPTError(_diverged_message(pending[first][0], values[first].item(),
-                                                         last_ckpt_iter, ckpt_path))
-                now = time.perf_counter()
-                tok_per_s = tokens_since_log / (now - t_log)
-                t_log, tokens_since_log = now, 0
-                metrics.write(kind="train", iter=it, train_loss=values[-1].item(), val_loss=None,
-                              lr=lr, tokens_per_s=tok_per_s, wall_time=now - t_start)
-                bar.set_postfix(loss=f"{values[-1].item():.4f}", tok_s=f"{tok_per_s:,.0f}")
-                pending.clear()
-    finally:
-        bar.close()
-        if world.is_main and (out_dir / METRICS_NAME).exists() and (out_dir / METRICS_NAME).stat().st_size:
-            plot_losses(out_dir / METRICS_NAME, out_dir / PLOT_NAME)
+class _Progress:
+    """What a run shows and records as it goes: metrics.jsonl rows (rank 0 only), the progress
+    bar and the tokens/s. Step losses wait in ``pending`` as tensors until a train row reads
+    them, so a step costs no host sync."""
 
-    sample = ""
-    if opts.sample_chars > 0 and world.is_main:
-        start = torch.tensor([[tokenizer.stoi.get("\n", 0)]], device=device)
-        gen = torch.Generator(device=device).manual_seed(opts.seed)
-        model.eval()
-        with ctx:
-            ids = generate(model, start, opts.sample_chars, generator=gen)
-        sample = tokenizer.decode(ids[0].tolist())
-    return RunResult(iter_num=tcfg.max_iters, train_loss=losses["train"], val_loss=losses["val"],
-                     best_val_loss=best_val, wall_time=time.perf_counter() - t_start,
-                     out_dir=str(out_dir), sample=sample, rank=world.rank)
+    def __init__(self, run: _Run, t_start: float):
+        from tqdm import tqdm
+        self.out_dir, self.is_main, self.t_start = run.out_dir, run.world.is_main, t_start
+        self.metrics = (MetricsLog(run.out_dir / METRICS_NAME, fresh=not run.resumed)
+                        if self.is_main else _Discard())
+        self.bar = tqdm(total=run.tcfg.max_iters, initial=run.start_iter,
+                        disable=not (run.opts.progress and self.is_main), dynamic_ncols=True,
+                        unit="it")
+        t = run.tcfg
+        self.tokens_per_iter = t.batch_size * run.mcfg.block_size * t.gradient_accumulation_steps
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.t_log, self.tokens_since_log, self.tok_per_s = time.perf_counter(), 0, 0.0
+
+    def eval_row(self, it: int, losses: dict[str, float], lr: float) -> None:
+        self.metrics.write(kind="eval", iter=it, train_loss=losses["train"],
+                           val_loss=losses["val"], lr=lr, tokens_per_s=self.tok_per_s,
+                           wall_time=time.perf_counter() - self.t_start)
+        if self.is_main:
+            self.bar.write(f"iter {it}: train loss {losses['train']:.4f}, "
+                           f"val loss {losses['val']:.4f}")
+
+    def stepped(self, it: int, loss: torch.Tensor) -> None:
+        self.pending.append((it, loss))
+        self.tokens_since_log += self.tokens_per_iter
+        self.bar.update(1)
+
+    def train_row(self, it: int, loss: float, lr: float) -> None:
+        """The row of iteration ``it`` (its loss read from ``pending``, which empties)."""
+        now = time.perf_counter()
+        self.tok_per_s = self.tokens_since_log / (now - self.t_log)
+        self.t_log, self.tokens_since_log = now, 0
+        self.metrics.write(kind="train", iter=it, train_loss=loss, val_loss=None, lr=lr,
+                           tokens_per_s=self.tok_per_s, wall_time=now - self.t_start)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tok_per_s:,.0f}")
+        self.pending.clear()
+
+    def close(self) -> None:
+        """Close the bar; rank 0 draws loss.png from the rows written so far."""
+        self.bar.close()
+        metrics = self.out_dir / METRICS_NAME
+        if self.is_main and metrics.exists() and metrics.stat().st_size:
+            plot_losses(metrics, self.out_dir / PLOT_NAME)
 
 
 def _diverged_message(it, value, last_ckpt_iter, ckpt_path) -> str:
