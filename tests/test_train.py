@@ -9,10 +9,13 @@ import time
 import pytest
 import torch
 
-from fastgpt import ops
+from fastgpt import ops, optim
 from fastgpt.checkpoint import load_checkpoint
+from fastgpt.config import GPTConfig, TrainConfig
 from fastgpt.errors import FastGPTError
+from fastgpt.model import build_model
 from fastgpt.ops import registry
+from fastgpt.precision import Stepper
 from fastgpt.train import RunOptions, plot_losses, train
 
 TINY = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
@@ -74,6 +77,49 @@ def test_bf16_without_the_extension_matches_flat_adamw(tmp_path, monkeypatch):
     a, b = step_losses(tmp_path / "flat"), step_losses(tmp_path / "torch")
     assert a.keys() == b.keys() and max(abs(a[i] - b[i]) for i in a) < 1e-3 * a[0]
     assert b[11] < b[0]
+
+
+def _stepper_run(dtype, steps=2):
+    """A tiny GPT stepped ``steps`` times by a Stepper (grad_clip small enough to clip)."""
+    torch.manual_seed(0)
+    model = build_model("gpt", GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8,
+                                         vocab_size=11))
+    stepper = Stepper(model, "cpu", dtype, TrainConfig(grad_clip=0.1))
+    x = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        _, loss = stepper.model(x, x)
+        stepper.backward(loss)
+        stepper.step()
+    return model, stepper
+
+
+def test_stepper_in_float32_is_torch_adamw_with_clipping():
+    model, stepper = _stepper_run(torch.float32)
+    assert stepper.model is model and stepper.flat is None
+    torch.manual_seed(0)
+    ref = build_model("gpt", GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
+    opt = optim.make_optimizer(ref, 1e-3, 0.1, (0.9, 0.99))
+    x = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        ref(x, x)[1].backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))   # bitwise
+    assert all(p.grad is None for p in model.parameters())
+    assert set(stepper.state_dict()) == {"optimizer", "scaler"}   # the checkpoint's keys
+
+
+@pytest.mark.parametrize("extension", [True, False])
+def test_stepper_in_bf16_steps_the_masters_and_refreshes_the_copy(monkeypatch, extension):
+    if not extension:
+        monkeypatch.setattr(optim, "unavailable", lambda: "pretend it is not built")
+    model, stepper = _stepper_run(torch.bfloat16)
+    assert (stepper.flat is not None) == extension
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for master, work in zip(model.parameters(), stepper.model.parameters()):
+        assert work.dtype == torch.bfloat16 and torch.equal(work, master.to(torch.bfloat16))
+        assert work.grad is None and master.grad is None
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):
