@@ -299,8 +299,10 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     # `model` holds the fp32 master weights; on CPU in bf16 the stepper's bf16 copy computes
-    run = _Run(opts, world, device, out_dir, tokenizer, model_kind, mcfg, tcfg, model,
-               Stepper(model, device.type, dtype, tcfg), batches, autocast(device.type, dtype))
+    run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, tokenizer=tokenizer,
+               model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
+               stepper=Stepper(model, device.type, dtype, tcfg), batches=batches,
+               ctx=autocast(device.type, dtype))
     if resumed is not None:
         run.resume_from(resumed)
     run.wrap_for_steps()
