@@ -193,44 +193,54 @@ void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int
                     " and strides ", t.strides());
 }
 
-at::Tensor flat_adamw_step_cpu(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
-                               at::Tensor& working, at::Tensor& steps,
-                               const c10::List<std::optional<at::Tensor>>& grads,
-                               at::IntArrayRef offsets, at::IntArrayRef group,
-                               at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
-                               at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
-                               at::ArrayRef<double> eps, double max_norm) {
-  const int64_t n = static_cast<int64_t>(grads.size());
-  const int64_t groups = static_cast<int64_t>(lr.size());
+// the op's per-group hyperparameters, and the group of each tensor
+struct Groups {
+  at::IntArrayRef group;
+  at::ArrayRef<double> lr, weight_decay, beta1, beta2, eps;
+  int64_t count() const { return static_cast<int64_t>(lr.size()); }
+};
+
+// The lists' lengths and the flat buffers, checked before anything is written, so that a bad
+// call leaves the optimizer's state as it was.
+void check_inputs(const at::Tensor& master, const at::Tensor& exp_avg,
+                  const at::Tensor& exp_avg_sq, const at::Tensor& working,
+                  const at::Tensor& steps, int64_t n, at::IntArrayRef offsets, const Groups& h) {
+  const int64_t groups = h.count();
   TORCH_CHECK_VALUE(static_cast<int64_t>(offsets.size()) == n + 1 && offsets[0] == 0, OP_NAME
                     ": offsets must hold 0 and the end of each of the ", n, " tensors; got ",
                     offsets);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(group.size()) == n, OP_NAME ": group must name the "
-                    "group of each of the ", n, " tensors; got ", group.size(), " entries");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(weight_decay.size()) == groups &&
-                        static_cast<int64_t>(beta1.size()) == groups &&
-                        static_cast<int64_t>(beta2.size()) == groups &&
-                        static_cast<int64_t>(eps.size()) == groups,
+  TORCH_CHECK_VALUE(static_cast<int64_t>(h.group.size()) == n, OP_NAME ": group must name the "
+                    "group of each of the ", n, " tensors; got ", h.group.size(), " entries");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(h.weight_decay.size()) == groups &&
+                        static_cast<int64_t>(h.beta1.size()) == groups &&
+                        static_cast<int64_t>(h.beta2.size()) == groups &&
+                        static_cast<int64_t>(h.eps.size()) == groups,
                     OP_NAME ": lr, weight_decay, beta1, beta2 and eps need one value per group; "
-                    "got ", lr.size(), ", ", weight_decay.size(), ", ", beta1.size(), ", ",
-                    beta2.size(), " and ", eps.size());
+                    "got ", h.lr.size(), ", ", h.weight_decay.size(), ", ", h.beta1.size(), ", ",
+                    h.beta2.size(), " and ", h.eps.size());
   const int64_t total = offsets[n];
   check_flat(master, "master", at::kFloat, total);
   check_flat(exp_avg, "exp_avg", at::kFloat, total);
   check_flat(exp_avg_sq, "exp_avg_sq", at::kFloat, total);
   check_flat(working, "working", at::kBFloat16, total);
   check_flat(steps, "steps", at::kFloat, n);
+}
 
-  // the tensors' segments
-  std::vector<at::Tensor> keep(n);   // contiguous copies of strided grads, if any
+// Each tensor's place in the flat buffers and its gradient, checked tensor by tensor (still
+// before any write); keep[i] holds grad i's contiguous copy when it was strided. The step
+// constants are left for count_step, which may only run once every tensor has passed.
+std::vector<Segment> segments(const c10::List<std::optional<at::Tensor>>& grads,
+                              at::IntArrayRef offsets, const Groups& h,
+                              std::vector<at::Tensor>& keep) {
+  const int64_t n = static_cast<int64_t>(grads.size());
   std::vector<Segment> segs(n);
   for (int64_t i = 0; i < n; ++i) {
     Segment& s = segs[i];
     s.offset = offsets[i];
     s.numel = offsets[i + 1] - offsets[i];
     TORCH_CHECK_VALUE(s.numel >= 0, OP_NAME ": offsets must not decrease; got ", offsets);
-    TORCH_CHECK_VALUE(group[i] >= 0 && group[i] < groups, OP_NAME ": tensor ", i,
-                      " names group ", group[i], "; there are ", groups, " groups");
+    TORCH_CHECK_VALUE(h.group[i] >= 0 && h.group[i] < h.count(), OP_NAME ": tensor ", i,
+                      " names group ", h.group[i], "; there are ", h.count(), " groups");
     const std::optional<at::Tensor> grad = grads.get(i);
     s.grad = nullptr;
     if (!grad.has_value() || !grad->defined()) continue;
@@ -246,69 +256,88 @@ at::Tensor flat_adamw_step_cpu(at::Tensor& master, at::Tensor& exp_avg, at::Tens
     s.grad = keep[i].const_data_ptr();
     s.grad_bf16 = grad->scalar_type() == at::kBFloat16;
   }
+  return segs;
+}
 
-  // every input checked: count the step (torch.optim increments each tensor's fp32 step, then
-  // its kernel works in double from it) and compute the constants torch's kernel computes
+// Counts the step of every tensor with a gradient and fills in the constants torch's kernel
+// computes from it: torch.optim increments each tensor's fp32 step, then its kernel works in
+// double from it, rounding each constant to fp32 once.
+void count_step(at::Tensor& steps, const Groups& h, std::vector<Segment>& segs) {
   float* step_data = steps.mutable_data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < segs.size(); ++i) {
     Segment& s = segs[i];
     if (s.grad == nullptr) continue;
-    const int64_t g = group[i];
+    const int64_t g = h.group[i];
     step_data[i] += 1.0f;
     const double step = step_data[i];
-    const double bias_correction1 = 1 - std::pow(beta1[g], step);
-    const double bias_correction2 = 1 - std::pow(beta2[g], step);
-    s.decays = weight_decay[g] != 0;
-    s.decay = static_cast<float>(1 - lr[g] * weight_decay[g]);
-    const float lerp_weight = static_cast<float>(1 - beta1[g]);
+    const double bias_correction1 = 1 - std::pow(h.beta1[g], step);
+    const double bias_correction2 = 1 - std::pow(h.beta2[g], step);
+    s.decays = h.weight_decay[g] != 0;
+    s.decay = static_cast<float>(1 - h.lr[g] * h.weight_decay[g]);
+    const float lerp_weight = static_cast<float>(1 - h.beta1[g]);
     s.lerp_from_m = std::abs(lerp_weight) < 0.5f;
     s.lerp_coeff = s.lerp_from_m ? lerp_weight : lerp_weight - 1.0f;
-    s.beta2 = static_cast<float>(beta2[g]);
-    s.one_minus_beta2 = static_cast<float>(1 - beta2[g]);
+    s.beta2 = static_cast<float>(h.beta2[g]);
+    s.one_minus_beta2 = static_cast<float>(1 - h.beta2[g]);
     s.bias_correction2_sqrt = static_cast<float>(std::sqrt(bias_correction2));
-    s.eps = static_cast<float>(eps[g]);
-    s.neg_step_size = static_cast<float>(-(lr[g] / bias_correction1));
+    s.eps = static_cast<float>(h.eps[g]);
+    s.neg_step_size = static_cast<float>(-(h.lr[g] / bias_correction1));
   }
+}
 
+// The units of parallel work: each tensor with a gradient cut into kBlock pieces from its
+// first element, in tensor order (the norm adds the blocks' sums in this order).
+std::vector<Block> blocks_of(const std::vector<Segment>& segs) {
   std::vector<Block> blocks;
-  for (int64_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < segs.size(); ++i) {
     if (segs[i].grad == nullptr) continue;
     for (int64_t b = 0; b < segs[i].numel; b += kBlock)
       blocks.push_back({static_cast<int32_t>(i), b, std::min(b + kBlock, segs[i].numel)});
   }
+  return blocks;
+}
+
+// blocks per parallel_for task: about at::internal::GRAIN_SIZE elements
+constexpr int64_t kGrain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock);
+
+// Pass 1: ||all grads||_2. Each block's squares are summed in double on some thread, the
+// blocks' sums added in block order on this one, so the norm does not depend on the thread
+// count.
+float grad_norm(const std::vector<Segment>& segs, const std::vector<Block>& blocks) {
   const int64_t nblocks = static_cast<int64_t>(blocks.size());
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / kBlock);
+  std::vector<double> partial(nblocks);
+  at::parallel_for(0, nblocks, kGrain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block& k = blocks[b];
+      const Segment& s = segs[k.segment];
+      partial[b] = s.grad_bf16
+                       ? sum_squares(static_cast<const uint16_t*>(s.grad), k.begin, k.end)
+                       : sum_squares(static_cast<const float*>(s.grad), k.begin, k.end);
+    }
+  });
+  double sum = 0;
+  for (double x : partial) sum += x;
+  return static_cast<float>(std::sqrt(sum));
+}
 
-  // pass 1: the norm, when clipping
-  const bool clips = max_norm > 0;
-  float norm = std::nanf("");
-  float clip = 1.0f;
-  if (clips) {
-    std::vector<double> partial(nblocks);
-    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const Block& k = blocks[b];
-        const Segment& s = segs[k.segment];
-        partial[b] = s.grad_bf16
-                         ? sum_squares(static_cast<const uint16_t*>(s.grad), k.begin, k.end)
-                         : sum_squares(static_cast<const float*>(s.grad), k.begin, k.end);
-      }
-    });
-    double sum = 0;
-    for (double x : partial) sum += x;
-    norm = static_cast<float>(std::sqrt(sum));
-    // clip_grad_norm_: clamp(max_norm / (norm + 1e-6), max=1) in fp32, where a / t is
-    // t.reciprocal() * a; a NaN norm stays NaN
-    const float coeff = (1.0f / (norm + 1e-6f)) * static_cast<float>(max_norm);
-    clip = coeff > 1.0f ? 1.0f : coeff;
-  }
+// The factor the grads are multiplied by, as clip_grad_norm_ computes it:
+// clamp(max_norm / (norm + 1e-6), max=1) in fp32, where a / t is t.reciprocal() * a; a NaN
+// norm stays NaN.
+float clip_factor(float norm, double max_norm) {
+  const float coeff = (1.0f / (norm + 1e-6f)) * static_cast<float>(max_norm);
+  return coeff > 1.0f ? 1.0f : coeff;
+}
 
-  // pass 2: the update
+// Pass 2: AdamW on every block, writing the master, both moments and the bf16 working copy;
+// a block's update reads no other block's data, so the blocks run in any order.
+void update_pass(const std::vector<Segment>& segs, const std::vector<Block>& blocks,
+                 float clip, bool clips, at::Tensor& master, at::Tensor& exp_avg,
+                 at::Tensor& exp_avg_sq, at::Tensor& working) {
   float* param = master.mutable_data_ptr<float>();
   float* m = exp_avg.mutable_data_ptr<float>();
   float* v = exp_avg_sq.mutable_data_ptr<float>();
   uint16_t* work = reinterpret_cast<uint16_t*>(working.mutable_data_ptr<at::BFloat16>());
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), kGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Block& k = blocks[b];
       const Segment& s = segs[k.segment];
@@ -322,6 +351,26 @@ at::Tensor flat_adamw_step_cpu(at::Tensor& master, at::Tensor& exp_avg, at::Tens
       }
     }
   });
+}
+
+at::Tensor flat_adamw_step_cpu(at::Tensor& master, at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                               at::Tensor& working, at::Tensor& steps,
+                               const c10::List<std::optional<at::Tensor>>& grads,
+                               at::IntArrayRef offsets, at::IntArrayRef group,
+                               at::ArrayRef<double> lr, at::ArrayRef<double> weight_decay,
+                               at::ArrayRef<double> beta1, at::ArrayRef<double> beta2,
+                               at::ArrayRef<double> eps, double max_norm) {
+  const Groups h{group, lr, weight_decay, beta1, beta2, eps};
+  const int64_t n = static_cast<int64_t>(grads.size());
+  check_inputs(master, exp_avg, exp_avg_sq, working, steps, n, offsets, h);
+  std::vector<at::Tensor> keep(n);   // contiguous copies of strided grads, if any
+  std::vector<Segment> segs = segments(grads, offsets, h, keep);
+  count_step(steps, h, segs);        // every input checked: the first write
+  const std::vector<Block> blocks = blocks_of(segs);
+  const bool clips = max_norm > 0;
+  const float norm = clips ? grad_norm(segs, blocks) : std::nanf("");
+  const float clip = clips ? clip_factor(norm, max_norm) : 1.0f;
+  update_pass(segs, blocks, clip, clips, master, exp_avg, exp_avg_sq, working);
   return at::scalar_tensor(norm, master.options());
 }
 
