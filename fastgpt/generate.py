@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fastgpt import ops
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, check_tokens
-from fastgpt.ops.transformer_block import decode_unsupported, transformer_block_decode
+from fastgpt.ops.transformer_block import decode_unsupported
 
 log = logging.getLogger("fastgpt.generate")
 
@@ -66,7 +66,7 @@ class KVCache:
         x = tok + tr.wpe.weight[start:T]                                     # (B, T', C)
         last = len(self.weights) - 1
         for i, w in enumerate(self.weights):
-            x, self.kv[i] = transformer_block_decode(
+            x, self.kv[i] = ops.transformer_block_decode(
                 x, w, cfg.n_head, past=self.kv[i] if start else None, last_only=i == last,
                 attention=cfg.attention, preferred=cfg.transformer_block)
         self.seen = T

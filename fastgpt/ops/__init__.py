@@ -9,7 +9,7 @@ from fastgpt.ops.attention import causal_attention
 from fastgpt.ops.cross_entropy import cross_entropy
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy
 from fastgpt.ops.embedding import embedding
-from fastgpt.ops.transformer_block import BlockWeights, transformer_block
+from fastgpt.ops.transformer_block import BlockWeights, transformer_block, transformer_block_decode
 
 # --- fast backends: each module registers its backends and default order on import ---
 # (one line per module; keep this block)
@@ -22,5 +22,5 @@ from fastgpt.ops import transformer_block_ext  # noqa: F401  (ext)
 # --- end fast backends ---
 
 __all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",
-           "transformer_block", "BlockWeights", "available_backends", "backend_names",
+           "transformer_block", "transformer_block_decode", "BlockWeights", "available_backends", "backend_names",
            "use_backends"]

@@ -20,41 +20,34 @@ fastgpt defines neither.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
-from fastgpt.ops._triton import interpreting, store_dtype
+from fastgpt.ops._triton import (define_op, interpreting, kernels, kernels_unavailable,
+                                 loaded_for_gpu, store_dtype)
 from fastgpt.ops.attention import attention_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_KERNELS = "fastgpt.kernels.attention"
+_KERNELS = "attention"   # fastgpt.kernels.attention
 
 
-@functools.cache
 def _kernels():
-    return importlib.import_module(_KERNELS)
-
-
-def _kernels_compiled_for_gpu() -> bool:
-    """True when the kernels were loaded (defined) while TRITON_INTERPRET was off."""
-    module = sys.modules.get(_KERNELS)
-    return module is not None and type(module.attn_fwd).__name__ != "InterpretedFunction"
+    return kernels(_KERNELS)
 
 
 @registry.constant_under_compile
 def _available() -> Optional[str]:
     """None when triton is installed (and then the ops are defined), else why not."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    define_ops()
-    return None
+    reason = kernels_unavailable(_KERNELS)
+    if reason is None:
+        define_ops()
+    return reason
 
 
 def _supports(q: Tensor, k: Tensor, v: Tensor, scale=None, dropout_p: float = 0.0) -> Optional[str]:
@@ -63,7 +56,7 @@ def _supports(q: Tensor, k: Tensor, v: Tensor, scale=None, dropout_p: float = 0.
         if not interpreting():
             return ("triton kernels need a CUDA device; on CPU they run only under the Triton "
                     "interpreter (set TRITON_INTERPRET=1 before starting Python)")
-        if not torch.compiler.is_compiling() and _kernels_compiled_for_gpu():
+        if not torch.compiler.is_compiling() and loaded_for_gpu(_KERNELS, "attn_fwd"):
             return ("TRITON_INTERPRET=1 was set after the triton kernels were loaded; set it "
                     "before starting Python")
     elif dev != "cuda":
@@ -100,7 +93,6 @@ _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "f
 
 def _launcher(name: str, block_d: int, dtype: torch.dtype):
     """The kernel to launch: autotuned over its GPU configs, or as is under the interpreter."""
-    from torch.library import wrap_triton
     if interpreting():
         return wrap_triton(getattr(_kernels(), name))
     return wrap_triton(_autotuned(name, block_d, _DTYPE_NAMES[dtype]))
@@ -108,7 +100,7 @@ def _launcher(name: str, block_d: int, dtype: torch.dtype):
 
 @functools.cache
 def _autotuned(name: str, block_d: int, dtype: str):
-    import triton
+    import triton   # here, not at the top: importing triton costs ~0.5 s a CPU run never needs
     kernels = _kernels()
     fwd, bwd = kernels.launch_configs(block_d, dtype)
     if name == "attn_fwd":
@@ -177,7 +169,6 @@ def _fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
 def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
          scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
     """``out``: the forward's output, best its fp32 copy (out32), as delta is formed from it."""
-    from torch.library import wrap_triton
     B, H, T, D = q.shape
     block_d = _block_d(D)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
@@ -200,43 +191,20 @@ def _bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
-# The public ops. On GPU their bodies launch the kernels through wrap_triton, which lets
-# torch.compile trace into them. Interpreted kernels cannot be traced with fake tensors, so under
-# TRITON_INTERPRET the bodies call opaque twins (custom_op + register_fake) instead.
-# They are defined on the first availability check, not at import: defining a triton_op imports
-# torch._inductor (and with it torch._dynamo), about 1.2 s that a CPU run never needs.
+# The public ops (fastgpt.ops._triton.define_op: triton_ops, with opaque twins under the
+# interpreter), defined on the first availability check, not at import.
 
 @functools.cache
 def define_ops() -> None:
-    @torch.library.triton_op("fastgpt::attention_fwd", mutates_args=())
-    def attention_fwd(q: Tensor, k: Tensor, v: Tensor, seed: Tensor, scale: float,
-                      dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-        if interpreting():
-            return torch.ops.fastgpt._attention_fwd_interpreted(q, k, v, seed, scale, dropout_p)
-        return _fwd(q, k, v, seed, scale, dropout_p)
-
-    @torch.library.triton_op("fastgpt::attention_bwd", mutates_args=())
-    def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                      seed: Tensor, scale: float,
-                      dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
-        if interpreting():
-            return torch.ops.fastgpt._attention_bwd_interpreted(dout, q, k, v, out, lse, seed,
-                                                                scale, dropout_p)
-        return _bwd(dout, q, k, v, out, lse, seed, scale, dropout_p)
-
-    _fwd_interpreted = torch.library.custom_op("fastgpt::_attention_fwd_interpreted",
-                                               mutates_args=())(_fwd)
-    _bwd_interpreted = torch.library.custom_op("fastgpt::_attention_bwd_interpreted",
-                                               mutates_args=())(_bwd)
-
-    @_fwd_interpreted.register_fake
-    def _(q, k, v, seed, scale, dropout_p):
+    def _fwd_fake(q, k, v, seed, scale, dropout_p):
         B, H, T, D = q.shape
         return _empty_bhtd(q), q.new_empty((B, H, T), dtype=torch.float32), _empty_out32(q)
 
-    @_bwd_interpreted.register_fake
-    def _(dout, q, k, v, out, lse, seed, scale, dropout_p):
+    def _bwd_fake(dout, q, k, v, out, lse, seed, scale, dropout_p):
         return _empty_bhtd(q), _empty_bhtd(q), _empty_bhtd(q)
+
+    attention_fwd = define_op("fastgpt::attention_fwd", _fwd, _fwd_fake)
+    define_op("fastgpt::attention_bwd", _bwd, _bwd_fake)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, seed, scale, dropout_p = inputs

@@ -14,38 +14,28 @@ which runs them on chunks of logits it owns and overwrites each chunk with its g
 from __future__ import annotations
 
 import functools
-import importlib
 from typing import Optional
 
 import torch
+from torch.library import wrap_triton
 
 from fastgpt.ops import registry
-from fastgpt.ops._triton import interpreting, store_dtype
+from fastgpt.ops._triton import define_op, interpreting, kernels, kernels_unavailable, store_dtype
 from fastgpt.ops.cross_entropy import acc_dtype, add_z_loss, reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
 def _kernels():
     """fastgpt.kernels.cross_entropy, imported on first use, not with fastgpt.ops: importing
     triton takes ~0.2 s, which a CPU training run (whose loss is the ``chunked`` one) never needs."""
-    return importlib.import_module("fastgpt.kernels.cross_entropy")
-
-
-@functools.cache
-def _import_error() -> Optional[str]:
-    try:
-        _kernels()
-    except ImportError as e:  # the backend reports itself unavailable
-        return f"triton is not importable ({e})"
-    return None
+    return kernels("cross_entropy")
 
 
 @registry.constant_under_compile
 def triton_unavailable() -> Optional[str]:
     """None when triton is importable (and then the ops are defined), else why not."""
-    reason = _import_error()
+    reason = kernels_unavailable("cross_entropy")
     if reason is None:
         _define_ops()
     return reason
@@ -68,7 +58,6 @@ def _launch_args(V: int, label_smoothing: float, softcap: float):
 
 def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softcap: float):
     """(rows, lse, row_max, row_sum), each (N,) in fp32 (float64 for float64 logits)."""
-    from torch.library import wrap_triton
     N, V = logits.shape
     rows = torch.empty(N, dtype=acc_dtype(logits.dtype), device=logits.device)
     lse, row_max, row_sum = (torch.empty_like(rows) for _ in range(3))
@@ -83,7 +72,6 @@ def launch_fwd(logits, targets, ignore_index: int, label_smoothing: float, softc
 def launch_bwd(logits, targets, row_max, row_sum, a, b, label_smoothing: float, softcap: float,
                out):
     """Write the gradient into ``out`` (which may be ``logits`` itself)."""
-    from torch.library import wrap_triton
     N, V = logits.shape
     if N:
         store = store_dtype(out.dtype)
@@ -97,23 +85,9 @@ def launch_bwd(logits, targets, row_max, row_sum, a, b, label_smoothing: float, 
     return out
 
 
-def define_op(name: str, fn, fake):
-    """A triton_op (torch.compile traces into its kernels), except under TRITON_INTERPRET=1.
-
-    The interpreter turns @triton.jit functions into plain Python that ``wrap_triton`` cannot
-    trace, so there the op is an opaque custom_op with an explicit fake (shape-only) kernel.
-    """
-    if interpreting():
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fake)
-        return op
-    from torch.library import triton_op
-    return triton_op(name, fn, mutates_args=())
-
-
 @functools.cache
 def _define_ops() -> None:
-    """Defined on first use, not at import: a triton_op imports torch._inductor (~1.2 s)."""
+    """Defined on first use (see fastgpt.ops._triton.define_op)."""
     def _fwd(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
              label_smoothing: float, softcap: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
