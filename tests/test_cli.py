@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastgpt import model, sample
+from fastgpt import cli, model
 from fastgpt.checkpoint import load_checkpoint, save_checkpoint
 from fastgpt.cli import main
 from fastgpt.ops import extension, registry
@@ -196,7 +196,7 @@ def test_extension_dtype_check_is_a_one_line_error(tmp_path, capsys, monkeypatch
     def run(opts):   # as if sampling had handed the C++ op a float64 table
         return torch.ops.fastgpt.embedding_forward(torch.zeros(3, 2, dtype=torch.float64),
                                                    torch.tensor([0]), -1)
-    monkeypatch.setattr(sample, "sample_from_checkpoint", run)
+    monkeypatch.setattr(cli, "sample_from_checkpoint", run)
     _bad(tmp_path, capsys, ["sample"], "fastgpt: error: fastgpt::embedding_forward: weight must "
                                        "be float32, float16 or bfloat16; got Double")
 
@@ -207,6 +207,6 @@ def test_extension_dtype_check_is_a_one_line_error(tmp_path, capsys, monkeypatch
 def test_other_errors_keep_their_traceback(monkeypatch, error):
     def run(opts):
         raise error
-    monkeypatch.setattr(sample, "sample_from_checkpoint", run)
+    monkeypatch.setattr(cli, "sample_from_checkpoint", run)
     with pytest.raises(type(error), match=str(error)):
         main(["sample"])
