@@ -11,8 +11,8 @@ prints when ``knobs.nvidia.dump_ptxas_log`` is on; we capture it with Triton's c
 ptxas really runs. ``parse_ptxas_log`` is the one reader of such logs: the CUDA extension's
 nvcc ``-Xptxas -v`` build log goes through it too (``fastgpt compile-report --ext-log``,
 .ci/check_cuda_ext.sh), as do the register rounding (``warps_by_registers``) and the
-shippability rules (``check``). Shared memory is Triton's own figure (``metadata.shared``: the dynamic shared
-memory the launch asks for).
+shippability rules (``check``). Shared memory is Triton's own figure (``metadata.shared``: the
+dynamic shared memory the launch asks for).
 
 Convention for kernel modules: a module in ``fastgpt.kernels`` that can be compiled ahead of time
 exports ``aot_configs() -> list[AOTConfig]`` (an ``AOTConfig`` is
@@ -26,8 +26,8 @@ ones the launchers ship on GPU; kernel modules do not import this module (layeri
 
 This must run in a process where TRITON_INTERPRET is not set (the interpreter replaces
 ``@triton.jit`` functions with Python ones that cannot be compiled). ``fastgpt compile-report``
-(fastgpt/tools/compile_report.py) therefore runs it in worker subprocesses, one per architecture; the
-tests use those workers too.
+(fastgpt/tools/compile_report.py) therefore runs it in worker subprocesses, one per
+architecture; the tests use those workers too.
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
                      num_warps: int, num_stages: int) -> KernelResources:
     """Compile ``fn`` for ``sm_<arch>`` without a GPU and report its resource use."""
     if interpreting():
-        raise RuntimeError("fastgpt.tools.aot needs TRITON_INTERPRET unset: interpreted kernels cannot "
-                           "be compiled. `fastgpt compile-report` compiles in clean subprocesses.")
+        raise RuntimeError("fastgpt.tools.aot needs TRITON_INTERPRET unset: interpreted kernels "
+                           "cannot be compiled. `fastgpt compile-report` compiles in clean "
+                           "subprocesses.")
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
