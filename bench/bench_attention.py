@@ -1,6 +1,7 @@
 """Causal attention: every backend of fastgpt.ops.causal_attention, timed side by side.
 
-A thin front end of the shared harness (fastgpt/tools/bench/harness.py, cases in fastgpt/tools/bench/suites.py):
+A thin front end of the shared harness (fastgpt/tools/bench/harness.py; cases in
+fastgpt/tools/bench/suites.py):
 the same as `fastgpt bench attention ...`. Providers: loop, tril, torch, sdpa, compile, ext
 (CPU: the C++ fused kernel), and triton (CUDA only: on CPU it would be the Triton interpreter,
 a correctness tool, not a fast path). Modes: fwd, bwd (backward alone, from a kept graph), fwd+bwd. Reports median ms with the

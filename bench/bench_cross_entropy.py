@@ -1,6 +1,7 @@
 """Linear + cross-entropy (the LM head's loss), forward + backward: time and peak memory.
 
-A thin front end of the shared harness (fastgpt/tools/bench/harness.py, cases in fastgpt/tools/bench/suites.py)
+A thin front end of the shared harness (fastgpt/tools/bench/harness.py; cases in
+fastgpt/tools/bench/suites.py)
 that keeps this script's named cases (N tokens, C width, V vocabulary):
   baby              N=768    C=128  V=65      (the `baby` preset: batch 12 x block 64)
   shakespeare-char  N=16384  C=384  V=65      (batch 64 x block 256)

@@ -1,6 +1,7 @@
 """Embedding lookup: fastgpt's ``ext`` kernels (fastgpt._C) against PyTorch's.
 
-A thin front end of the shared harness (fastgpt/tools/bench/harness.py, cases in fastgpt/tools/bench/suites.py):
+A thin front end of the shared harness (fastgpt/tools/bench/harness.py; cases in
+fastgpt/tools/bench/suites.py):
 the same as `fastgpt bench embedding --min-run-time 1 ...`. For each vocabulary size V, token
 count N and width C it times
   fwd:      the lookup (weight requires grad, as in training);

@@ -1,6 +1,7 @@
 """One GPT block (fastgpt.ops.transformer_block): the ``torch`` and ``ext`` backends side by side.
 
-A thin front end of the shared harness (fastgpt/tools/bench/harness.py, cases in fastgpt/tools/bench/suites.py):
+A thin front end of the shared harness (fastgpt/tools/bench/harness.py; cases in
+fastgpt/tools/bench/suites.py):
 the same as `fastgpt bench transformer-block ...`. Providers: ``torch`` (the block written with
 torch.nn.functional, attention by its automatic choice) and ``ext`` (fastgpt._C's C++ forward and
 backward; CPU only). Shapes (B, T, C, H heads): the baby preset's block (12, 64, 128, 4) and

@@ -37,7 +37,8 @@ def test_summarize_and_environment():
     assert s["median"] == 3.0 and 1.0 <= s["p20"] <= s["median"] <= s["p80"] <= 5.0
     assert summarize([7.0]) == {"median": 7.0, "p20": 7.0, "p80": 7.0}
     env = environment("cpu")
-    assert set(env) >= {"device", "cpu", "cpu_flags", "threads", "torch", "triton", "git_sha", "date"}
+    assert set(env) >= {"device", "cpu", "cpu_flags", "threads", "torch", "triton", "git_sha",
+                        "date"}
     assert env["threads"] == torch.get_num_threads()
 
 

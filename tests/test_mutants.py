@@ -1,8 +1,8 @@
 """The accuracy rule bites: deliberately wrong backends fail it, the real ones pass it.
 
-A mutant (fastgpt.tools.accuracy) is a real fast backend whose output or one input gradient is scaled
-by 1.01, or has its last element moved by 5% of the tensor's largest magnitude. For every op with
-a fast backend and every dtype, each mutant runs through `fastgpt check`'s full grid (odd T,
+A mutant (fastgpt.tools.accuracy) is a real fast backend whose output or one input gradient is
+scaled by 1.01, or has its last element moved by 5% of the tensor's largest magnitude. For every
+op with a fast backend and every dtype, each mutant runs through `fastgpt check`'s full grid (odd T,
 head dims 16-128, vocabularies 65-50257, ignored targets, padding rows, strided inputs) and must
 FAIL: the element mutants on every case, the 1% scale mutants on at least one case (a 1% scale
 in bfloat16 is 1-3 units in the last place; where plain PyTorch's own bf16 error is half as large,

@@ -39,8 +39,8 @@ PLAIN = dict(attention="torch", embedding="torch", transformer_block="torch")
 
 def _check_cached_logits(model, prompt_len, label, steps=20):
     """The cached last-position logits of a growing sequence against full recomputation of the
-    cropped context, with fastgpt.tools.accuracy's rule over all steps at once: model() in float64 is
-    the reference, model() with plain PyTorch ops in the model's dtype the yardstick."""
+    cropped context, with fastgpt.tools.accuracy's rule over all steps at once: model() in float64
+    is the reference, model() with plain PyTorch ops in the model's dtype the yardstick."""
     model64 = copy.deepcopy(model).double()
     cache = KVCache(model)
     idx = torch.randint(0, 23, (2, prompt_len))

@@ -1,8 +1,8 @@
 """fastgpt.ops.transformer_block: the C++ block (``ext``) against the float64 reference.
 
-Forward and every gradient must meet the accuracy rule (fastgpt.tools.accuracy) against the ``torch``
-backend in float64, in float32 and bfloat16, with and without biases, at odd lengths and with a
-non-contiguous input; the three custom ops pass opcheck; the op traces under
+Forward and every gradient must meet the accuracy rule (fastgpt.tools.accuracy) against the
+``torch`` backend in float64, in float32 and bfloat16, with and without biases, at odd lengths
+and with a non-contiguous input; the three custom ops pass opcheck; the op traces under
 torch.compile(fullgraph=True); dispatch sends dropout and user-named attention backends to
 ``torch``; bad input gets a clear error. Incremental decoding (transformer_block_decode, the KV
 cache's path) gives the full block's rows and keys/values, and only ``torch`` runs it.

@@ -22,5 +22,5 @@ from fastgpt.ops import transformer_block_ext  # noqa: F401  (ext)
 # --- end fast backends ---
 
 __all__ = ["causal_attention", "cross_entropy", "linear_cross_entropy", "embedding",
-           "transformer_block", "transformer_block_decode", "BlockWeights", "available_backends", "backend_names",
-           "use_backends"]
+           "transformer_block", "transformer_block_decode", "BlockWeights", "available_backends",
+           "backend_names", "use_backends"]

@@ -298,8 +298,8 @@ HEADER = (f"{'op':<21} {'backend':<8} {'dtype':<9} {'pass':<{PART_WIDTH}} {'max 
 
 def format_row(r: CheckRow) -> str:
     line = (f"{r.op:<21} {r.backend:<8} {r.dtype:<9} {r.part:<{PART_WIDTH}} "
-            f"{number(r.max_abs_err, '.3g'):>11} "
-            f"{number(r.plain_err, '.3g'):>10} {number(r.ratio, '.2f'):>6}  {r.result:<6} {r.shape}")
+            f"{number(r.max_abs_err, '.3g'):>11} {number(r.plain_err, '.3g'):>10} "
+            f"{number(r.ratio, '.2f'):>6}  {r.result:<6} {r.shape}")
     return line + (f"  ({r.note})" if r.note else "")
 
 

@@ -5,7 +5,8 @@ per-log-interval throughput rows of its metrics.jsonl give tokens/s and ms/iter,
 two intervals dropped as warm-up. Configurations run interleaved over several rounds so that a
 noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nanoGPT's estimate:
 6 * parameters + 12 * n_layer * n_embd * block_size FLOPs per token, forward and backward) over
-the device's peak for the dtype (fastgpt.tools.bench.harness.DEVICE_PEAKS); "unknown" for other devices.
+the device's peak for the dtype (fastgpt.tools.bench.harness.DEVICE_PEAKS); "unknown" for other
+devices.
 
 A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
 ``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding,
