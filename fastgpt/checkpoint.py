@@ -42,9 +42,10 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint file ``path``, or the one in the run directory ``path``."""
     path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
+    if path.is_dir() or (path.name != CHECKPOINT_NAME and not path.exists()):
+        path = path / CHECKPOINT_NAME   # a run directory, even one that does not exist (yet)
     if not path.exists():
         raise FastGPTError(f"no checkpoint at {str(path)!r}; train first (fastgpt train "
                            f"--out-dir {str(path.parent)!r}) or point --out-dir at a run")

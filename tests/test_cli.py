@@ -138,6 +138,10 @@ def test_bad_sample_options(trained, tmp_path, capsys):
     _bad(tmp_path, capsys, ["sample", "--out-dir", str(trained), "--prompt", "JULIET: ¿Qué€?"],
          "3 character(s) not in the model's vocabulary: '¿', 'é', '€'")
     _bad(tmp_path, capsys, ["sample", "--out-dir", str(tmp_path / "none")], "no checkpoint at")
+    # the suggestion names the directory the user gave, not its parent
+    missing = tmp_path / "a" / "doesnotexist"
+    _bad(tmp_path, capsys, ["sample", "--out-dir", str(missing)],
+         f"train first (fastgpt train --out-dir {str(missing)!r})")
     _bad(tmp_path, capsys, ["sample", "--out-dir", str(trained), "--temperature", "0"],
          "temperature must be > 0")
     _bad(tmp_path, capsys, ["sample", "--out-dir", str(trained), "--top-k", "0"], "top_k must be >= 1")
