@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -21,12 +22,14 @@ FORMAT = "fastgpt-checkpoint-1"
 REQUIRED_KEYS = ("format", "model", "model_kind", "model_args", "train_args", "vocab", "iter_num")
 
 
-def save_checkpoint(path: str | Path, state: dict) -> None:
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write`` on a temporary file beside ``path``, fsync it and rename it over ``path``:
+    a crash at any moment leaves the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +42,10 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    write_atomically(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: str | Path) -> dict:

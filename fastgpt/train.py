@@ -24,7 +24,7 @@ import torch
 
 from fastgpt import config as cfgmod
 from fastgpt import distributed, ops
-from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomically
 from fastgpt.data import CharTokenizer, TextDataset, read_text
 from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
@@ -104,16 +104,40 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per line, flushed at once so a killed run keeps its rows."""
+    """Appends one JSON object per line, flushed at once so a killed run keeps its rows.
 
-    def __init__(self, path: Path, fresh: bool):
+    A fresh run starts an empty log. A run resumed from the checkpoint of iteration
+    ``resume_iter`` keeps the log's history up to that checkpoint: rows a killed run wrote past
+    it are dropped (atomically), as their iterations run again, so the file stays one history
+    in order.
+    """
+
+    def __init__(self, path: Path, resume_iter: Optional[int] = None):
         self.path = path
-        if fresh:
+        if resume_iter is None:
             path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if _before_checkpoint(line, resume_iter)]
+            write_atomically(path, lambda f: f.write("".join(f"{l}\n" for l in kept).encode()))
 
     def write(self, **row) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _before_checkpoint(line: str, it: int) -> bool:
+    """Whether a metrics row belongs to the history up to the checkpoint of iteration ``it``,
+    which holds the state after the estimate at ``it`` and before that iteration's step."""
+    try:
+        row = json.loads(line)
+    except ValueError:      # a line the kill cut short
+        return False
+    if row.get("kind") == "train":
+        return row["iter"] < it
+    if row.get("kind") == "eval":
+        return row["iter"] <= it
+    return True
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -478,7 +502,8 @@ class _Progress:
     def __init__(self, run: _Run, t_start: float):
         from tqdm import tqdm
         self.out_dir, self.is_main, self.t_start = run.out_dir, run.world.is_main, t_start
-        self.metrics = (MetricsLog(run.out_dir / METRICS_NAME, fresh=not run.resumed)
+        self.metrics = (MetricsLog(run.out_dir / METRICS_NAME,
+                                   run.start_iter if run.resumed else None)
                         if self.is_main else _Discard())
         self.bar = tqdm(total=run.tcfg.max_iters, initial=run.start_iter,
                         disable=not (run.opts.progress and self.is_main), dynamic_ncols=True,

@@ -47,6 +47,28 @@ def test_resume_equals_uninterrupted(tmp_path, dtype):
     assert (tmp_path / "full" / "loss.png").stat().st_size > 0
 
 
+def history(out_dir):
+    """(kind, iter, train loss, val loss) of every metrics row, in file order."""
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["iter"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
+    # a run killed between checkpoints leaves rows past its last one; resuming runs those
+    # iterations again, and the log must read as one uninterrupted history
+    full = tmp_path / "full"
+    run(full, overrides={"max_iters": 12})
+    out = tmp_path / "killed"
+    run(out, overrides={"max_iters": 8})
+    at_8 = (out / "ckpt.pt").read_bytes()
+    run(out, resume=True, overrides={"max_iters": 12})   # rows 8..12 written ...
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "iter": 13, "train_lo')  # ... and a row the kill cut short
+    (out / "ckpt.pt").write_bytes(at_8)                     # ... but the last checkpoint is 8's
+    run(out, resume=True, overrides={"max_iters": 12})
+    assert history(out) == history(full)
+
+
 @pytest.mark.parametrize("first,then", [("bfloat16", "float32"), ("float32", "bfloat16")])
 def test_resume_in_the_other_dtype(tmp_path, first, then):
     """On CPU, bf16 steps with fastgpt.optim.FlatAdamW and float32 with torch.optim.AdamW: each
@@ -148,6 +170,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     losses, expected = step_losses(out), step_losses(tmp_path / "full")
     assert {i: losses[i] for i in expected if i >= last} == {i: v for i, v in expected.items() if i >= last}
     assert resumed.val_loss == full.val_loss
+    assert history(out) == history(tmp_path / "full")   # no row twice, none out of order
 
 
 @pytest.fixture
