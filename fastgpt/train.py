@@ -86,14 +86,9 @@ def check_backends(model_kind: str, m: cfgmod.GPTConfig) -> None:
             ops.registry.get(op, name)
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FastGPTError(f"out dir {str(out_dir)!r} is not writable: {e.strerror}") from None
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """The run directory's checkpoint is there with --resume and not there without it (unless
+    --overwrite). Checks only: nothing is created before every input has been validated."""
     ckpt = out_dir / CHECKPOINT_NAME
     if resume and not ckpt.exists():
         raise FastGPTError(f"--resume given but {str(ckpt)!r} does not exist; train without "
@@ -101,6 +96,16 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if not resume and ckpt.exists() and not overwrite:
         raise FastGPTError(f"{str(ckpt)!r} already exists; pass --resume to continue that run, "
                            f"--overwrite to start over, or a different --out-dir")
+
+
+def make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FastGPTError(f"out dir {str(out_dir)!r} is not writable: {e.strerror}") from None
 
 
 class MetricsLog:
@@ -306,7 +311,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     """Data, configuration, model and optimizer; on --resume, the checkpoint's state."""
     dtype = parse_dtype(opts.dtype, device.type)
     out_dir = Path(opts.out_dir)
-    prepare_out_dir(out_dir, opts.resume, opts.overwrite)
+    check_out_dir(out_dir, opts.resume, opts.overwrite)
     resumed = load_checkpoint(out_dir / CHECKPOINT_NAME) if opts.resume else None
     text = read_text(opts.data)
     tokenizer = CharTokenizer.from_text(text)
@@ -318,6 +323,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     torch.manual_seed(opts.seed)
     model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
     batches = BatchStream(dataset, tcfg.batch_size, device, world)   # the same on every rank
+    make_out_dir(out_dir)   # every input is valid: only now is anything created on disk
     if world.enabled:
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
     if resumed is not None:

@@ -99,7 +99,8 @@ def _bad(tmp_path, capsys, argv, match):
     (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),
 ])
 def test_bad_train_options(tmp_path, capsys, extra, match):
-    _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path), *TINY, *extra], match)
+    _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path / "run"), *TINY, *extra], match)
+    assert not (tmp_path / "run").exists()      # a failed start leaves nothing on disk
 
 
 def test_bad_data_files(tmp_path, capsys):
@@ -114,6 +115,7 @@ def test_bad_data_files(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("to be or not to be")
     _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path / "o"), "--data",
                             str(tmp_path / "short.txt"), *TINY], "needs at least 17 per split")
+    assert not (tmp_path / "o").exists()        # none of the failed starts created it
 
 
 def test_unwritable_out_dir_and_resume_without_checkpoint(tmp_path, capsys):
@@ -122,6 +124,7 @@ def test_unwritable_out_dir_and_resume_without_checkpoint(tmp_path, capsys):
          "is not writable")
     _bad(tmp_path, capsys, ["train", "--resume", "--out-dir", str(tmp_path / "new"), *TINY],
          "--resume given but")
+    assert not (tmp_path / "new").exists()
 
 
 def test_training_on_a_user_text(tmp_path, capsys):
