@@ -14,9 +14,12 @@ import logging
 import os
 import sys
 
+import torch
+
 from fastgpt import config as cfgmod
 from fastgpt.data import read_text
 from fastgpt.errors import user_error
+from fastgpt.ops import available_backends
 from fastgpt.sample import SampleOptions, sample_from_checkpoint
 from fastgpt.tools.bench.command import add_bench_parser
 from fastgpt.tools.check import add_check_parser
@@ -27,24 +30,50 @@ from fastgpt.train import RunOptions, train
 BACKEND_FLAGS = {name.replace("_", "-"): name for name in cfgmod.BACKEND_FIELDS}
 
 
+def _preset_values(field: dataclasses.Field) -> str:
+    """What each preset sets ``field`` to, e.g. "baby 4, shakespeare-char 6, gpt2-small 12"."""
+    return ", ".join(f"{name} {values.get(field.name, field.default)}"
+                     for name, values in cfgmod.PRESETS.items())
+
+
 def _field_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per preset field (--n-layer, --learning-rate, ...), default None = preset's."""
-    group = parser.add_argument_group("preset fields (override the preset)")
+    group = parser.add_argument_group("preset fields (override the preset; default: the "
+                                      "preset's value)")
     for f in dataclasses.fields(cfgmod.GPTConfig) + dataclasses.fields(cfgmod.TrainConfig):
         if f.name in BACKEND_FLAGS.values() or f.name == "vocab_size":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=_preset_values(f))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), type(f.default))
-            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=_preset_values(f))
+
+
+class _TrainHelp(argparse.HelpFormatter):
+    """`fastgpt train --help` lists, under each backend flag, the backends this machine can run.
+    They are looked up only when the help is printed: checking the triton ones imports triton
+    and torch._inductor (seconds), which no other command line should pay for."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.dest not in BACKEND_FLAGS.values():
+            return action.help
+        # the GPT's ops (its loss is linear_cross_entropy; the bigram's is cross_entropy)
+        op = "linear_cross_entropy" if action.dest == "cross_entropy" else action.dest
+        # triton without a GPU would be the Triton interpreter: a correctness tool, not a backend
+        names = [n for n in available_backends(op) if n != "triton" or torch.cuda.is_available()]
+        return (f"{action.help}; on this machine: {', '.join(names) or 'none'} (default: "
+                f"chosen per input)")
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (default: the baby GPT on tiny Shakespeare)",
                        description="Train a character-level model. With no arguments: the `baby` "
-                                   "preset on CPU, `shakespeare-char` on CUDA, on the bundled text.")
+                                   "preset on CPU, `shakespeare-char` on CUDA, on the bundled text.",
+                       formatter_class=_TrainHelp)
     p.add_argument("--model", default="gpt", choices=["gpt", "bigram"])
     p.add_argument("--preset", default=None, help=f"one of: {', '.join(cfgmod.PRESETS)}")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: bundled tiny Shakespeare)")
@@ -54,13 +83,14 @@ def _train_parser(sub) -> None:
                         "(exact fp32), bfloat16, float16 (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     for flag in BACKEND_FLAGS:
-        p.add_argument(f"--{flag}", default=None, metavar="BACKEND",
-                       help=f"{flag} backend (see fastgpt.ops.available_backends)")
-    p.add_argument("--out-dir", default="out")
+        p.add_argument(f"--{flag}", default=None, metavar="BACKEND", help=f"{flag} backend")
+    p.add_argument("--out-dir", default="out", help="the run directory: checkpoint, "
+                   "metrics.jsonl, loss.png (default: out)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start over even if --out-dir already holds a checkpoint")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337,
+                   help="seed of the initial weights, batches and dropout (default: 1337)")
     p.add_argument("--sample-chars", type=int, default=300,
                    help="characters to sample at the end (0: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false",

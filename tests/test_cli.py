@@ -103,6 +103,21 @@ def test_bad_train_options(tmp_path, capsys, extra, match):
     assert not (tmp_path / "run").exists()      # a failed start leaves nothing on disk
 
 
+def test_train_help_lists_this_machines_backends_and_the_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())     # unwrapped
+    for flag, op in (("--attention", "attention"), ("--cross-entropy", "linear_cross_entropy"),
+                     ("--embedding", "embedding"), ("--transformer-block", "transformer_block")):
+        names = [n for n in registry.available_backends(op)
+                 if n != "triton" or torch.cuda.is_available()]
+        assert f"{flag} BACKEND {flag[2:]} backend; on this machine: {', '.join(names)}" in text
+    assert "--seed SEED seed of the initial weights, batches and dropout (default: 1337)" in text
+    assert "(default: out)" in text
+    assert "--n-layer INT baby 4, shakespeare-char 6, gpt2-small 12" in text
+
+
 def test_bad_data_files(tmp_path, capsys):
     _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path / "o"), "--data",
                             str(tmp_path / "missing.txt"), *TINY], "does not exist")
