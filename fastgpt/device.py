@@ -15,6 +15,8 @@ import torch
 from fastgpt.errors import FastGPTError
 
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+# the CPU features that decide which kernels run fast (fastgpt.precision, csrc/*_cpu.cpp)
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
@@ -58,3 +60,15 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bfloat16 matmuls run natively, faster than float32."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def speed_flags() -> str:
+    """The SPEED_FLAGS this CPU has, space-separated ("none" if none)."""
+    return " ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none"
+
+
+def describe(device: torch.device) -> str:
+    """The device as a run's header and a benchmark's environment name it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({speed_flags()})"

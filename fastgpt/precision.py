@@ -41,6 +41,17 @@ def resolve_dtype_name(name: str, device_type: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
+def dtype_reason(name: str, device_type: str) -> str:
+    """Why a run computes in the dtype ``resolve_dtype_name`` gives: asked for, or auto's pick."""
+    if name != "auto":
+        return "asked for"
+    if device_type == "cuda":
+        return ("auto: this GPU has bfloat16" if torch.cuda.is_bf16_supported()
+                else "auto: this GPU has no bfloat16")
+    return ("auto: this CPU has native bfloat16 (avx512_bf16 or amx_bf16)" if cpu_has_native_bf16()
+            else "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)")
+
+
 def parse_dtype(name: str, device_type: str) -> torch.dtype:
     name = resolve_dtype_name(name, device_type)
     if name not in DTYPES:

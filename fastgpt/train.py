@@ -10,6 +10,7 @@ start of iteration ``iter_num``, and ``resume`` continues from there bit for bit
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import logging
@@ -26,11 +27,11 @@ from fastgpt import config as cfgmod
 from fastgpt import distributed, ops
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomically
 from fastgpt.data import CharTokenizer, TextDataset, read_text
-from fastgpt.device import resolve_device
+from fastgpt.device import describe, resolve_device
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
-from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype_name
+from fastgpt.precision import Stepper, autocast, dtype_reason, parse_dtype, resolve_dtype_name
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -52,6 +53,7 @@ class RunOptions:
     seed: int = 1337
     sample_chars: int = 300
     progress: bool = True
+    header: bool = True                    # print what the run is (rank 0)
     overrides: dict = field(default_factory=dict)   # preset fields, e.g. {"max_iters": 100}
 
 
@@ -278,7 +280,10 @@ def train(opts: RunOptions) -> RunResult:
 def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> RunResult:
     t_start = time.perf_counter()
     run = _setup(opts, world, device)
-    progress = _Progress(run, t_start)
+    info = describe_run(run) if world.is_main else {}
+    if info and opts.header:
+        print(format_header(info), flush=True)
+    progress = _Progress(run, t_start, info)
     try:
         _loop(run, progress)
     finally:
@@ -500,17 +505,63 @@ class _Run:
         return self.tokenizer.decode(ids[0].tolist())
 
 
+def describe_run(run: "_Run") -> dict:
+    """What the run is: the `kind: "run"` row of metrics.jsonl and the header `fastgpt train`
+    prints. The backends are those fastgpt.ops picks in one probe step on a one-row batch (its
+    dropout randomness restored, its graph dropped), so they are the training step's own."""
+    opts, m, t, device = run.opts, run.mcfg, run.tcfg, run.device
+    x = torch.zeros((1, m.block_size), dtype=torch.long, device=device)
+    with ops.registry.recording_choices() as backends, \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.ctx:
+        run.stepper.model(x, x)
+    ckpt = run.ckpt_path
+    return dict(
+        kind="run", iter=run.start_iter, model=run.model_kind,
+        preset=(opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby"))
+        if not run.resumed else "the checkpoint's configuration",
+        params=sum(p.numel() for p in run.model.parameters()),
+        data=opts.data or "the bundled text", vocab_size=m.vocab_size,
+        device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
+        dtype=resolve_dtype_name(opts.dtype, device.type),
+        dtype_reason=dtype_reason(opts.dtype, device.type), backends=backends,
+        compile=opts.compile, world_size=run.world.size, batch_size=t.batch_size,
+        block_size=m.block_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        tokens_per_iter=t.batch_size * m.block_size * t.gradient_accumulation_steps,
+        max_iters=t.max_iters, seed=opts.seed,
+        resumed_from=run.start_iter if run.resumed else None,
+        checkpoint_time=(datetime.datetime.fromtimestamp(ckpt.stat().st_mtime)
+                         .isoformat(timespec="seconds") if run.resumed else None))
+
+
+def format_header(info: dict) -> str:
+    lines = [f"fastgpt train: {info['model']} model, {info['params'] / 1e6:.2f} M parameters, "
+             f"preset {info['preset']}, data {info['data']} (vocabulary {info['vocab_size']})",
+             f"  device {info['device']}: {info['device_name']}, {info['threads']} threads"
+             + (f", {info['world_size']} processes" if info["world_size"] > 1 else ""),
+             f"  dtype {info['dtype']} ({info['dtype_reason']})"
+             + (", torch.compile" if info["compile"] else ""),
+             "  backends: " + ", ".join(f"{op}={name}" for op, name in info["backends"].items()),
+             f"  {info['batch_size']} x {info['block_size']} tokens x "
+             f"{info['gradient_accumulation_steps']} accumulation = {info['tokens_per_iter']:,} "
+             f"tokens per step, {info['max_iters']:,} steps"]
+    if info["resumed_from"] is not None:
+        lines.append(f"  resuming from iteration {info['resumed_from']} (checkpoint of "
+                     f"{info['checkpoint_time']})")
+    return "\n".join(lines)
+
+
 class _Progress:
     """What a run shows and records as it goes: metrics.jsonl rows (rank 0 only), the progress
     bar and the tokens/s. Step losses wait in ``pending`` as tensors until a train row reads
     them, so a step costs no host sync."""
 
-    def __init__(self, run: _Run, t_start: float):
+    def __init__(self, run: _Run, t_start: float, info: dict):
         from tqdm import tqdm
         self.out_dir, self.is_main, self.t_start = run.out_dir, run.world.is_main, t_start
         self.metrics = (MetricsLog(run.out_dir / METRICS_NAME,
                                    run.start_iter if run.resumed else None)
                         if self.is_main else _Discard())
+        self.metrics.write(**info)   # rank 0's run row: each start or resume says what it is
         self.bar = tqdm(total=run.tcfg.max_iters, initial=run.start_iter,
                         disable=not (run.opts.progress and self.is_main), dynamic_ncols=True,
                         unit="it")

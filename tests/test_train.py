@@ -50,7 +50,30 @@ def test_resume_equals_uninterrupted(tmp_path, dtype):
 def history(out_dir):
     """(kind, iter, train loss, val loss) of every metrics row, in file order."""
     rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["iter"], r["train_loss"], r["val_loss"]) for r in rows]
+    return [(r["kind"], r["iter"], r["train_loss"], r["val_loss"]) for r in rows
+            if r["kind"] != "run"]
+
+
+def test_a_run_says_what_it_is(tmp_path, capsys):
+    run(tmp_path, overrides={"max_iters": 4})
+    run(tmp_path, resume=True, overrides={"max_iters": 8})
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, again = (r for r in rows if r["kind"] == "run")
+    assert rows[0] == first                          # the records open with what the run is
+    assert first["preset"] == "baby" and first["model"] == "gpt" and first["iter"] == 0
+    assert first["dtype"] == "float32" and first["dtype_reason"] == "asked for"
+    assert first["tokens_per_iter"] == TINY["batch_size"] * TINY["block_size"]
+    assert first["params"] == sum(p.numel() for p in build_model(
+        "gpt", GPTConfig(**load_checkpoint(tmp_path)["model_args"])).parameters())
+    # dropout 0.1: the torch block, whose attention is dispatched too
+    assert first["backends"].keys() == {"embedding", "transformer_block", "attention",
+                                        "linear_cross_entropy"}
+    assert first["backends"]["transformer_block"] == "torch"
+    assert first["resumed_from"] is None
+    assert again["resumed_from"] == 4 and again["checkpoint_time"]
+    out = capsys.readouterr().out
+    assert out.count("fastgpt train: gpt model") == 2 and "resuming from iteration 4" in out
+    assert "backends: embedding=" in out and "dtype float32 (asked for)" in out
 
 
 def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
@@ -175,22 +198,22 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 
 @pytest.fixture
 def nan_backend():
-    """A linear_cross_entropy backend whose loss turns NaN from its 10th call on."""
+    """A linear_cross_entropy backend whose loss turns NaN from its 11th call on."""
     calls = []
 
     def fn(hidden, weight, targets, **kw):
         calls.append(1)
         loss = ops.linear_cross_entropy(hidden, weight, targets, backend="torch", **kw)
-        return loss * float("nan") if len(calls) >= 10 else loss
+        return loss * float("nan") if len(calls) >= 11 else loss
 
-    registry.register("linear_cross_entropy", "nan_after_9", fn)
-    yield "nan_after_9"
-    del registry._BACKENDS["linear_cross_entropy"]["nan_after_9"]
+    registry.register("linear_cross_entropy", "nan_after_10", fn)
+    yield "nan_after_10"
+    del registry._BACKENDS["linear_cross_entropy"]["nan_after_10"]
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_backend):
-    # one call per split per eval: calls 1-2 eval at 0; 3-6 steps 0-3; 7-8 eval at 4;
-    # 9 step 4; 10 step 5 -> NaN
+    # call 1: the header's probe step; then one call per split per eval: calls 2-3 eval at 0;
+    # 4-7 steps 0-3; 8-9 eval at 4; 10 step 4; 11 step 5 -> NaN
     with pytest.raises(FastGPTError, match=r"loss became nan at iteration 5.*iteration 4\) is kept"):
         run(tmp_path, overrides={"max_iters": 20, "cross_entropy": nan_backend, "dropout": 0.0})
     state = load_checkpoint(tmp_path)

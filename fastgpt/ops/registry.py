@@ -196,10 +196,33 @@ def _log_once(key, msg: str) -> None:
         log.warning(msg)
 
 
+_recorded: Optional[dict[str, str]] = None   # see recording_choices
+
+
+@contextlib.contextmanager
+def recording_choices():
+    """Yields a dict that collects {op: backend name} for the first call of each op made inside
+    (a training run's header reports them from one probe step)."""
+    global _recorded
+    _recorded, outer = {}, _recorded
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
 def choose(op: str, device_type: str, args: tuple, kwargs: dict, *,
            backend: Optional[str] = None, preferred: Optional[str] = None,
            dtype: Optional[torch.dtype] = None) -> Backend:
     """Pick the backend for one call, following the precedence in the module docstring."""
+    chosen = _choose(op, device_type, args, kwargs, backend, preferred, dtype)
+    if _recorded is not None:
+        _recorded.setdefault(op, chosen.name)
+    return chosen
+
+
+def _choose(op: str, device_type: str, args: tuple, kwargs: dict, backend: Optional[str],
+            preferred: Optional[str], dtype: Optional[torch.dtype]) -> Backend:
     asked = requested(op, backend, preferred)
     if asked is not None:
         name, source = asked

@@ -9,10 +9,7 @@ import subprocess
 
 import torch
 
-from fastgpt.device import cpu_flags, cpu_model
-
-# the CPU features that decide which kernels run fast (fastgpt.precision, csrc/*_cpu.cpp)
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+from fastgpt.device import cpu_model, speed_flags
 
 
 def git_sha() -> str:
@@ -31,8 +28,7 @@ def environment(device: str = "cpu") -> dict:
     except ImportError:
         triton_version = "not installed"
     dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_model()
-    flags = " ".join(f for f in SPEED_FLAGS if f in cpu_flags()) or "none"
-    return {"device": dev, "cpu": cpu_model(), "cpu_flags": flags,
+    return {"device": dev, "cpu": cpu_model(), "cpu_flags": speed_flags(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "triton": triton_version, "git_sha": git_sha(),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}

@@ -86,7 +86,7 @@ def run_once(preset: str, iters: int, config: dict, compile: bool, device: str) 
     dtype = config.pop("dtype")
     with tempfile.TemporaryDirectory() as out:
         opts = RunOptions(preset=preset, out_dir=out, device=device, dtype=dtype, compile=compile,
-                          progress=False, sample_chars=0,
+                          progress=False, header=False, sample_chars=0,
                           overrides=dict(max_iters=iters, eval_interval=10 ** 9, eval_iters=1,
                                          log_interval=10, **config))
         train(opts)
