@@ -24,8 +24,11 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(BIN)/pip install --quiet --no-build-isolation -e .
 	touch $@
 
+# each run keeps the ones before: out/, then out-2/, out-3/, ... (an --out-dir in TRAIN_ARGS wins)
 train: $(STAMP)
-	$(BIN)/fastgpt train --overwrite $(TRAIN_ARGS)
+	@out=out; n=1; while [ -e "$$out/ckpt.pt" ]; do n=$$((n + 1)); out=out-$$n; done; \
+	echo "make train: training into $$out/ (earlier runs are kept)"; \
+	$(BIN)/fastgpt train --out-dir $$out $(TRAIN_ARGS)
 
 # then every benchmark case and bench/ script once, untimed, so they cannot rot; pytest's
 # exit 5 (no tests collected) fails the target like any other non-zero exit
@@ -34,4 +37,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest bench -q --benchmark-disable $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info out
+	rm -rf $(VENV) build *.egg-info out out-*
