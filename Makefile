@@ -7,6 +7,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0 triton==3.8.0
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+BUILD_MINUTES := 5
 
 STAMP := $(VENV)/.fastgpt-installed
 BIN := $(VENV)/bin
@@ -19,9 +21,12 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet "setuptools>=64" wheel numpy tqdm matplotlib pytest pytest-benchmark
-	# torch C++ extensions build against the installed torch: no build isolation
-	$(BIN)/pip install --quiet --no-build-isolation -e .
+	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja numpy tqdm matplotlib pytest pytest-benchmark
+	@echo "make setup: compiling the C++ extension fastgpt._C ($(words $(wildcard csrc/*.cpp)) C++ files, $(JOBS) at a time with ninja; about $(BUILD_MINUTES) minutes on 2 cores); the compiler's progress follows"
+	# torch C++ extensions build against the installed torch: no build isolation. torch uses
+	# ninja when one is on PATH (the venv's) and compiles MAX_JOBS files at once; -v shows its
+	# [n/N] progress lines
+	PATH="$(abspath $(BIN)):$$PATH" MAX_JOBS=$(JOBS) $(BIN)/pip install -v --no-build-isolation -e .
 	touch $@
 
 # each run keeps the ones before: out/, then out-2/, out-3/, ... (an --out-dir in TRAIN_ARGS wins)
