@@ -97,6 +97,7 @@ def _bad(tmp_path, capsys, argv, match):
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),
+    (["--batch-size", "0"], "batch_size must be >= 1; got 0"),
 ])
 def test_bad_train_options(tmp_path, capsys, extra, match):
     _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path / "run"), *TINY, *extra], match)
