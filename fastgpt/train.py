@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from fastgpt import config as cfgmod
 from fastgpt import distributed, ops
@@ -556,7 +557,6 @@ class _Progress:
     them, so a step costs no host sync."""
 
     def __init__(self, run: _Run, t_start: float, info: dict):
-        from tqdm import tqdm
         self.out_dir, self.is_main, self.t_start = run.out_dir, run.world.is_main, t_start
         self.metrics = (MetricsLog(run.out_dir / METRICS_NAME,
                                    run.start_iter if run.resumed else None)

@@ -150,6 +150,8 @@ def compile_for_arch(fn: Callable, signature: dict[str, str], constexprs: dict, 
         raise RuntimeError("fastgpt.tools.aot needs TRITON_INTERPRET unset: interpreted kernels "
                            "cannot be compiled. `fastgpt compile-report` compiles in clean "
                            "subprocesses.")
+    # triton here, not at the top (~0.5 s): `fastgpt compile-report`'s parent process, which
+    # only starts the workers and reads their rows, never needs it
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
