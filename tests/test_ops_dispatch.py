@@ -1,5 +1,9 @@
 """The naive attention ladder agrees in float64, and the dispatch rules hold."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -189,3 +193,18 @@ def test_extension_tests_fail_without_the_extension():
         assert f"ERROR {f} - AssertionError" in done.stdout, done.stdout
     assert done.stdout.count("E   AssertionError: fastgpt._C is not built") == len(files)
     assert "skipped" not in done.stdout
+
+
+def test_triton_availability_loads_no_kernels():
+    # the kernels are defined when a module loads, for the GPU or the interpreter as
+    # TRITON_INTERPRET says then: an availability check (a help text, a bench run with the
+    # variable unset) must not fix that choice for the rest of the process
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; from fastgpt.ops import registry; "
+            "print([registry.get(op, 'triton').available() for op in "
+            "('attention', 'cross_entropy', 'linear_cross_entropy')], "
+            "[m for m in sys.modules if m.startswith('fastgpt.kernels.')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[None,", "None,", "None]", "[]"]

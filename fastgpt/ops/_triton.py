@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import sys
@@ -37,12 +38,12 @@ def kernels(module: str):
     return importlib.import_module(f"{PACKAGE}.{module}")
 
 
-def kernels_unavailable(module: str) -> Optional[str]:
-    """None when the kernel module imports (triton is installed), else why not."""
-    try:
-        kernels(module)
-    except ImportError as e:
-        return f"triton is not importable ({e})"
+def triton_missing() -> Optional[str]:
+    """None when triton is installed, else why not. Found without importing anything: the kernel
+    modules load on a backend's first launch, so an availability check (a help text, a bench
+    with TRITON_INTERPRET unset) never fixes them for the GPU or for the interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
     return None
 
 

@@ -29,8 +29,8 @@ from torch.library import wrap_triton
 
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import registry
-from fastgpt.ops._triton import (define_op, interpreting, kernels, kernels_unavailable,
-                                 loaded_for_gpu, store_dtype)
+from fastgpt.ops._triton import (define_op, interpreting, kernels, loaded_for_gpu, store_dtype,
+                                 triton_missing)
 from fastgpt.ops.attention import attention_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,7 +44,7 @@ def _kernels():
 @registry.constant_under_compile
 def _available() -> Optional[str]:
     """None when triton is installed (and then the ops are defined), else why not."""
-    reason = kernels_unavailable(_KERNELS)
+    reason = triton_missing()
     if reason is None:
         define_ops()
     return reason

@@ -20,7 +20,7 @@ import torch
 from torch.library import wrap_triton
 
 from fastgpt.ops import registry
-from fastgpt.ops._triton import define_op, interpreting, kernels, kernels_unavailable, store_dtype
+from fastgpt.ops._triton import define_op, interpreting, kernels, store_dtype, triton_missing
 from fastgpt.ops.cross_entropy import acc_dtype, add_z_loss, reduce_rows
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,8 +34,8 @@ def _kernels():
 
 @registry.constant_under_compile
 def triton_unavailable() -> Optional[str]:
-    """None when triton is importable (and then the ops are defined), else why not."""
-    reason = kernels_unavailable("cross_entropy")
+    """None when triton is installed (and then the ops are defined), else why not."""
+    reason = triton_missing()
     if reason is None:
         _define_ops()
     return reason
