@@ -1,8 +1,8 @@
 """Training-step speed of a preset per configuration (attention backend, dtype, compile).
 
 A thin front end of `fastgpt bench train` (fastgpt/tools/bench/train_steps.py): each
-configuration runs the real training loop for a short run, and the per-log-interval throughput rows of its
-metrics.jsonl give ms/iter and tokens/s (first intervals dropped as warm-up); configurations run
+configuration runs the real training loop for a short run, and the per-log-interval throughput
+rows of its metrics.jsonl give ms/iter and tokens/s (first intervals dropped as warm-up); configurations run
 interleaved over several rounds. Not a test: run it by hand.
 
     python bench/bench_train.py --preset baby --iters 100 --rounds 3

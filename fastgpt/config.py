@@ -97,6 +97,16 @@ def backend_field(op: str) -> str:
     return "cross_entropy" if op == "linear_cross_entropy" else op
 
 
+def tokens_per_iter(m: GPTConfig, t: TrainConfig) -> int:
+    """Tokens one optimizer step trains on: batch x block x accumulation steps."""
+    return t.batch_size * m.block_size * t.gradient_accumulation_steps
+
+
+def default_preset(device_type: str) -> str:
+    """The preset `fastgpt train` runs without --preset: nanoGPT's CPU run, or its GPU config."""
+    return "shakespeare-char" if device_type == "cuda" else "baby"
+
+
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 

@@ -7,10 +7,10 @@ Every mode keeps fp32 master weights (what the optimizer updates and checkpoints
 * bfloat16 - on CUDA, autocast. On CPU, a bf16 working copy of the model runs forward and
              backward (LowPrecisionCopy); fastgpt.optim.FlatAdamW steps the fp32 master weights
              from its gradients and refreshes it in one C++ op (without the extension, its
-             gradients are copied to the masters for torch.optim.AdamW and back). CPU autocast casts activations around every op
-             and gains little (issue 7's profile: ~13% on nanoGPT's model); a model whose
-             weights and activations are bf16 throughout keeps the matmuls on the CPU's bf16
-             units without those casts. The loss head still runs in fp32 (fastgpt.model).
+             gradients are copied to the masters for torch.optim.AdamW and back). CPU
+             autocast casts activations around every op and gains little (issue 7's profile:
+             ~13% on nanoGPT's model); a model whose weights and activations are bf16
+             throughout keeps the matmuls on the CPU's bf16 units without those casts. The loss head still runs in fp32 (fastgpt.model).
 * float16  - autocast with a GradScaler; CUDA only.
 * auto     - bfloat16 where the hardware multiplies it natively (CUDA with bf16 support, CPUs
              with avx512_bf16 or AMX), else float16 on CUDA and float32 on CPU.
@@ -32,24 +32,22 @@ from fastgpt.optim import flat_adamw_or_none, make_optimizer, optimizer_groups
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str, device_type: str) -> tuple[str, str]:
+    """(dtype name, why): ``auto`` -> the fastest dtype this device trains well in; other names
+    pass through as asked for."""
+    if name != "auto":
+        return name, "asked for"
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: this GPU has bfloat16"
+        return "float16", "auto: this GPU has no bfloat16"
+    if cpu_has_native_bf16():
+        return "bfloat16", "auto: this CPU has native bfloat16 (avx512_bf16 or amx_bf16)"
+    return "float32", "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)"
+
+
 def resolve_dtype_name(name: str, device_type: str) -> str:
-    """``auto`` -> the fastest dtype this device trains well in; other names pass through."""
-    if name != "auto":
-        return name
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if cpu_has_native_bf16() else "float32"
-
-
-def dtype_reason(name: str, device_type: str) -> str:
-    """Why a run computes in the dtype ``resolve_dtype_name`` gives: asked for, or auto's pick."""
-    if name != "auto":
-        return "asked for"
-    if device_type == "cuda":
-        return ("auto: this GPU has bfloat16" if torch.cuda.is_bf16_supported()
-                else "auto: this GPU has no bfloat16")
-    return ("auto: this CPU has native bfloat16 (avx512_bf16 or amx_bf16)" if cpu_has_native_bf16()
-            else "auto: this CPU has no native bfloat16 (no avx512_bf16 or amx_bf16)")
+    return resolve_dtype(name, device_type)[0]
 
 
 def parse_dtype(name: str, device_type: str) -> torch.dtype:

@@ -32,7 +32,7 @@ from fastgpt.device import describe, resolve_device
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
-from fastgpt.precision import Stepper, autocast, dtype_reason, parse_dtype, resolve_dtype_name
+from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype, resolve_dtype_name
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -352,7 +352,7 @@ def _configure(opts: RunOptions, device: torch.device, tokenizer: CharTokenizer,
                resumed: Optional[dict]) -> tuple[str, cfgmod.GPTConfig, cfgmod.TrainConfig]:
     """The model kind and configuration: the preset's with the overrides, or the checkpoint's."""
     if resumed is None:
-        preset_name = opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby")
+        preset_name = opts.preset or cfgmod.default_preset(device.type)
         mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
         mcfg.vocab_size = tokenizer.vocab_size
         return opts.model, mcfg, tcfg
@@ -516,18 +516,18 @@ def describe_run(run: "_Run") -> dict:
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.ctx:
         run.stepper.model(x, x)
     ckpt = run.ckpt_path
+    dtype, dtype_reason = resolve_dtype(opts.dtype, device.type)
     return dict(
         kind="run", iter=run.start_iter, model=run.model_kind,
-        preset=(opts.preset or ("shakespeare-char" if device.type == "cuda" else "baby"))
-        if not run.resumed else "the checkpoint's configuration",
+        preset=(opts.preset or cfgmod.default_preset(device.type)) if not run.resumed
+        else "the checkpoint's configuration",
         params=sum(p.numel() for p in run.model.parameters()),
         data=opts.data or "the bundled text", vocab_size=m.vocab_size,
         device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
-        dtype=resolve_dtype_name(opts.dtype, device.type),
-        dtype_reason=dtype_reason(opts.dtype, device.type), backends=backends,
+        dtype=dtype, dtype_reason=dtype_reason, backends=backends,
         compile=opts.compile, world_size=run.world.size, batch_size=t.batch_size,
         block_size=m.block_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        tokens_per_iter=t.batch_size * m.block_size * t.gradient_accumulation_steps,
+        tokens_per_iter=cfgmod.tokens_per_iter(m, t),
         max_iters=t.max_iters, seed=opts.seed,
         resumed_from=run.start_iter if run.resumed else None,
         checkpoint_time=(datetime.datetime.fromtimestamp(ckpt.stat().st_mtime)
@@ -565,8 +565,7 @@ class _Progress:
         self.bar = tqdm(total=run.tcfg.max_iters, initial=run.start_iter,
                         disable=not (run.opts.progress and self.is_main), dynamic_ncols=True,
                         unit="it")
-        t = run.tcfg
-        self.tokens_per_iter = t.batch_size * run.mcfg.block_size * t.gradient_accumulation_steps
+        self.tokens_per_iter = cfgmod.tokens_per_iter(run.mcfg, run.tcfg)
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.t_log, self.tokens_since_log, self.tok_per_s = time.perf_counter(), 0, 0.0
 

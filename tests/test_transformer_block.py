@@ -147,20 +147,27 @@ def test_opcheck(bias):
                           (torch.randn_like(x.detach()), saved, *plain))
 
 
-def test_compiles_with_fullgraph_forward_and_backward():
+def _compiled_matches_eager(block, seed):
+    """``block(x, w, 4)`` under torch.compile(fullgraph=True) gives eager's output and gradients;
+    returns the (x, w) it ran on."""
     torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(4)
+    gen = torch.Generator().manual_seed(seed)
     w = _map(lambda t: t.float().requires_grad_(True), _weights(32, True, gen))
     x = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
     grad_out = torch.randn(2, 9, 32, generator=gen)
-    compiled = torch.compile(lambda x, w: _ext(x, w, 4), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x, w: block(x, w, 4), fullgraph=True, backend="aot_eager")
     out = compiled(x, w)
     grads = torch.autograd.grad(out, _leaves(x, w), grad_out)
-    ref = _ext(x, w, 4)
+    ref = block(x, w, 4)
     ref_grads = torch.autograd.grad(ref, _leaves(x, w), grad_out)
     torch.testing.assert_close(out, ref)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+    return x, w
+
+
+def test_compiles_with_fullgraph_forward_and_backward():
+    _compiled_matches_eager(_ext, seed=4)
 
 
 def test_gpt_loss_and_grads_match_between_backends():
@@ -327,19 +334,7 @@ def test_bad_past_raises_clear_errors():
 
 
 def test_torch_block_compiles_with_fullgraph_for_training_and_decoding():
-    torch._dynamo.reset()
-    gen = torch.Generator().manual_seed(9)
-    w = _map(lambda t: t.float().requires_grad_(True), _weights(32, True, gen))
-    x = torch.randn(2, 9, 32, generator=gen, requires_grad=True)
-    grad_out = torch.randn(2, 9, 32, generator=gen)
-    train = torch.compile(lambda x, w: _torch(x, w, 4), fullgraph=True, backend="aot_eager")
-    out = train(x, w)
-    grads = torch.autograd.grad(out, _leaves(x, w), grad_out)
-    ref = _torch(x, w, 4)
-    ref_grads = torch.autograd.grad(ref, _leaves(x, w), grad_out)
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    x, w = _compiled_matches_eager(_torch, seed=9)
     with torch.no_grad():
         _, past = transformer_block_decode(x[:, :8], w, 4)
         decode = torch.compile(lambda x, w, past: transformer_block_decode(x, w, 4, past=past),

@@ -76,6 +76,10 @@ class Backend:
     supports: Callable[..., Optional[str]] = _always
     available: Callable[[], Optional[str]] = _always
 
+    def cannot_run(self, *args, **kwargs) -> Optional[str]:
+        """None when the backend is there and supports these inputs, else why not."""
+        return self.available() or self.supports(*args, **kwargs)
+
 
 _BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 # Default order per op and device type; the first backend that is available and supports the
@@ -227,7 +231,7 @@ def _choose(op: str, device_type: str, args: tuple, kwargs: dict, backend: Optio
     if asked is not None:
         name, source = asked
         chosen = get(op, name)
-        reason = chosen.available() or chosen.supports(*args, **kwargs)
+        reason = chosen.cannot_run(*args, **kwargs)
         if reason is not None:
             raise FastGPTError(f"{op} backend {name!r} (from {source}) cannot run here: {reason}. "
                                f"Available {op} backends: {', '.join(available_backends(op))}")
@@ -240,7 +244,7 @@ def _choose(op: str, device_type: str, args: tuple, kwargs: dict, backend: Optio
         candidate = _BACKENDS[op].get(name)
         if candidate is None:
             continue
-        reason = candidate.available() or candidate.supports(*args, **kwargs)
+        reason = candidate.cannot_run(*args, **kwargs)
         if reason is None:
             if skipped:
                 _log_once((op, device_type, name, tuple(skipped)),

@@ -179,7 +179,6 @@ def decode_unsupported(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
     if asked is None:
         return None
     name, source = asked
-    chosen = registry.get("transformer_block", name)
-    reason = chosen.available() or chosen.supports(x, weights, n_head,
-                                                   **_decode_kwargs(None, True, attention))
+    reason = registry.get("transformer_block", name).cannot_run(
+        x, weights, n_head, **_decode_kwargs(None, True, attention))
     return None if reason is None else f"transformer_block backend {name!r} ({source}): {reason}"

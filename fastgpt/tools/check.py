@@ -203,7 +203,7 @@ def check_case(op: str, backend: str, label: str, make: Callable, dtype: torch.d
     b = registry.get(op, backend)
     probe = moved({k: v.to(dtype) for k, v in leaves64.items()})
     kwargs = {"scale": None, "dropout_p": 0.0} if op == "attention" else {}
-    reason = b.available() or b.supports(*probe, **kwargs)
+    reason = b.cannot_run(*probe, **kwargs)
     if reason:
         return [CheckRow(part="fwd+bwd", result="SKIP", note=reason, **row)]
     ref_fn = registry.get(op, REFERENCE).fn

@@ -65,7 +65,7 @@ def _modes(args, default: tuple = MODES) -> list[str]:
 def _backend(op: str, provider: str, *probe, **kw) -> Callable:
     """The backend's function, or SkipCase saying why it cannot run these inputs here."""
     b = registry.get(op, provider)
-    reason = b.available() or b.supports(*probe, **kw)
+    reason = b.cannot_run(*probe, **kw)
     if reason:
         raise SkipCase(reason)
     return b.fn

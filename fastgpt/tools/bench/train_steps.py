@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastgpt.config import BACKEND_FIELDS, backend_field
+from fastgpt.config import BACKEND_FIELDS, backend_field, tokens_per_iter
 from fastgpt.config import preset as get_preset
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
@@ -103,7 +103,7 @@ def run_train_bench(args, env: dict) -> list[dict]:
         raise FastGPTError(f"--iters {args.iters}: need >= 30 (log every 10 iterations, the "
                            f"first two intervals are warm-up)")
     m, t = get_preset(args.preset)
-    tokens_per_iter = t.batch_size * m.block_size * t.gradient_accumulation_steps
+    iter_tokens = tokens_per_iter(m, t)
     samples = {n: [] for n in names}
     for _ in range(args.rounds):
         for n in names:
@@ -111,14 +111,14 @@ def run_train_bench(args, env: dict) -> list[dict]:
     cuda = device.startswith("cuda")
     fpt = flops_per_token(args.preset) if cuda else 0.0
     print(f"\n# bench train: preset={args.preset} iters={args.iters} rounds={args.rounds} "
-          f"tokens/iter={tokens_per_iter} compile={args.compile}", flush=True)
+          f"tokens/iter={iter_tokens} compile={args.compile}", flush=True)
     print(f"  {'config':<26} {'ms/iter':>9} {'p20-p80 ms':>17} {'tokens/s':>10} "
           f"{'vs ' + names[0]:>14}" + (f" {'MFU':>8}" if cuda else ""))
     rows, base = [], None
     for n in names:
-        ms = summarize([1e3 * tokens_per_iter / s for s in samples[n]])
+        ms = summarize([1e3 * iter_tokens / s for s in samples[n]])
         base = base or ms["median"]
-        tok_s = 1e3 * tokens_per_iter / ms["median"]
+        tok_s = 1e3 * iter_tokens / ms["median"]
         row = dict(config=n, ms_per_iter=ms["median"], p20_ms=ms["p20"], p80_ms=ms["p80"],
                    tokens_per_s=tok_s, speedup=base / ms["median"])
         line = (f"  {n:<26} {ms['median']:9.2f} {ms['p20']:8.2f}-{ms['p80']:<8.2f} "
