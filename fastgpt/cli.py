@@ -1,4 +1,4 @@
-"""The `fastgpt` command: train, sample, bench, check, compile-report.
+"""The `fastgpt` command: train, sample, bench, check, compile-report, dispatch, report.
 
 Errors meant for the user (FastGPTError, and the input checks of the C++ extension: see
 fastgpt.errors.user_error) print as one line without a traceback and exit 2.
@@ -24,6 +24,7 @@ from fastgpt.sample import SampleOptions, sample_from_checkpoint
 from fastgpt.tools.bench.command import add_bench_parser
 from fastgpt.tools.check import add_check_parser
 from fastgpt.tools.compile_report import add_compile_report_parser
+from fastgpt.tools.dispatch import add_dispatch_parser
 from fastgpt.train import RunOptions, train
 
 # CLI flag -> GPTConfig field holding the backend preference
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_check_parser(sub)
     add_compile_report_parser(sub)
+    add_dispatch_parser(sub)
     return parser
 
 

@@ -10,6 +10,7 @@ and nobody reads the "s" in the progress line. bench/conftest.py applies the sam
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -77,4 +78,7 @@ def register_skip_rule(config) -> None:
 
 def pytest_configure(config):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # measured dispatch (on by default on CUDA) caches its choices under XDG_CACHE_HOME: tests
+    # keep theirs out of the user's ~/.cache, and start from an empty cache
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastgpt-test-cache-")
     register_skip_rule(config)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import registry
+from fastgpt.ops import measured, registry
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -65,8 +65,9 @@ def attention_sdpa(q, k, v, *, scale=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
 
 
-registry.register("attention", "loop", attention_loop)
-registry.register("attention", "tril", attention_tril)
+# the lecture's versions are references, never candidates of measured dispatch
+registry.register("attention", "loop", attention_loop, measured=False)
+registry.register("attention", "tril", attention_tril, measured=False)
 registry.register("attention", "torch", attention_torch)
 registry.register("attention", "sdpa", attention_sdpa)
 registry.set_default_order("attention", "cpu", ["sdpa"])
@@ -76,6 +77,21 @@ registry.set_default_order("attention", "cpu", ["sdpa"])
 registry.set_default_order("attention", "cpu", ["ext", "torch", "sdpa"], dtype=torch.bfloat16)
 registry.set_default_order("attention", "cuda", ["triton", "sdpa"])
 registry.set_default_order("attention", "default", ["sdpa", "torch"])
+
+
+def _workload_key(q, k, v, *, scale=None, dropout_p=0.0):
+    B, H, T, D = q.shape
+    return (("B", B), ("H", H), ("T", measured.bucket(T)), ("D", D), ("dropout", dropout_p > 0))
+
+
+def _workload_inputs(key: dict, make: measured.InputMaker):
+    shape = (key["B"], key["H"], key["T"], key["D"])
+    # the kernels' cost does not depend on the dropout rate, only on whether there is dropout
+    return (make.floats(shape), make.floats(shape), make.floats(shape)), {
+        "dropout_p": 0.1 if key["dropout"] else 0.0}
+
+
+registry.set_workload("attention", measured.Workload(_workload_key, _workload_inputs))
 
 
 def _check(q, k, v, dropout_p):

@@ -256,4 +256,4 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float,
 
 registry.register("attention", "triton", attention_triton, supports=_supports,
                   available=_available)
-registry.register("attention", "compile", registry.compile_backend(attention_torch))
+registry.register("attention", "compile", registry.compile_backend(attention_torch), measured=False)

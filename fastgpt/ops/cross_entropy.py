@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import registry
+from fastgpt.ops import measured, registry
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -135,10 +135,24 @@ def cross_entropy_torch(logits, targets, *, ignore_index=-100, reduction="mean",
 
 
 registry.register("cross_entropy", "torch", cross_entropy_torch)
-registry.register("cross_entropy", "compile", registry.compile_backend(cross_entropy_torch))
+registry.register("cross_entropy", "compile", registry.compile_backend(cross_entropy_torch),
+                  measured=False)
 registry.set_default_order("cross_entropy", "cpu", ["torch"])
 registry.set_default_order("cross_entropy", "cuda", ["triton", "torch"])
 registry.set_default_order("cross_entropy", "default", ["torch"])
+
+
+def _workload_key(logits, targets, **options):
+    N, V = logits.shape
+    return (("N", measured.bucket(N)), ("V", V), *sorted(options.items()))
+
+
+def _workload_inputs(key: dict, make: measured.InputMaker):
+    N, V = key.pop("N"), key.pop("V")
+    return (make.floats((N, V)), make.ints((N,), V)), key
+
+
+registry.set_workload("cross_entropy", measured.Workload(_workload_key, _workload_inputs))
 
 
 def check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:

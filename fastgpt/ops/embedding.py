@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import registry
+from fastgpt.ops import measured, registry
 
 
 def embedding_torch(indices, weight, padding_idx=None):
@@ -17,6 +17,20 @@ def embedding_torch(indices, weight, padding_idx=None):
 
 registry.register("embedding", "torch", embedding_torch)
 registry.set_default_order("embedding", "default", ["torch"])
+
+
+def _workload_key(indices, weight, *, padding_idx=None):
+    *lead, T = indices.shape or (1,)
+    (V, C) = weight.shape
+    return (("indices", (*lead, measured.bucket(T))), ("V", V), ("C", C), ("padding_idx", padding_idx))
+
+
+def _workload_inputs(key: dict, make: measured.InputMaker):
+    V = key["V"]
+    return (make.ints(key["indices"], V), make.floats((V, key["C"]))), {"padding_idx": key["padding_idx"]}
+
+
+registry.set_workload("embedding", measured.Workload(_workload_key, _workload_inputs))
 
 
 def embedding(indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: Optional[int] = None,

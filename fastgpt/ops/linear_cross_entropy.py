@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import registry
+from fastgpt.ops import measured, registry
 from fastgpt.ops.cross_entropy import check_options, check_targets, cross_entropy_torch
 
 
@@ -27,10 +27,26 @@ def linear_cross_entropy_torch(hidden, weight, targets, *, bias=None, ignore_ind
                                return_z_loss=return_z_loss)
 
 
-registry.register("linear_cross_entropy", "torch", linear_cross_entropy_torch)
+# not a candidate of measured dispatch: holding all (N, V) logits is what the others avoid
+registry.register("linear_cross_entropy", "torch", linear_cross_entropy_torch, measured=False)
 registry.set_default_order("linear_cross_entropy", "cpu", ["chunked", "torch"])
 registry.set_default_order("linear_cross_entropy", "cuda", ["triton", "chunked", "torch"])
 registry.set_default_order("linear_cross_entropy", "default", ["chunked", "torch"])
+
+
+def _workload_key(hidden, weight, targets, *, bias=None, **options):
+    (N, C), V = hidden.shape, weight.shape[0]
+    return (("N", measured.bucket(N)), ("C", C), ("V", V), ("bias", bias is not None),
+            *sorted(options.items()))
+
+
+def _workload_inputs(key: dict, make: measured.InputMaker):
+    N, C, V = key.pop("N"), key.pop("C"), key.pop("V")
+    bias = make.floats((V,), 0.02) if key.pop("bias") else None
+    return (make.floats((N, C)), make.floats((V, C), 0.02), make.ints((N,), V)), {"bias": bias, **key}
+
+
+registry.set_workload("linear_cross_entropy", measured.Workload(_workload_key, _workload_inputs))
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

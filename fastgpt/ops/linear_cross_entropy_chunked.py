@@ -379,6 +379,6 @@ linear_cross_entropy_triton = _make_backend("triton")
 registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunked,
                   supports=_same_dtypes)
 registry.register("linear_cross_entropy", "compile", linear_cross_entropy_compile,
-                  supports=_same_dtypes)
+                  supports=_same_dtypes, measured=False)
 registry.register("linear_cross_entropy", "triton", linear_cross_entropy_triton,
                   supports=_triton_supports, available=triton_unavailable)

@@ -9,9 +9,11 @@ backends. A backend is a function plus two metadata-only predicates:
   shapes, never at tensor data, so dispatch stays traceable by ``torch.compile(fullgraph=True)``.
 
 Precedence when choosing: explicit ``backend=`` > ``use_backends(...)`` context > the model's
-config > env ``FASTGPT_BACKENDS`` (``attention=tril,embedding=torch``) > the default order for the
-tensor's device. Anything the user named must run or raise a FastGPTError saying why; only the
-default order falls back quietly (logged once).
+config > env ``FASTGPT_BACKENDS`` (``attention=tril,embedding=torch``) > the automatic choice.
+Anything the user named must run or raise a FastGPTError saying why. The automatic choice is
+measured on CUDA (fastgpt.ops.measured: the fastest candidate that works, timed at first use and
+cached) and the default order for the tensor's device elsewhere (``FASTGPT_DISPATCH`` switches);
+the default order falls back quietly (logged once) past a backend that cannot run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Callable, Optional
 
 import torch
 
+from fastgpt.device import describe
 from fastgpt.errors import FastGPTError
+from fastgpt.ops import measured
 
 log = logging.getLogger("fastgpt.ops")
 
@@ -75,6 +79,9 @@ class Backend:
     fn: Callable
     supports: Callable[..., Optional[str]] = _always
     available: Callable[[], Optional[str]] = _always
+    # a candidate of measured dispatch; not the lecture's naive versions, not `compile` (its
+    # compilation would cost more than it can win back here), not what trades memory for speed
+    measured: bool = True
 
     def cannot_run(self, *args, **kwargs) -> Optional[str]:
         """None when the backend is there and supports these inputs, else why not."""
@@ -85,6 +92,7 @@ _BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 # Default order per op and device type; the first backend that is available and supports the
 # inputs wins. Later issues' backends insert themselves by name here.
 _DEFAULT_ORDER: dict[str, dict[str, list[str]]] = {op: {} for op in OPS}
+_WORKLOADS: dict[str, measured.Workload] = {}   # how measured dispatch sees each op
 _CONTEXT: list[dict[str, str]] = []   # stack of use_backends(...) overrides
 _LOGGED: set = set()
 
@@ -100,9 +108,9 @@ def canonical_op(op: str, flag: Optional[str] = None) -> str:
 
 
 def register(op: str, name: str, fn: Callable, *, supports: Callable = _always,
-             available: Callable = _always) -> Backend:
+             available: Callable = _always, measured: bool = True) -> Backend:
     op = canonical_op(op)
-    backend = Backend(op, name, fn, supports, available)
+    backend = Backend(op, name, fn, supports, available, measured)
     _BACKENDS[op][name] = backend
     return backend
 
@@ -119,6 +127,11 @@ def set_default_order(op: str, device_type: str, names: list[str],
     for one dtype on that device type when ``dtype`` is given (it wins over the device's)."""
     key = device_type if dtype is None else _dtype_key(device_type, dtype)
     _DEFAULT_ORDER[canonical_op(op)][key] = list(names)
+
+
+def set_workload(op: str, workload: measured.Workload) -> None:
+    """How measured dispatch buckets the op's calls and builds inputs like them."""
+    _WORKLOADS[canonical_op(op)] = workload
 
 
 def _dtype_key(device_type: str, dtype: torch.dtype) -> str:
@@ -236,6 +249,10 @@ def _choose(op: str, device_type: str, args: tuple, kwargs: dict, backend: Optio
             raise FastGPTError(f"{op} backend {name!r} (from {source}) cannot run here: {reason}. "
                                f"Available {op} backends: {', '.join(available_backends(op))}")
         return chosen
+    if measured.mode(device_type) == "measure":
+        fastest = _measured_choice(op, args, kwargs)
+        if fastest is not None:
+            return fastest
     orders = _DEFAULT_ORDER[op]
     order = ((orders.get(_dtype_key(device_type, dtype)) if dtype is not None else None)
              or orders.get(device_type) or orders.get("default", []))
@@ -252,3 +269,38 @@ def _choose(op: str, device_type: str, args: tuple, kwargs: dict, backend: Optio
             return candidate
         skipped.append(f"{name} ({reason})")
     raise FastGPTError(f"no {op} backend can run these inputs on {device_type}: " + "; ".join(skipped))
+
+
+def _measured_choice(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
+    """The fastest candidate for this call's signature (fastgpt.ops.measured), or None where
+    nothing is measured: no workload, a call the workload leaves out, fewer than two candidates,
+    or every candidate failed. Reads metadata only; the measuring happens in _decide."""
+    workload = _WORKLOADS.get(op)
+    key = workload.key(*args, **kwargs) if workload is not None else None
+    if key is None:
+        return None
+    candidates = tuple(n for n, b in _BACKENDS[op].items()
+                       if b.measured and b.cannot_run(*args, **kwargs) is None)
+    if len(candidates) < 2:
+        return None
+    tensors = measured.tensors((args, kwargs))
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    name = _decide(op, str(tensors[0].device), str(dtype).removeprefix("torch."), key, training,
+                   candidates)
+    return None if name is None else _BACKENDS[op][name]
+
+
+@constant_under_compile
+def _decide(op: str, device: str, dtype: str, key: tuple, training: bool,
+            candidates: tuple) -> Optional[str]:
+    """measured.decide for one signature; constants in, a name out, so under torch.compile Dynamo
+    calls it eagerly at trace time (real inputs, real timings) and the graph holds the choice."""
+    dev, torch_dtype = torch.device(device), getattr(torch, dtype)
+    sig = measured.Signature(op, describe(dev), dtype, key, training)
+
+    def run_measurement() -> dict:
+        fns = {name: _BACKENDS[op][name].fn for name in candidates}
+        return measured.measure(sig, fns, _BACKENDS[op]["torch"].fn, _WORKLOADS[op], dev,
+                                torch_dtype)
+    return measured.decide(sig, candidates, run_measurement)

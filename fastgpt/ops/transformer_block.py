@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import registry
+from fastgpt.ops import measured, registry
 from fastgpt.ops.attention import causal_attention
 
 
@@ -93,6 +93,31 @@ def _attend_last_rows(q, k, v, dropout_p):
 
 registry.register("transformer_block", "torch", transformer_block_torch)
 registry.set_default_order("transformer_block", "default", ["torch"])
+
+
+def _workload_key(x, weights, n_head, *, dropout_p=0.0, attention=None, **decoding):
+    if decoding:                 # transformer_block_decode: the KV cache's shapes vary per call
+        return None
+    B, T, C = x.shape
+    return (("B", B), ("T", measured.bucket(T)), ("C", C), ("F", weights.c_fc_weight.shape[0]),
+            ("n_head", n_head), ("bias", weights.c_attn_bias is not None),
+            ("dropout", dropout_p > 0), ("attention", attention))
+
+
+def _workload_inputs(key: dict, make: measured.InputMaker):
+    C, F = key["C"], key["F"]
+    w = make.floats   # GPT-2's initialisation scale; LayerNorm weights near one
+
+    def bias(n):
+        return w((n,), 0.02) if key["bias"] else None
+    weights = BlockWeights(w((C,), 0.02, 1.0), bias(C), w((3 * C, C), 0.02), bias(3 * C),
+                           w((C, C), 0.02), bias(C), w((C,), 0.02, 1.0), bias(C),
+                           w((F, C), 0.02), bias(F), w((C, F), 0.02), bias(C))
+    return (w((key["B"], key["T"], C)), weights, key["n_head"]), {
+        "dropout_p": 0.1 if key["dropout"] else 0.0, "attention": key["attention"]}
+
+
+registry.set_workload("transformer_block", measured.Workload(_workload_key, _workload_inputs))
 
 
 def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float) -> None:
