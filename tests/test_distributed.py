@@ -131,6 +131,20 @@ def test_one_failing_rank_stops_the_whole_job(tmp_path, mode):
     assert load_checkpoint(tmp_path)["iter_num"] == 0   # the last good checkpoint survives
 
 
+def test_ranks_take_rank_0_s_measured_choices(tmp_path):
+    # measured dispatch: rank 0 measures (a line per signature) and rank 1 waits for its answer
+    # in the process group's store instead of measuring (it would log too), so both run the same
+    done = torchrun(tmp_path / "run", *flags(max_iters=2),
+                    env={"FASTGPT_DISPATCH": "measure", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.startswith("fastgpt: dispatch ")]
+    signatures = [l.partition(" on ")[0] for l in lines]
+    assert any(" attention float32 " in s and "(train)" in s for s in signatures), done.stderr
+    assert len(signatures) == len(set(signatures)), done.stderr
+    cache = json.loads((tmp_path / "cache" / "fastgpt" / "dispatch.json").read_text())
+    assert len(cache["entries"]) == len(lines)
+
+
 def test_global_batch_must_split_over_ranks():
     assert distributed.rank_rows(12, distributed.World(rank=2, local_rank=0, size=4)) == slice(6, 9)
     with pytest.raises(FastGPTError, match=r"--batch-size 6 is the global batch per micro-step "

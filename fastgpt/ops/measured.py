@@ -350,11 +350,17 @@ def _measure_or_cached(sig: Signature, candidates: tuple, run_measurement: Calla
             sorted(candidates) and (entry["chosen"] is None or entry["chosen"] in candidates):
         log.info(_summary(entry) + " (cached)")
         return entry["chosen"]
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()]
-                               if torch.cuda.is_available() else []):
-        entry = run_measurement()
+    started = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()]
+                                   if torch.cuda.is_available() else []):
+            entry = run_measurement()
+    except Exception as e:   # the reference or the inputs failed (out of memory): nothing to compare
+        log.warning(f"fastgpt: dispatch cannot measure {sig.op} {sig.dtype} {sig.shape} "
+                    f"({sig.mode}) on {sig.device}: {_one_line(e)}; using the static order")
+        return None
     _store(entry)
-    log.warning(_summary(entry))
+    log.warning(f"{_summary(entry)} (measured in {time.perf_counter() - started:.2f} s)")
     return entry["chosen"]
 
 
