@@ -508,10 +508,12 @@ class _Run:
 
 def describe_run(run: "_Run") -> dict:
     """What the run is: the `kind: "run"` row of metrics.jsonl and the header `fastgpt train`
-    prints. The backends are those fastgpt.ops picks in one probe step on a one-row batch (its
-    dropout randomness restored, its graph dropped), so they are the training step's own."""
+    prints. The backends are those fastgpt.ops picks in one probe forward on a batch of the
+    training step's shape (its dropout randomness restored, its graph dropped), so they are the
+    step's own: measured dispatch keys its choices by shape, and this is where it measures."""
     opts, m, t, device = run.opts, run.mcfg, run.tcfg, run.device
-    x = torch.zeros((1, m.block_size), dtype=torch.long, device=device)
+    rows = run.batches.rows.stop - run.batches.rows.start
+    x = torch.zeros((rows, m.block_size), dtype=torch.long, device=device)
     with ops.registry.recording_choices() as backends, \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.ctx:
         run.stepper.model(x, x)
