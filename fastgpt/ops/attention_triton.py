@@ -254,6 +254,7 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, dropout_p: float,
     return keep.bool()
 
 
+# under the Triton interpreter (a correctness tool: seconds per call) it is no candidate
 registry.register("attention", "triton", attention_triton, supports=_supports,
-                  available=_available)
+                  available=_available, measured=not interpreting())
 registry.register("attention", "compile", registry.compile_backend(attention_torch), measured=False)

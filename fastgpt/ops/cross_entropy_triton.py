@@ -153,5 +153,6 @@ def _supports(logits, targets, **kwargs) -> Optional[str]:
     return None
 
 
+# under the Triton interpreter (a correctness tool: seconds per call) it is no candidate
 registry.register("cross_entropy", "triton", cross_entropy_triton, supports=_supports,
-                  available=triton_unavailable)
+                  available=triton_unavailable, measured=not interpreting())

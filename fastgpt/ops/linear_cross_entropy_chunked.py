@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.ops import registry
+from fastgpt.ops._triton import interpreting
 from fastgpt.ops.cross_entropy import (acc_dtype, add_z_loss, apply_softcap, reduce_rows,
                                        row_losses, smoothed_target, softcap_grad, softmax_coef)
 from fastgpt.ops.linear_cross_entropy import linear_cross_entropy_torch
@@ -380,5 +381,7 @@ registry.register("linear_cross_entropy", "chunked", linear_cross_entropy_chunke
                   supports=_same_dtypes)
 registry.register("linear_cross_entropy", "compile", linear_cross_entropy_compile,
                   supports=_same_dtypes, measured=False)
+# under the Triton interpreter (a correctness tool: seconds per call) it is no candidate
 registry.register("linear_cross_entropy", "triton", linear_cross_entropy_triton,
-                  supports=_triton_supports, available=triton_unavailable)
+                  supports=_triton_supports, available=triton_unavailable,
+                  measured=not interpreting())

@@ -300,7 +300,15 @@ def _one_line(e: BaseException) -> str:
 
 def measure(sig: Signature, fns: dict[str, Callable], reference: Callable, workload: Workload,
             device: torch.device, dtype: torch.dtype) -> dict:
-    """Time and check each of ``fns`` on inputs of ``sig``; returns the cache entry."""
+    """Time and check each of ``fns`` on inputs of ``sig``; returns the cache entry. The RNG
+    streams (dropout inside the backends draws from them) are restored afterwards, so a run that
+    measures trains as one that read the cache."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(sig, fns, reference, workload, device, dtype)
+
+
+def _measure(sig: Signature, fns: dict[str, Callable], reference: Callable, workload: Workload,
+             device: torch.device, dtype: torch.dtype) -> dict:
     key = dict(sig.key)
 
     def inputs(**overrides):
@@ -352,9 +360,7 @@ def _measure_or_cached(sig: Signature, candidates: tuple, run_measurement: Calla
         return entry["chosen"]
     started = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()]
-                                   if torch.cuda.is_available() else []):
-            entry = run_measurement()
+        entry = run_measurement()
     except Exception as e:   # the reference or the inputs failed (out of memory): nothing to compare
         log.warning(f"fastgpt: dispatch cannot measure {sig.op} {sig.dtype} {sig.shape} "
                     f"({sig.mode}) on {sig.device}: {_one_line(e)}; using the static order")
