@@ -339,7 +339,8 @@ def _measure(sig: Signature, fns: dict[str, Callable], reference: Callable, work
 
 # ---- deciding ---------------------------------------------------------------------------------
 
-_DECIDED: dict[Signature, Optional[str]] = {}   # this process's choices
+# this process's choices, by the registry's (op, device, dtype, key, training, candidates)
+DECIDED: dict[tuple, Optional[str]] = {}
 
 
 def _summary(entry: dict) -> str:
@@ -379,10 +380,9 @@ def _default_store():
 
 
 def decide(sig: Signature, candidates: tuple, run_measurement: Callable[[], dict]) -> Optional[str]:
-    """The backend for ``sig`` (None: use the static order), decided once per process. Under
-    torchrun, rank 0 decides and the other ranks take its answer from the store."""
-    if sig in _DECIDED:
-        return _DECIDED[sig]
+    """The backend for ``sig`` (None: use the static order). Under torchrun, rank 0 decides and
+    the other ranks take its answer from the store. The registry calls it once per signature in a
+    process (DECIDED)."""
     store = _default_store()
     slot = "fastgpt.dispatch:" + hashlib.sha256(str(sig).encode()).hexdigest()
     if store is not None and torch.distributed.get_rank() != 0:
@@ -393,11 +393,10 @@ def decide(sig: Signature, candidates: tuple, run_measurement: Callable[[], dict
         chosen = _measure_or_cached(sig, candidates, run_measurement)
         if store is not None:
             store.set(slot, json.dumps(chosen))
-    _DECIDED[sig] = chosen
     return chosen
 
 
 def forget() -> None:
     """Drop this process's decisions (tests; after ``clear_cache``)."""
-    _DECIDED.clear()
+    DECIDED.clear()
 

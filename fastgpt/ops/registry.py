@@ -295,7 +295,16 @@ def _measured_choice(op: str, args: tuple, kwargs: dict) -> Optional[Backend]:
 def _decide(op: str, device: str, dtype: str, key: tuple, training: bool,
             candidates: tuple) -> Optional[str]:
     """measured.decide for one signature; constants in, a name out, so under torch.compile Dynamo
-    calls it eagerly at trace time (real inputs, real timings) and the graph holds the choice."""
+    calls it eagerly at trace time (real inputs, real timings) and the graph holds the choice.
+    Eager calls after the first are one dictionary lookup."""
+    memo = (op, device, dtype, key, training, candidates)
+    if memo not in measured.DECIDED:
+        measured.DECIDED[memo] = _decide_first(*memo)
+    return measured.DECIDED[memo]
+
+
+def _decide_first(op: str, device: str, dtype: str, key: tuple, training: bool,
+                  candidates: tuple) -> Optional[str]:
     dev, torch_dtype = torch.device(device), getattr(torch, dtype)
     sig = measured.Signature(op, describe(dev), dtype, key, training)
 
