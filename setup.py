@@ -66,7 +66,7 @@ setup(
     packages=["fastgpt", "fastgpt.ops", "fastgpt.tools", "fastgpt.tools.bench", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/tinyshakespeare.txt"]},
-    install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib", "tiktoken", "tokenizers"],
     extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["fastgpt = fastgpt.cli:main"]},
     ext_modules=ext_modules,

@@ -1,4 +1,4 @@
-"""The `fastgpt` command: train, sample, bench, check, compile-report, dispatch, report.
+"""The `fastgpt` command: prepare, train, sample, bench, check, compile-report, dispatch, report.
 
 Errors meant for the user (FastGPTError, and the input checks of the C++ extension: see
 fastgpt.errors.user_error) print as one line without a traceback and exit 2.
@@ -20,6 +20,7 @@ from fastgpt import config as cfgmod
 from fastgpt.data import read_text
 from fastgpt.errors import user_error
 from fastgpt.ops import available_backends
+from fastgpt.prepare import PrepareOptions, parse_token_count, prepare
 from fastgpt.sample import SampleOptions, sample_from_checkpoint
 from fastgpt.tools.bench.command import add_bench_parser
 from fastgpt.tools.check import add_check_parser
@@ -151,12 +152,59 @@ def _run_sample(args) -> int:
     return 0
 
 
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize text into token shards (llm.c's format)",
+                       description="Tokenize documents into llm.c-format token shards "
+                                   "(<prefix>_val_NNNNNN.bin, <prefix>_train_NNNNNN.bin) and a "
+                                   "meta.json naming the tokenizer. The end-of-text token goes "
+                                   "before each document (char: \"\\n\\n\" between them); "
+                                   "validation is the first --val-fraction of the text.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a text file (one document), a folder (its *.txt files, recursively) "
+                        "or a .jsonl file (one document per line, its \"text\" field)")
+    p.add_argument("--tokenizer", required=True, metavar="{char,gpt2,bpe:N}",
+                   help="char (one token per character), gpt2 (GPT-2's BPE via tiktoken), or "
+                        "bpe:N (a byte-level BPE of N tokens trained on the inputs)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder for the shards")
+    p.add_argument("--val-fraction", type=float, default=0.0005,
+                   help="the share of the text, from its start, kept for validation (at least "
+                        "8192 characters or half the text; default: 0.0005)")
+    p.add_argument("--shard-tokens", default="100M",
+                   help="tokens per shard, e.g. 100M (default, as llm.c) or 5000")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help=f"tokenizer processes (default: the CPU count, {os.cpu_count() or 1})")
+    p.add_argument("--tokenizer-file", default=None, metavar="PATH",
+                   help="gpt2 without tiktoken's cached files: a folder holding GPT-2's "
+                        "vocab.bpe and encoder.json, or a .tiktoken rank file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards and meta.json already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(run=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    result = prepare(PrepareOptions(
+        inputs=args.inputs, tokenizer=args.tokenizer, out_dir=args.out,
+        val_fraction=args.val_fraction, shard_tokens=parse_token_count(args.shard_tokens),
+        workers=args.workers, tokenizer_file=args.tokenizer_file, overwrite=args.overwrite,
+        progress=args.progress))
+    tokens = sum(result.tokens.values())
+    print(f"{result.documents:,} document(s) -> {result.tokens['train']:,} train + "
+          f"{result.tokens['val']:,} val tokens ({result.tokenizer.name}, vocabulary "
+          f"{result.tokenizer.vocab_size:,}) in {sum(map(len, result.shards.values()))} shard(s) "
+          f"and meta.json in {result.out_dir}; {result.seconds:.1f} s, "
+          f"{tokens / max(result.seconds, 1e-9):,.0f} tokens/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgpt", description="Train and sample character-level "
                                      "GPTs with fused kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _sample_parser(sub)
+    _prepare_parser(sub)
     add_bench_parser(sub)
     add_check_parser(sub)
     add_compile_report_parser(sub)
