@@ -72,6 +72,21 @@ def test_bench_train_takes_comma_separated_configs():
     assert code == 2 and "--iters 5: need >= 30" in err, err
 
 
+def test_bench_prepare():
+    # a tiny corpus and a tiny trained GPT-2-format vocabulary; each method runs once
+    code, out, err = _script("bench_prepare.py", "--mb", "0.05", "--rounds", "1", "--vocab",
+                             "300", "--train-chars", "20000", "--train-vocab")
+    assert code == 0, err
+    assert "corpus: tiny Shakespeare repeated to 0.05 MB" in out, out
+    assert "tokenizer: a GPT-2-format .tiktoken file written by this script" in out, out
+    rows = {line.split("  ")[0]: line.split() for line in out.splitlines()
+            if line.startswith(("nanoGPT ", "prepare w"))}
+    assert set(rows) == {"nanoGPT", "prepare w1", "prepare w2"}, out
+    assert rows["nanoGPT"][-1] == "1.00x"
+    # prepare's stream has one token more: the end-of-text before the document
+    assert int(rows["prepare w1"][2].replace(",", "")) >= int(rows["nanoGPT"][1].replace(",", ""))
+
+
 def test_vs_nanogpt(tmp_path):
     # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
     nano = tmp_path / "nanoGPT"

@@ -22,10 +22,11 @@ in a name stays unambiguous); then ``meta.json`` (tokenizer spec, token counts, 
 Memory stays bounded: documents are read in pieces of about a million characters, cut before a
 "\\n" or " " that follows a non-space, a place where GPT-2's pre-tokenizer regex starts a new
 piece anyway, so the pieces encode exactly as the whole document would; only a JSON line is
-held whole. char and bpe:N read the input once more first (the alphabet; training). Batches of
-pieces go to K worker processes (Pool.imap, order kept, a bounded number in flight) and the
-tokens into a shard buffer written when full. Every input is checked before anything is
-written; a shard is written under a temporary name, so an interrupted run leaves none half done.
+held whole. The input is read twice: a first pass checks all of it before anything is written
+(and collects char's alphabet), bpe:N reads it once more to train, the last pass tokenizes:
+pieces go to K worker processes (Pool.imap, order kept, 2 per worker in flight at most) and
+the tokens into a shard buffer written when full, under a temporary name, so an interrupted
+run leaves no half-written shard.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from fastgpt.tokenizers import (CharLevelTokenizer, Tokenizer, gpt2_from_file, g
 
 META_FORMAT = "fastgpt-shards-1"
 PIECE_CHARS = 1 << 20          # characters per piece of a document (and bytes per read)
-PIECES_PER_BATCH = 4           # a batch sent to a worker: about 4 pieces' characters
+PIECES_PER_BATCH = 1           # a batch sent to a worker: about one piece's characters
 MIN_VAL_CHARS = 8192
 MAX_SHARD_TOKENS = (1 << 31) - 1   # the header's count is an int32
 CHAR_SEPARATOR = "\n\n"
@@ -131,7 +132,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
     out, old = _check_out_dir(Path(opts.out_dir), opts.overwrite)
     sources = find_sources(opts.inputs)
     tokenizer = _load_gpt2(opts) if kind == "gpt2" else None
-    survey = survey_inputs(sources, opts.piece_chars)
+    survey = survey_inputs(sources, opts.piece_chars, alphabet=kind == "char")
     if survey.characters < 2:
         raise FastGPTError(f"the inputs hold {survey.characters} character(s) of text: too "
                            f"little for a train and a val split")
@@ -231,13 +232,15 @@ def find_sources(inputs: Iterable[str]) -> list[Source]:
     return sources
 
 
-def survey_inputs(sources: list[Source], piece_chars: int) -> Survey:
-    """Read every input once: each error it holds raises here, before anything is written."""
+def survey_inputs(sources: list[Source], piece_chars: int, alphabet: bool = False) -> Survey:
+    """Read every input once: each error it holds raises here, before anything is written.
+    ``alphabet``: collect the set of characters too (the char tokenizer's vocabulary)."""
     survey = Survey()
     for text, starts in read_documents(sources, piece_chars):
         survey.documents += starts
         survey.characters += len(text)
-        survey.alphabet.update(text)
+        if alphabet:
+            survey.alphabet.update(text)
     return survey
 
 
