@@ -171,6 +171,11 @@ class ByteBPETokenizer:
         self.name = f"bpe:{self.vocab_size}"
         self.spec = {"kind": "bpe", "vocab_size": self.vocab_size, "json": hf.to_str()}
 
+    def __reduce__(self):
+        # through __init__: a pickled tokenizers.Tokenizer forgets encode_special_tokens (worker
+        # processes started by spawn or forkserver get the tokenizer pickled)
+        return ByteBPETokenizer, (self.hf,)
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 

@@ -3,6 +3,7 @@ vocabulary files these tests write, never downloaded), and a trained byte-level 
 
 import base64
 import json
+import pickle
 
 import pytest
 import tiktoken
@@ -172,6 +173,8 @@ def test_trained_byte_level_bpe():
     again = _rebuilt(tok)
     assert again.encode_batch(SAMPLES) == [tok.encode(s) for s in SAMPLES]
     assert again.decode([0]) == "<|endoftext|>"
+    # as worker processes get it under spawn or forkserver
+    assert pickle.loads(pickle.dumps(tok)).encode_batch(SAMPLES) == again.encode_batch(SAMPLES)
 
 
 @pytest.mark.parametrize("choice,expected", [("char", ("char", None)), ("gpt2", ("gpt2", None)),
@@ -199,3 +202,11 @@ def test_infer_spec_for_shards_without_meta():
 def test_unknown_spec():
     with pytest.raises(FastGPTError, match="unknown tokenizer spec"):
         load_tokenizer({"kind": "sentencepiece"})
+
+
+def test_char_and_gpt2_format_survive_pickling(tmp_path):
+    # worker processes started by spawn or forkserver get the tokenizer pickled
+    for tok in (load_tokenizer({"kind": "char", "chars": "".join(sorted(set("".join(SAMPLES))))}),
+                gpt2_from_file(small_gpt2_file(tmp_path))):
+        again = pickle.loads(pickle.dumps(tok))
+        assert again.encode_batch(SAMPLES) == tok.encode_batch(SAMPLES) and again.spec == tok.spec
