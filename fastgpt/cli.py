@@ -184,11 +184,16 @@ def _prepare_parser(sub) -> None:
 
 
 def _run_prepare(args) -> int:
-    result = prepare(PrepareOptions(
-        inputs=args.inputs, tokenizer=args.tokenizer, out_dir=args.out,
-        val_fraction=args.val_fraction, shard_tokens=parse_token_count(args.shard_tokens),
-        workers=args.workers, tokenizer_file=args.tokenizer_file, overwrite=args.overwrite,
-        progress=args.progress))
+    try:
+        result = prepare(PrepareOptions(
+            inputs=args.inputs, tokenizer=args.tokenizer, out_dir=args.out,
+            val_fraction=args.val_fraction, shard_tokens=parse_token_count(args.shard_tokens),
+            workers=args.workers, tokenizer_file=args.tokenizer_file, overwrite=args.overwrite,
+            progress=args.progress))
+    except KeyboardInterrupt:
+        print(f"fastgpt: interrupted; {args.out} holds no half-written shard (and no meta.json "
+              f"until prepare completes): run it again with --overwrite", file=sys.stderr)
+        return 130
     tokens = sum(result.tokens.values())
     print(f"{result.documents:,} document(s) -> {result.tokens['train']:,} train + "
           f"{result.tokens['val']:,} val tokens ({result.tokenizer.name}, vocabulary "

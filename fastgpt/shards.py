@@ -63,7 +63,8 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
     try:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPES[version], copy=False).tobytes())
+            # no copy when the buffer already holds the token type (prepare's does)
+            tokens.astype(TOKEN_DTYPES[version], copy=False).tofile(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

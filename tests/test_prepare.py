@@ -241,3 +241,4 @@ def test_an_interrupted_prepare_leaves_no_shard_file(tmp_path, monkeypatch, caps
     assert main(["prepare", SHAKESPEARE, "--tokenizer", "char", "--out", str(out),
                  "--no-progress", "--workers", "1"]) == 130
     assert list(out.iterdir()) == []
+    assert "holds no half-written shard" in capsys.readouterr().err
