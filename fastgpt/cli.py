@@ -26,6 +26,7 @@ from fastgpt.tools.bench.command import add_bench_parser
 from fastgpt.tools.check import add_check_parser
 from fastgpt.tools.compile_report import add_compile_report_parser
 from fastgpt.tools.dispatch import add_dispatch_parser
+from fastgpt.tools.report import add_report_parser
 from fastgpt.train import RunOptions, train
 
 # CLI flag -> GPTConfig field holding the backend preference
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_parser(sub)
     add_compile_report_parser(sub)
     add_dispatch_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
