@@ -19,7 +19,7 @@ from fastgpt.errors import FastGPTError
 
 CHECKPOINT_NAME = "ckpt.pt"
 FORMAT = "fastgpt-checkpoint-1"
-REQUIRED_KEYS = ("format", "model", "model_kind", "model_args", "train_args", "vocab", "iter_num")
+REQUIRED_KEYS = ("format", "model", "model_kind", "model_args", "train_args", "iter_num")
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -66,6 +66,8 @@ def load_checkpoint(path: str | Path) -> dict:
                            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
                            f"expected {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
+    if "tokenizer" not in state and "vocab" not in state:   # before token shards: "vocab" alone
+        missing.append("tokenizer")
     if missing:
         raise FastGPTError(f"checkpoint {str(path)!r} lacks {missing}; it is incomplete")
     return state

@@ -77,9 +77,11 @@ class KVCache:
 @torch.no_grad()
 def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None,
+             vocab_size: Optional[int] = None) -> torch.Tensor:
     """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens; the context fed to the model
-    is cropped to its last block_size tokens, as nanoGPT does."""
+    is cropped to its last block_size tokens, as nanoGPT does. ``vocab_size`` (the tokenizer's)
+    keeps a model's padding rows (GPT-2's 50,257 padded to 50,304) from ever being drawn."""
     if temperature <= 0:
         raise FastGPTError(f"temperature must be > 0; got {temperature}")
     if top_k is not None and top_k < 1:
@@ -96,6 +98,8 @@ def generate(model: torch.nn.Module, idx: torch.Tensor, max_new_tokens: int,
         else:
             logits, _ = model(idx[:, -block_size:])
             logits = logits[:, -1, :]
+        if vocab_size is not None:
+            logits = logits[:, :vocab_size]
         idx = torch.cat([idx, next_tokens(logits, temperature, top_k, generator)], dim=1)
     return idx
 

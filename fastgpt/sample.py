@@ -10,11 +10,12 @@ import torch
 
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import GPTConfig
-from fastgpt.data import CharTokenizer
 from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
+from fastgpt.run_data import spec_of_checkpoint
+from fastgpt.tokenizers import load_tokenizer
 
 
 @dataclass
@@ -35,14 +36,17 @@ def sample_from_checkpoint(opts: SampleOptions) -> list[str]:
         raise FastGPTError(f"num_samples must be >= 1; got {opts.num_samples}")
     device = resolve_device(opts.device)
     state = load_checkpoint(Path(opts.out_dir))
-    tokenizer = CharTokenizer(state["vocab"])
+    tokenizer = load_tokenizer(spec_of_checkpoint(state))   # the run's: characters or BPE
     if not opts.prompt:
         raise FastGPTError("the prompt is empty; give at least one character")
     prompt_ids = tokenizer.encode(opts.prompt)
+    if not prompt_ids:
+        raise FastGPTError(f"the prompt {opts.prompt!r} encodes to no tokens")
     model = build_model(state["model_kind"], GPTConfig(**state["model_args"]))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     gen = torch.Generator(device=device).manual_seed(opts.seed)
     idx = torch.tensor([prompt_ids] * opts.num_samples, dtype=torch.long, device=device)
-    out = generate(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k, gen)
+    out = generate(model, idx, opts.max_new_tokens, opts.temperature, opts.top_k, gen,
+                   vocab_size=tokenizer.vocab_size)
     return [tokenizer.decode(row.tolist()) for row in out]

@@ -101,6 +101,11 @@ def shard_token_count(path: str | Path) -> int:
     return _read_header(Path(path))[1]
 
 
+def shard_format(path: str | Path) -> int:
+    """A shard's format version (1: uint16 tokens, 2: uint32), read from its header alone."""
+    return _read_header(Path(path))[0]
+
+
 def open_shard(path: str | Path) -> np.memmap:
     """The tokens of a shard as a read-only memmap (uint16 for version 1, uint32 for 2)."""
     path = Path(path)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from fastgpt import config as cfgmod
 from fastgpt import distributed, ops
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomically
-from fastgpt.data import CharTokenizer, TextDataset, read_text
 from fastgpt.device import describe, resolve_device
+from fastgpt.run_data import DataSource, open_source, spec_of_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
@@ -228,7 +228,7 @@ class BatchStream:
     its losses). The state before the pending draw is kept so a resume can fetch it again.
     """
 
-    def __init__(self, dataset: TextDataset, batch_size: int, device: torch.device,
+    def __init__(self, dataset, batch_size: int, device: torch.device,
                  world: distributed.World):
         self.dataset, self.batch_size, self.device = dataset, batch_size, device
         # every rank draws the same global batch and keeps its own rows
@@ -240,6 +240,15 @@ class BatchStream:
 
     def draw(self, split: str):
         return self.dataset.batch(split, self.batch_size, self.gen, self.device, self.rows)
+
+    def eval_batches(self, split: str, n: int) -> list:
+        """The batches of an estimate: from the stream, as nanoGPT draws them, or, where the
+        dataset says so (token shards), the same fixed windows at every estimate."""
+        if not getattr(self.dataset, "fixed_eval_windows", False):
+            return [self.draw(split) for _ in range(n)]
+        gen = torch.Generator().manual_seed(self.dataset.EVAL_SEED[split])
+        return [self.dataset.batch(split, self.batch_size, gen, self.device, self.rows)
+                for _ in range(n)]
 
     def prefetch(self) -> None:
         self.pending_state = self.gen.get_state()
@@ -319,12 +328,10 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     out_dir = Path(opts.out_dir)
     check_out_dir(out_dir, opts.resume, opts.overwrite)
     resumed = load_checkpoint(out_dir / CHECKPOINT_NAME) if opts.resume else None
-    text = read_text(opts.data)
-    tokenizer = CharTokenizer.from_text(text)
-    model_kind, mcfg, tcfg = _configure(opts, device, tokenizer, resumed)
+    source = open_source(opts.data)
+    model_kind, mcfg, tcfg = _configure(opts, device, source, resumed)
     check_backends(model_kind, mcfg)
-    dataset = TextDataset(text, tokenizer, mcfg.block_size,
-                          source=f"data file {opts.data!r}" if opts.data else "the bundled text")
+    dataset = source.dataset(mcfg.block_size)
 
     torch.manual_seed(opts.seed)
     model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
@@ -335,7 +342,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     if resumed is not None:
         model.load_state_dict(resumed["model"])
     # `model` holds the fp32 master weights; on CPU in bf16 the stepper's bf16 copy computes
-    run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, tokenizer=tokenizer,
+    run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, source=source,
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
                stepper=Stepper(model, device.type, dtype, tcfg), batches=batches,
                ctx=autocast(device.type, dtype))
@@ -348,19 +355,21 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     return run
 
 
-def _configure(opts: RunOptions, device: torch.device, tokenizer: CharTokenizer,
+def _configure(opts: RunOptions, device: torch.device, source: DataSource,
                resumed: Optional[dict]) -> tuple[str, cfgmod.GPTConfig, cfgmod.TrainConfig]:
     """The model kind and configuration: the preset's with the overrides, or the checkpoint's."""
     if resumed is None:
         preset_name = opts.preset or cfgmod.default_preset(device.type)
         mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
-        mcfg.vocab_size = tokenizer.vocab_size
+        mcfg.vocab_size = source.model_vocab_size
         return opts.model, mcfg, tcfg
     # the run continues with its own configuration; flags given now may only extend max_iters
-    if resumed["vocab"] != tokenizer.chars:
-        raise FastGPTError(f"the data's vocabulary ({tokenizer.vocab_size} characters) differs "
-                           f"from the checkpoint's ({len(resumed['vocab'])}); resume with the "
-                           f"same --data")
+    saved = spec_of_checkpoint(resumed)
+    if saved != source.spec:
+        what = "characters" if source.spec.get("kind") == "char" else "tokens"
+        raise FastGPTError(f"the data's tokenizer ({source.spec.get('kind')}, vocabulary "
+                           f"{source.vocab_size} {what}) differs from the checkpoint's "
+                           f"({saved.get('kind')}); resume with the same --data")
     mcfg = cfgmod.GPTConfig(**resumed["model_args"])
     tcfg = cfgmod.TrainConfig(**{**resumed["train_args"],
                                  **{k: v for k, v in opts.overrides.items()
@@ -376,7 +385,7 @@ class _Run:
     world: distributed.World
     device: torch.device
     out_dir: Path
-    tokenizer: CharTokenizer
+    source: DataSource            # the data's tokenizer: its spec, and itself for samples
     model_kind: str
     mcfg: cfgmod.GPTConfig
     tcfg: cfgmod.TrainConfig
@@ -462,7 +471,7 @@ class _Run:
         model.eval()
         out = {}
         for split in ("train", "val"):
-            drawn = [self.batches.draw(split) for _ in range(t.eval_iters)]
+            drawn = self.batches.eval_batches(split, t.eval_iters)
             total = torch.zeros((), device=self.device)
             # several equal-size batches per forward: the mean of group means is the same
             # estimate, and bigger matmuls run faster
@@ -490,20 +499,28 @@ class _Run:
                 "iter_num": it, "best_val_loss": self.best_val, "train_loss": self.losses["train"],
                 "val_loss": self.losses["val"], "model_kind": self.model_kind,
                 "model_args": asdict(self.mcfg), "train_args": asdict(self.tcfg),
-                "vocab": self.tokenizer.chars,
+                "tokenizer": self.source.spec,
+                **({"vocab": self.source.spec["chars"]} if self.source.spec["kind"] == "char" else {}),
                 "dtype": resolve_dtype_name(self.opts.dtype, self.device.type),
                 "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks,
             })
         self.last_ckpt_iter = it
 
     def sample(self) -> str:
-        """opts.sample_chars characters from the trained model, seeded by opts.seed."""
-        start = torch.tensor([[self.tokenizer.stoi.get("\n", 0)]], device=self.device)
+        """opts.sample_chars tokens from the trained model, seeded by opts.seed, after a newline
+        (characters) or the end-of-text token (BPE); "" without a tokenizer (see run_data)."""
+        tokenizer = self.source.tokenizer
+        if tokenizer is None:
+            return ""
+        first = tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.stoi.get("\n", 0)
+        start = torch.tensor([[first]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.opts.seed)
         self.model.eval()
         with self.ctx:
-            ids = generate(self.model, start, self.opts.sample_chars, generator=gen)
-        return self.tokenizer.decode(ids[0].tolist())
+            ids = generate(self.model, start, self.opts.sample_chars, generator=gen,
+                           vocab_size=tokenizer.vocab_size)
+        return tokenizer.decode(ids[0, 1:].tolist() if tokenizer.eot_id is not None
+                                else ids[0].tolist())
 
 
 def describe_run(run: "_Run") -> dict:

@@ -205,7 +205,8 @@ def test_extension_index_check_is_a_one_line_error(tmp_path, capsys, monkeypatch
     assert main(["train", "--model", "bigram", "--out-dir", str(out), "--sample-chars", "0",
                  *TINY]) == 0
     state = load_checkpoint(out)
-    save_checkpoint(out / "ckpt.pt", {**state, "vocab": state["vocab"] + "~"})   # id 65 of 65
+    chars = state["tokenizer"]["chars"] + "~"                                 # id 65 of 65
+    save_checkpoint(out / "ckpt.pt", {**state, "tokenizer": {"kind": "char", "chars": chars}})
     monkeypatch.setattr(model, "check_tokens", lambda idx, vocab_size, block_size: None)
     capsys.readouterr()
     _bad(tmp_path, capsys, ["sample", "--out-dir", str(out), "--prompt", "a~"],
