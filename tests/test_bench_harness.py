@@ -15,7 +15,7 @@ import torch
 from fastgpt import cli
 from fastgpt.tools.bench.suites import SUITES, build, check_providers
 from fastgpt.tools.bench.train_steps import parse_config
-from fastgpt.tools.bench.harness import CSV_FIELDS, Case, device_peak, run_cases, summarize
+from fastgpt.tools.bench.harness import CSV_FIELDS, Case, run_cases, summarize
 from fastgpt.tools.environment import environment
 from fastgpt.errors import FastGPTError
 
@@ -40,13 +40,6 @@ def test_summarize_and_environment():
     assert set(env) >= {"device", "cpu", "cpu_flags", "threads", "torch", "triton", "git_sha",
                         "date"}
     assert env["threads"] == torch.get_num_threads()
-
-
-def test_device_peaks():
-    flops, gbps = device_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
-    assert flops and gbps
-    assert device_peak("NVIDIA H100 PCIe", torch.bfloat16)[1] < gbps
-    assert device_peak("NVIDIA GeForce GTX 1080", torch.bfloat16) == (None, None)
 
 
 def test_bench_attention_table_csv_plot(tmp_path, capsys):

@@ -149,17 +149,6 @@ def test_a_failing_stage_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert len(table(text, "## Kernels on")) == 4       # the rows the other stages made
 
 
-def test_percent_of_peak_uses_the_data_sheet():
-    bf16 = Row(Case("attention", "attention", "triton", "fwd", {}, "bfloat16"), rate=494.75,
-               unit="TFLOP/s")
-    gbs = Row(Case("embedding", "embedding", "ext", "fwd", {}, "float32"), rate=1675.0,
-              unit="GB/s")
-    assert report.percent_of_peak(bf16, "NVIDIA H100 80GB HBM3") == pytest.approx(50.0)
-    assert report.percent_of_peak(gbs, "NVIDIA H100 80GB HBM3") == pytest.approx(50.0)
-    assert report.percent_of_peak(bf16, "NVIDIA Unknown GPU") is None
-    assert report.percent_of_peak(bf16, "") is None              # the CPU
-
-
 def test_cuda_tests_need_a_source_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "tests_folder", lambda: tmp_path / "missing")
     r = report.Report(device="cuda", quick=True, out=tmp_path / "r.md", files=tmp_path)
@@ -182,7 +171,7 @@ def test_a_cuda_report_shows_peaks_and_mfu(tmp_path):
         stage.status = "passed"
     row = Row(Case("attention", "attention", "triton", "fwd", {"T": 1024}, "bfloat16"),
               median=0.1, p20=0.1, p80=0.1, rate=494.75, unit="TFLOP/s", speedup=3.0)
-    row.pct_peak = report.percent_of_peak(row, r.gpu_name)
+    row.pct_peak = 50.0    # what the harness computes from fastgpt.peaks (tests/test_peaks.py)
     r.bench = [row]
     r.train_plan = report.TRAIN_PLANS[("cuda", False)]
     r.train = [{"config": "triton bf16", "ms_per_iter": 20.0, "p20_ms": 19.0, "p80_ms": 21.0,

@@ -52,7 +52,7 @@ import torch
 import fastgpt
 from fastgpt.device import resolve_device
 from fastgpt.ops import measured
-from fastgpt.peaks import lookup, matmul_peak_tflops, peak_bandwidth_gbs
+from fastgpt.peaks import lookup, matmul_peak_tflops
 from fastgpt.tools.bench.command import add_bench_parser, run_suite
 from fastgpt.tools.bench.harness import Row, allow_repeated_backward, write_csv
 from fastgpt.tools.bench.suites import SUITES
@@ -171,18 +171,6 @@ def stage_check(r: Report) -> None:
         raise StageFailed(f"{failed} check row(s) failed (see Accuracy)")
 
 
-def percent_of_peak(row: Row, gpu_name: str) -> float | None:
-    """The row's rate as a % of the data-sheet peak it runs against: TFLOP/s against the
-    matmul peak of its dtype, GB/s against memory bandwidth; None where the device is unknown."""
-    if row.rate is None or not gpu_name:
-        return None
-    if row.unit == "TFLOP/s":
-        peak = matmul_peak_tflops(gpu_name, row.case.dtype)
-    else:
-        peak = peak_bandwidth_gbs(gpu_name) if row.unit == "GB/s" else None
-    return 100.0 * row.rate / peak if peak else None
-
-
 def bench_stage(suite: str) -> Callable[[Report], None]:
     """The stage that runs one op suite of `fastgpt bench` and keeps its rows."""
     def run(r: Report) -> None:
@@ -190,9 +178,7 @@ def bench_stage(suite: str) -> Callable[[Report], None]:
                       + (QUICK_BENCH if r.quick else []))
         args.device = str(resolve_device(args.device))
         allow_repeated_backward()
-        rows = run_suite(suite, args)
-        for row in rows:    # one table of peaks for the report and its CSV: fastgpt.peaks
-            row.pct_peak = percent_of_peak(row, r.gpu_name)
+        rows = run_suite(suite, args)     # % of peak from fastgpt.peaks, as everywhere
         write_csv([row.record() for row in rows], str(r.files / "bench.csv"), r.env)
         r.bench += rows
         crashed = [row for row in rows if row.skipped.startswith("failed")]

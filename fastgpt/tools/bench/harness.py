@@ -38,6 +38,7 @@ import torch
 import torch._functorch.config
 from torch.profiler import ProfilerActivity, profile
 
+from fastgpt.peaks import matmul_peak_tflops, peak_bandwidth_gbs
 from fastgpt.tools.formatting import number
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -52,31 +53,6 @@ def summarize(samples: list[float]) -> dict:
         return {"median": xs[0], "p20": xs[0], "p80": xs[0]}
     q = statistics.quantiles(xs, n=10, method="inclusive")
     return {"median": statistics.median(xs), "p20": q[1], "p80": q[7]}
-
-
-# --- device peaks (vendor data sheets, dense, no sparsity) ----------------------------------
-# Matched by substring of torch.cuda.get_device_name(), first match wins. TFLOP/s per compute
-# dtype ("tf32" is float32 matmuls on tensor cores) and memory bandwidth in GB/s.
-DEVICE_PEAKS = (
-    ("H200", dict(bf16=989.0, fp16=989.0, tf32=494.0, fp32=67.0, gbps=4800.0)),
-    ("H100 PCIe", dict(bf16=756.0, fp16=756.0, tf32=378.0, fp32=51.0, gbps=2000.0)),
-    ("H100", dict(bf16=989.0, fp16=989.0, tf32=494.0, fp32=67.0, gbps=3350.0)),
-    ("A100-SXM4-80GB", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, gbps=2039.0)),
-    ("A100-PCIE-80GB", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, gbps=1935.0)),
-    ("A100", dict(bf16=312.0, fp16=312.0, tf32=156.0, fp32=19.5, gbps=1555.0)),
-)
-
-
-def device_peak(device_name: str, dtype: torch.dtype) -> tuple[Optional[float], Optional[float]]:
-    """(peak TFLOP/s for matmuls in ``dtype``, peak GB/s) of a known GPU, else (None, None)."""
-    for key, peaks in DEVICE_PEAKS:
-        if key in device_name:
-            if dtype == torch.float32:
-                tf32 = torch.get_float32_matmul_precision() != "highest"
-                return peaks["tf32" if tf32 else "fp32"], peaks["gbps"]
-            return peaks.get({torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "")), \
-                peaks["gbps"]
-    return None, None
 
 
 # --- timing and memory ----------------------------------------------------------------------
@@ -283,9 +259,9 @@ def run_cases(cases: list[Case], device: str, baseline: str, build: Build,
             if base is not None:
                 r.speedup = base.median / r.median
             if device.startswith("cuda"):
-                tflops, gbps = device_peak(torch.cuda.get_device_name(device),
-                                           getattr(torch, r.case.dtype))
-                peak = tflops if r.unit == "TFLOP/s" else gbps
+                name = torch.cuda.get_device_name(device)   # data-sheet peaks: fastgpt.peaks
+                peak = (matmul_peak_tflops(name, r.case.dtype) if r.unit == "TFLOP/s"
+                        else peak_bandwidth_gbs(name))
                 r.pct_peak = 100.0 * r.rate / peak if peak else None
         for r in got:
             if progress:

@@ -5,7 +5,7 @@ per-log-interval throughput rows of its metrics.jsonl give tokens/s and ms/iter,
 two intervals dropped as warm-up. Configurations run interleaved over several rounds so that a
 noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nanoGPT's estimate:
 6 * parameters + 12 * n_layer * n_embd * block_size FLOPs per token, forward and backward) over
-the device's peak for the dtype (fastgpt.tools.bench.harness.DEVICE_PEAKS); "unknown" for other
+the device's peak for the dtype (fastgpt.peaks); "unknown" for other
 devices.
 
 A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
@@ -25,7 +25,8 @@ from fastgpt.config import BACKEND_FIELDS, backend_field, tokens_per_iter
 from fastgpt.config import preset as get_preset
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT
-from fastgpt.tools.bench.harness import device_peak, summarize, write_csv
+from fastgpt.peaks import matmul_peak_tflops
+from fastgpt.tools.bench.harness import summarize, write_csv
 from fastgpt.train import RunOptions, train
 
 CONFIGS = {
@@ -124,7 +125,7 @@ def run_train_bench(args, env: dict) -> list[dict]:
         line = (f"  {n:<26} {ms['median']:9.2f} {ms['p20']:8.2f}-{ms['p80']:<8.2f} "
                 f"{tok_s:10.0f} {base / ms['median']:13.2f}x")
         if cuda:
-            peak, _ = device_peak(env["device"], getattr(torch, configs[n]["dtype"]))
+            peak = matmul_peak_tflops(env["device"], configs[n]["dtype"])
             row["mfu"] = fpt * tok_s / (peak * 1e12) if peak else None
             mfu = "unknown" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
             line += f" {mfu:>8}"
