@@ -79,7 +79,9 @@ def _train_parser(sub) -> None:
                        formatter_class=_TrainHelp)
     p.add_argument("--model", default="gpt", choices=["gpt", "bigram"])
     p.add_argument("--preset", default=None, help=f"one of: {', '.join(cfgmod.PRESETS)}")
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: bundled tiny Shakespeare)")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (characters; default: the "
+                   "bundled tiny Shakespeare), or token shards: a folder `fastgpt prepare` wrote, "
+                   "or a glob of llm.c .bin shards")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
                    help="auto (default: bfloat16 where the hardware has it natively), float32 "
@@ -95,7 +97,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=1337,
                    help="seed of the initial weights, batches and dropout (default: 1337)")
     p.add_argument("--sample-chars", type=int, default=300,
-                   help="characters to sample at the end (0: none)")
+                   help="characters (tokens, for token shards) to sample at the end (0: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     _field_flags(p)
