@@ -13,6 +13,8 @@ from typing import Optional
 from fastgpt.errors import FastGPTError
 from fastgpt.ops.registry import canonical_op
 
+GELU_APPROXIMATIONS = ("none", "tanh")   # torch.nn.functional.gelu's `approximate`
+
 
 @dataclass
 class GPTConfig:
@@ -23,6 +25,9 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = False            # biases in Linear and LayerNorm (nanoGPT's train.py default: False)
+    # the MLP's GELU: "none" is exact (nanoGPT's nn.GELU()), "tanh" the tanh approximation
+    # GPT-2 was trained with (Hugging Face's "gelu_new"; models from fastgpt.pretrained)
+    gelu_approximate: str = "none"
     # Backend preferences for the dispatch layer; None lets fastgpt.ops choose.
     attention: Optional[str] = None
     cross_entropy: Optional[str] = None
@@ -37,6 +42,9 @@ class GPTConfig:
             raise FastGPTError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise FastGPTError(f"dropout must be in [0, 1); got {self.dropout}")
+        if self.gelu_approximate not in GELU_APPROXIMATIONS:
+            raise FastGPTError(f"gelu_approximate must be one of {', '.join(GELU_APPROXIMATIONS)}; "
+                               f"got {self.gelu_approximate!r}")
 
 
 @dataclass

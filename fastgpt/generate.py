@@ -68,7 +68,8 @@ class KVCache:
         for i, w in enumerate(self.weights):
             x, self.kv[i] = ops.transformer_block_decode(
                 x, w, cfg.n_head, past=self.kv[i] if start else None, last_only=i == last,
-                attention=cfg.attention, preferred=cfg.transformer_block)
+                attention=cfg.attention, preferred=cfg.transformer_block,
+                gelu_approximate=cfg.gelu_approximate)
         self.seen = T
         x = F.layer_norm(x, (cfg.n_embd,), tr.ln_f.weight, tr.ln_f.bias)
         return F.linear(x[:, -1], self.model.lm_head.weight)                 # (B, V)
@@ -113,7 +114,8 @@ def _decodes(model: GPT) -> bool:
         return True
     # metadata only: an input of the dtype and device the blocks see
     reason = decode_unsupported(tr.wpe.weight[None, :1], tr.h[0].weights(), cfg.n_head,
-                                attention=cfg.attention, preferred=cfg.transformer_block)
+                                attention=cfg.attention, preferred=cfg.transformer_block,
+                                gelu_approximate=cfg.gelu_approximate)
     if reason is not None:
         log.info("fastgpt: sampling without a KV cache (every token recomputes the context): "
                  "%s", reason)

@@ -98,7 +98,8 @@ class Block(nn.Module):
         cfg = self.config
         return ops.transformer_block(x, self.weights(), cfg.n_head,
                                      dropout_p=cfg.dropout if self.training else 0.0,
-                                     attention=cfg.attention, preferred=cfg.transformer_block)
+                                     attention=cfg.attention, preferred=cfg.transformer_block,
+                                     gelu_approximate=cfg.gelu_approximate)
 
 
 class GPT(nn.Module):

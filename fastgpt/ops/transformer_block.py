@@ -3,6 +3,9 @@
     x1  = x + dropout(c_proj(attention(c_attn(ln_1(x)))))
     out = x1 + dropout(mlp_c_proj(gelu(c_fc(ln_2(x1)))))
 
+``gelu_approximate`` is torch.nn.functional.gelu's: "none" (exact, nanoGPT's) or "tanh" (GPT-2's
+own "gelu_new", for weights converted from Hugging Face by fastgpt.pretrained).
+
 Backends:
 
 * ``torch`` - the block written out with torch.nn.functional; attention goes through
@@ -12,7 +15,7 @@ Backends:
               math as ``torch`` with the ``torch`` attention backend, as one op and one autograd
               node per block. At the baby preset's size this removes the per-op Python and
               autograd cost, a large share of a CPU training step. CPU, no dropout, no
-              incremental decoding.
+              incremental decoding, exact GELU only.
 
 Incremental decoding (sampling with a KV cache, fastgpt/generate.py) is the same op:
 ``transformer_block_decode`` runs the block on the positions after ``past``, the keys and values
@@ -54,7 +57,8 @@ KV = tuple[torch.Tensor, torch.Tensor]   # a block's keys and values, each (B, n
 
 def transformer_block_torch(x, w: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
                             attention: Optional[str] = None, past: Optional[KV] = None,
-                            last_only: bool = False, return_kv: bool = False):
+                            last_only: bool = False, return_kv: bool = False,
+                            gelu_approximate: str = "none"):
     B, T, C = x.shape
     h = F.layer_norm(x, (C,), w.ln_1_weight, w.ln_1_bias)
     qkv = F.linear(h, w.c_attn_weight, w.c_attn_bias).view(B, T, 3, n_head, C // n_head)
@@ -71,8 +75,8 @@ def transformer_block_torch(x, w: BlockWeights, n_head: int, *, dropout_p: float
     y = F.linear(y.transpose(1, 2).reshape(B, T, C), w.attn_c_proj_weight, w.attn_c_proj_bias)
     x = x + (F.dropout(y, dropout_p) if dropout_p > 0 else y)
     h = F.layer_norm(x, (C,), w.ln_2_weight, w.ln_2_bias)
-    y = F.linear(F.gelu(F.linear(h, w.c_fc_weight, w.c_fc_bias)), w.mlp_c_proj_weight,
-                 w.mlp_c_proj_bias)
+    y = F.linear(F.gelu(F.linear(h, w.c_fc_weight, w.c_fc_bias), approximate=gelu_approximate),
+                 w.mlp_c_proj_weight, w.mlp_c_proj_bias)
     out = x + (F.dropout(y, dropout_p) if dropout_p > 0 else y)
     return (out, (k, v)) if return_kv else out
 
@@ -95,13 +99,14 @@ registry.register("transformer_block", "torch", transformer_block_torch)
 registry.set_default_order("transformer_block", "default", ["torch"])
 
 
-def _workload_key(x, weights, n_head, *, dropout_p=0.0, attention=None, **decoding):
+def _workload_key(x, weights, n_head, *, dropout_p=0.0, attention=None, gelu_approximate="none",
+                  **decoding):
     if decoding:                 # transformer_block_decode: the KV cache's shapes vary per call
         return None
     B, T, C = x.shape
     return (("B", B), ("T", measured.bucket(T)), ("C", C), ("F", weights.c_fc_weight.shape[0]),
             ("n_head", n_head), ("bias", weights.c_attn_bias is not None),
-            ("dropout", dropout_p > 0), ("attention", attention))
+            ("dropout", dropout_p > 0), ("attention", attention), ("gelu", gelu_approximate))
 
 
 def _workload_inputs(key: dict, make: measured.InputMaker):
@@ -114,13 +119,15 @@ def _workload_inputs(key: dict, make: measured.InputMaker):
                            w((C, C), 0.02), bias(C), w((C,), 0.02, 1.0), bias(C),
                            w((F, C), 0.02), bias(F), w((C, F), 0.02), bias(C))
     return (w((key["B"], key["T"], C)), weights, key["n_head"]), {
-        "dropout_p": 0.1 if key["dropout"] else 0.0, "attention": key["attention"]}
+        "dropout_p": 0.1 if key["dropout"] else 0.0, "attention": key["attention"],
+        "gelu_approximate": key.get("gelu", "none")}
 
 
 registry.set_workload("transformer_block", measured.Workload(_workload_key, _workload_inputs))
 
 
-def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float) -> None:
+def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float,
+           gelu_approximate: str) -> None:
     if x.dim() != 3 or not x.is_floating_point():
         raise FastGPTError(f"transformer_block expects x of shape (B, T, C) and a floating dtype; "
                            f"got shape {tuple(x.shape)}, dtype {x.dtype}")
@@ -133,6 +140,9 @@ def _check(x: torch.Tensor, w: BlockWeights, n_head: int, dropout_p: float) -> N
                            f"of shape {tuple(x.shape)}; got {tuple(w.c_attn_weight.shape)}")
     if not 0.0 <= dropout_p < 1.0:
         raise FastGPTError(f"dropout_p must be in [0, 1); got {dropout_p}")
+    if gelu_approximate not in ("none", "tanh"):
+        raise FastGPTError(f"gelu_approximate must be 'none' (exact) or 'tanh'; got "
+                           f"{gelu_approximate!r}")
 
 
 def _check_past(x: torch.Tensor, n_head: int, past: Optional[KV]) -> None:
@@ -154,29 +164,37 @@ def _check_past(x: torch.Tensor, n_head: int, past: Optional[KV]) -> None:
 
 def transformer_block(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                       dropout_p: float = 0.0, attention: Optional[str] = None,
-                      backend: Optional[str] = None,
-                      preferred: Optional[str] = None) -> torch.Tensor:
+                      backend: Optional[str] = None, preferred: Optional[str] = None,
+                      gelu_approximate: str = "none") -> torch.Tensor:
     """One block on x of shape (B, T, C); returns (B, T, C).
 
     ``attention`` is the attention backend the model config prefers (used by ``torch``);
-    ``backend`` / ``preferred`` choose this op's backend (see fastgpt.ops.registry).
+    ``backend`` / ``preferred`` choose this op's backend (see fastgpt.ops.registry);
+    ``gelu_approximate`` the MLP's GELU ("none": exact, "tanh": GPT-2's).
     """
-    _check(x, weights, n_head, dropout_p)
+    _check(x, weights, n_head, dropout_p, gelu_approximate)
     kwargs = {"dropout_p": dropout_p, "attention": attention}
+    if gelu_approximate != "none":   # only then: a backend that predates the option still runs
+        kwargs["gelu_approximate"] = gelu_approximate
     chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
                              backend=backend, preferred=preferred, dtype=x.dtype)
     return chosen.fn(x, weights, n_head, **kwargs)
 
 
-def _decode_kwargs(past: Optional[KV], last_only: bool, attention: Optional[str]) -> dict:
-    return {"dropout_p": 0.0, "attention": attention, "past": past, "last_only": last_only,
-            "return_kv": True}
+def _decode_kwargs(past: Optional[KV], last_only: bool, attention: Optional[str],
+                   gelu_approximate: str) -> dict:
+    kwargs = {"dropout_p": 0.0, "attention": attention, "past": past, "last_only": last_only,
+              "return_kv": True}
+    if gelu_approximate != "none":
+        kwargs["gelu_approximate"] = gelu_approximate
+    return kwargs
 
 
 def transformer_block_decode(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                              past: Optional[KV] = None, last_only: bool = False,
                              attention: Optional[str] = None, backend: Optional[str] = None,
-                             preferred: Optional[str] = None) -> tuple[torch.Tensor, KV]:
+                             preferred: Optional[str] = None,
+                             gelu_approximate: str = "none") -> tuple[torch.Tensor, KV]:
     """One block in eval mode (no dropout) on x (B, T, C), the positions after ``past``: the
     (keys, values) of this block at the T_past positions before, each (B, nh, T_past, hs), or
     None. Returns the output, (B, 1, C) for the last position only with ``last_only``, else
@@ -185,9 +203,9 @@ def transformer_block_decode(x: torch.Tensor, weights: BlockWeights, n_head: int
     Same backend choice as ``transformer_block``; a backend that cannot decode (``ext``) is
     skipped by the automatic choice and raises when named.
     """
-    _check(x, weights, n_head, 0.0)
+    _check(x, weights, n_head, 0.0, gelu_approximate)
     _check_past(x, n_head, past)
-    kwargs = _decode_kwargs(past, last_only, attention)
+    kwargs = _decode_kwargs(past, last_only, attention, gelu_approximate)
     chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
                              backend=backend, preferred=preferred, dtype=x.dtype)
     return chosen.fn(x, weights, n_head, **kwargs)
@@ -195,7 +213,8 @@ def transformer_block_decode(x: torch.Tensor, weights: BlockWeights, n_head: int
 
 def decode_unsupported(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                        attention: Optional[str] = None, backend: Optional[str] = None,
-                       preferred: Optional[str] = None) -> Optional[str]:
+                       preferred: Optional[str] = None,
+                       gelu_approximate: str = "none") -> Optional[str]:
     """None when ``transformer_block_decode`` runs inputs like these (metadata only); else why
     not: the block backend the user named cannot decode. The automatic choice always can
     (it ends at ``torch``). Lets a caller that has another way (full recomputation) take it
@@ -205,5 +224,5 @@ def decode_unsupported(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
         return None
     name, source = asked
     reason = registry.get("transformer_block", name).cannot_run(
-        x, weights, n_head, **_decode_kwargs(None, True, attention))
+        x, weights, n_head, **_decode_kwargs(None, True, attention, gelu_approximate))
     return None if reason is None else f"transformer_block backend {name!r} ({source}): {reason}"

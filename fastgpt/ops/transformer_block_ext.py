@@ -2,10 +2,11 @@
 
 The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transformer_block_train``
 and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
-kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, no
-incremental decoding (past keys and values: sampling takes the ``torch`` block), and attention
-is the ``ext`` attention backend's kernel (csrc/attention_cpu.cpp), so another attention
-backend named by the user sends the automatic choice to the ``torch`` block instead.
+kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, exact
+GELU only (GPT-2's tanh approximation takes the ``torch`` block), no incremental decoding (past
+keys and values: sampling takes the ``torch`` block), and attention is the ``ext`` attention
+backend's kernel (csrc/attention_cpu.cpp), so another attention backend named by the user sends
+the automatic choice to the ``torch`` block instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ _SAVED = 12   # activations transformer_block_train returns (see csrc/transforme
 
 def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
              attention: Optional[str] = None, past: Optional[KV] = None, last_only: bool = False,
-             return_kv: bool = False) -> Optional[str]:
+             return_kv: bool = False, gelu_approximate: str = "none") -> Optional[str]:
     if past is not None or last_only or return_kv:
         return ("the C++ block has no incremental decoding (past keys and values, last position "
                 "only); the torch backend has it")
@@ -32,6 +33,9 @@ def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: 
         return f"fastgpt._C has a CPU transformer_block only; got {x.device.type}"
     if dropout_p > 0:
         return f"no dropout in the C++ block (dropout_p={dropout_p}); the torch backend has it"
+    if gelu_approximate != "none":
+        return (f"the C++ block's GELU is exact (gelu_approximate={gelu_approximate!r} asked, "
+                f"as GPT-2's weights need); the torch backend has it")
     for name, t in zip(BlockWeights._fields, weights):
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
             return f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}"
@@ -46,12 +50,15 @@ def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: 
 def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
                           dropout_p: float = 0.0, attention: Optional[str] = None,
                           past: Optional[KV] = None, last_only: bool = False,
-                          return_kv: bool = False) -> torch.Tensor:
+                          return_kv: bool = False, gelu_approximate: str = "none") -> torch.Tensor:
     reason = available()
     if reason is not None:
         raise RuntimeError(reason)
     if dropout_p > 0:
         raise ValueError(f"the ext transformer_block has no dropout; got dropout_p={dropout_p}")
+    if gelu_approximate != "none":
+        raise ValueError(f"the ext transformer_block's GELU is exact; got gelu_approximate="
+                         f"{gelu_approximate!r}")
     if past is not None or last_only or return_kv:
         raise ValueError("the ext transformer_block has no incremental decoding; got "
                          f"past={'given' if past is not None else None}, last_only={last_only}, "
