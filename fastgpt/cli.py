@@ -1,4 +1,5 @@
-"""The `fastgpt` command: prepare, train, sample, bench, check, compile-report, dispatch, report.
+"""The `fastgpt` command: prepare, train, sample, export, bench, check, compile-report, dispatch,
+report.
 
 Errors meant for the user (FastGPTError, and the input checks of the C++ extension: see
 fastgpt.errors.user_error) print as one line without a traceback and exit 2.
@@ -19,6 +20,7 @@ import torch
 from fastgpt import config as cfgmod
 from fastgpt.data import read_text
 from fastgpt.errors import user_error
+from fastgpt.export import ExportOptions, export
 from fastgpt.ops import available_backends
 from fastgpt.prepare import PrepareOptions, parse_token_count, prepare
 from fastgpt.sample import SampleOptions, sample_from_checkpoint
@@ -87,6 +89,12 @@ def _train_parser(sub) -> None:
                    help="auto (default: bfloat16 where the hardware has it natively), float32 "
                         "(exact fp32), bfloat16, float16 (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="start from GPT-2 weights: a Hugging Face GPT-2 folder (config.json + "
+                        "model.safetensors or pytorch_model.bin) or gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl from the Hugging Face cache; the model's shape is "
+                        "the source's (--dropout, --block-size and the backend flags override), "
+                        "--data must use its tokenizer")
     for flag in BACKEND_FLAGS:
         p.add_argument(f"--{flag}", default=None, metavar="BACKEND", help=f"{flag} backend")
     p.add_argument("--out-dir", default="out", help="the run directory: checkpoint, "
@@ -111,7 +119,8 @@ def _run_train(args) -> int:
     for flag, name in BACKEND_FLAGS.items():
         overrides[name] = getattr(args, name)
     opts = RunOptions(model=args.model, preset=args.preset, data=args.data, device=args.device,
-                      dtype=args.dtype, compile=args.compile, out_dir=args.out_dir,
+                      init_from=args.init_from, dtype=args.dtype, compile=args.compile,
+                      out_dir=args.out_dir,
                       resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                       sample_chars=args.sample_chars, progress=args.progress, overrides=overrides)
     result = train(opts)
@@ -139,6 +148,9 @@ def _sample_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument("--init-from", default=None, metavar="SOURCE",
+                   help="sample from GPT-2 weights instead of --out-dir's checkpoint: a Hugging "
+                        "Face GPT-2 folder or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     p.set_defaults(run=_run_sample)
 
 
@@ -147,7 +159,7 @@ def _run_sample(args) -> int:
     samples = sample_from_checkpoint(SampleOptions(
         out_dir=args.out_dir, prompt=prompt, num_samples=args.num_samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        seed=args.seed, device=args.device))
+        seed=args.seed, device=args.device, init_from=args.init_from))
     for i, text in enumerate(samples):
         if i:
             print("---------------")
@@ -206,6 +218,32 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's GPT as a Hugging Face GPT-2 folder",
+                       description="Write the GPT of a run's checkpoint as a Hugging Face GPT-2 "
+                                   "folder (config.json, model.safetensors and the tokenizer "
+                                   "files) that transformers.GPT2LMHeadModel.from_pretrained "
+                                   "and fastgpt's --init-from load.")
+    p.add_argument("--out-dir", default="out", help="the run directory holding ckpt.pt")
+    p.add_argument("--hf", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--tokenizer-file", default=None, metavar="PATH",
+                   help="a run on GPT-2's tokenizer without tiktoken's cached files: a folder "
+                        "holding GPT-2's vocab.bpe and encoder.json, or a .tiktoken rank file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the model already in --hf")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    result = export(ExportOptions(out_dir=args.out_dir, hf_dir=args.hf,
+                                  tokenizer_file=args.tokenizer_file, overwrite=args.overwrite))
+    for note in result.notes:
+        print(f"fastgpt: {note}", file=sys.stderr)
+    print(f"wrote {', '.join(result.files)} (vocabulary {result.vocab_size:,}) to "
+          f"{result.hf_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastgpt", description="Train and sample character-level "
                                      "GPTs with fused kernels.")
@@ -213,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _sample_parser(sub)
     _prepare_parser(sub)
+    _export_parser(sub)
     add_bench_parser(sub)
     add_check_parser(sub)
     add_compile_report_parser(sub)

@@ -32,6 +32,7 @@ from fastgpt.run_data import DataSource, open_source, spec_of_checkpoint
 from fastgpt.errors import FastGPTError
 from fastgpt.generate import generate
 from fastgpt.model import build_model
+from fastgpt.pretrained import Pretrained, load_pretrained, specs_match
 from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype, resolve_dtype_name
 
 METRICS_NAME = "metrics.jsonl"
@@ -45,6 +46,8 @@ class RunOptions:
     model: str = "gpt"
     preset: Optional[str] = None           # None: baby on CPU, shakespeare-char on CUDA
     data: Optional[str] = None             # None: the bundled tiny Shakespeare
+    init_from: Optional[str] = None        # start from GPT-2 weights: a Hugging Face folder or
+                                           # a name (gpt2, ...; see fastgpt.pretrained)
     device: str = "auto"
     dtype: str = "auto"                    # see fastgpt.precision; float32 = exact fp32
     compile: bool = False
@@ -329,12 +332,15 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     check_out_dir(out_dir, opts.resume, opts.overwrite)
     resumed = load_checkpoint(out_dir / CHECKPOINT_NAME) if opts.resume else None
     source = open_source(opts.data)
-    model_kind, mcfg, tcfg = _configure(opts, device, source, resumed)
+    # --init-from gives the initial weights; a resumed run has its own
+    pretrained = _pretrained(opts, source) if opts.init_from and resumed is None else None
+    model_kind, mcfg, tcfg = _configure(opts, device, source, resumed, pretrained)
     check_backends(model_kind, mcfg)
     dataset = source.dataset(mcfg.block_size)
 
     torch.manual_seed(opts.seed)
-    model = build_model(model_kind, mcfg).to(device)   # the same initial weights on every rank
+    # the same initial weights on every rank: the seed's, or the pretrained ones
+    model = (build_model(model_kind, mcfg) if pretrained is None else pretrained.model).to(device)
     batches = BatchStream(dataset, tcfg.batch_size, device, world)   # the same on every rank
     make_out_dir(out_dir)   # every input is valid: only now is anything created on disk
     if world.enabled:
@@ -345,7 +351,8 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, source=source,
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
                stepper=Stepper(model, device.type, dtype, tcfg), batches=batches,
-               ctx=autocast(device.type, dtype))
+               ctx=autocast(device.type, dtype),
+               init_from=resumed.get("init_from") if resumed is not None else opts.init_from)
     if resumed is not None:
         run.resume_from(resumed)
     run.wrap_for_steps()
@@ -355,12 +362,47 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     return run
 
 
+def _pretrained(opts: RunOptions, source: DataSource) -> Pretrained:
+    """The model --init-from names, with --dropout, --block-size and the backend flags applied;
+    its tokenizer must be the data's. Its vocabulary stays the source's (see fastgpt.pretrained
+    on padding)."""
+    if opts.model != "gpt":
+        raise FastGPTError(f"--init-from loads a GPT; --model {opts.model} cannot start from it")
+    pre = load_pretrained(opts.init_from, **{k: v for k, v in opts.overrides.items()
+                                             if k in cfgmod.MODEL_FIELDS})
+    if pre.spec is None:
+        raise FastGPTError(
+            f"--init-from {opts.init_from!r}: its vocabulary of {pre.source_vocab_size} tokens "
+            f"comes with no tokenizer (no fastgpt_tokenizer.json, vocab.json + merges.txt or "
+            f"tokenizer.json in {str(pre.folder)!r}), so nothing says the data's token ids mean "
+            f"the same; add the tokenizer's files to that folder")
+    if not specs_match(pre.spec, source.spec):
+        raise FastGPTError(
+            f"the data's tokenizer ({_describe_spec(source.spec, source.vocab_size)}) differs "
+            f"from the model's ({_describe_spec(pre.spec, pre.source_vocab_size)}, --init-from "
+            f"{opts.init_from!r}); prepare the data with the model's tokenizer (fastgpt prepare "
+            f"--tokenizer gpt2 for GPT-2's)")
+    return pre
+
+
+def _describe_spec(spec: dict, vocab_size: int) -> str:
+    kind = spec.get("kind")
+    name = ("GPT-2's BPE" if kind == "gpt2" and "ranks" not in spec else
+            "a GPT-2-format BPE" if kind == "gpt2" else
+            "characters" if kind == "char" else f"a byte-level BPE ({kind})")
+    return f"{name}, vocabulary {vocab_size}"
+
+
 def _configure(opts: RunOptions, device: torch.device, source: DataSource,
-               resumed: Optional[dict]) -> tuple[str, cfgmod.GPTConfig, cfgmod.TrainConfig]:
-    """The model kind and configuration: the preset's with the overrides, or the checkpoint's."""
+               resumed: Optional[dict], pretrained: Optional[Pretrained] = None,
+               ) -> tuple[str, cfgmod.GPTConfig, cfgmod.TrainConfig]:
+    """The model kind and configuration: the preset's with the overrides (the pretrained
+    model's shape with --init-from), or the checkpoint's."""
     if resumed is None:
         preset_name = opts.preset or cfgmod.default_preset(device.type)
         mcfg, tcfg = cfgmod.preset(preset_name, **opts.overrides)
+        if pretrained is not None:
+            return "gpt", pretrained.model.config, tcfg
         mcfg.vocab_size = source.model_vocab_size
         return opts.model, mcfg, tcfg
     # the run continues with its own configuration; flags given now may only extend max_iters
@@ -393,6 +435,7 @@ class _Run:
     stepper: Stepper              # its .model runs forward and backward (and the estimates)
     batches: BatchStream
     ctx: contextlib.AbstractContextManager   # autocast, or nothing
+    init_from: Optional[str] = None          # where the initial weights came from (--init-from)
     resumed: bool = False
     start_iter: int = 0
     best_val: float = float("inf")
@@ -499,7 +542,7 @@ class _Run:
                 "iter_num": it, "best_val_loss": self.best_val, "train_loss": self.losses["train"],
                 "val_loss": self.losses["val"], "model_kind": self.model_kind,
                 "model_args": asdict(self.mcfg), "train_args": asdict(self.tcfg),
-                "tokenizer": self.source.spec,
+                "tokenizer": self.source.spec, "init_from": self.init_from,
                 **({"vocab": self.source.spec["chars"]} if self.source.spec["kind"] == "char" else {}),
                 "dtype": resolve_dtype_name(self.opts.dtype, self.device.type),
                 "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks,
@@ -541,7 +584,7 @@ def describe_run(run: "_Run") -> dict:
         preset=(opts.preset or cfgmod.default_preset(device.type)) if not run.resumed
         else "the checkpoint's configuration",
         params=sum(p.numel() for p in run.model.parameters()),
-        data=opts.data or "the bundled text", vocab_size=m.vocab_size,
+        data=opts.data or "the bundled text", vocab_size=m.vocab_size, init_from=run.init_from,
         device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
         dtype=dtype, dtype_reason=dtype_reason, backends=backends,
         compile=opts.compile, world_size=run.world.size, batch_size=t.batch_size,
@@ -555,7 +598,8 @@ def describe_run(run: "_Run") -> dict:
 
 def format_header(info: dict) -> str:
     lines = [f"fastgpt train: {info['model']} model, {info['params'] / 1e6:.2f} M parameters, "
-             f"preset {info['preset']}, data {info['data']} (vocabulary {info['vocab_size']})",
+             f"preset {info['preset']}, data {info['data']} (vocabulary {info['vocab_size']})"
+             + (f", weights from {info['init_from']}" if info.get("init_from") else ""),
              f"  device {info['device']}: {info['device_name']}, {info['threads']} threads"
              + (f", {info['world_size']} processes" if info["world_size"] > 1 else ""),
              f"  dtype {info['dtype']} ({info['dtype_reason']})"
