@@ -66,8 +66,12 @@ setup(
     packages=["fastgpt", "fastgpt.ops", "fastgpt.tools", "fastgpt.tools.bench", "fastgpt.kernels"],
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/tinyshakespeare.txt"]},
-    install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib", "tiktoken", "tokenizers"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark"]},
+    # safetensors and huggingface_hub: GPT-2 weights in (--init-from) and out (fastgpt export);
+    # transformers only checks them in the tests
+    install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib", "tiktoken", "tokenizers",
+                      "safetensors", "huggingface_hub"],
+    extras_require={"triton": ["triton"],
+                    "test": ["pytest", "pytest-benchmark", "transformers"]},
     entry_points={"console_scripts": ["fastgpt = fastgpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
