@@ -63,11 +63,11 @@ def gpt2_dir(tmp_path_factory):
 def check(name: str, fast, plain, ref, dtype):
     """The accuracy rule, recording the worst ratio of error to what it allows."""
     c = compare(fast, plain, ref)
+    assert c.passed, f"{name} ({dtype}): {c}"
     ratio = max(c.err / (FACTOR * c.plain_err + c.floor),
                 c.scale / (FACTOR * c.plain_scale + c.scale_floor))
     key = str(dtype).removeprefix("torch.")
     RATIOS[key] = max(RATIOS.get(key, 0.0), ratio)
-    assert c.passed, f"{name} ({dtype}): {c}"
 
 
 def all_logits(model, idx):
