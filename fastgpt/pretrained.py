@@ -96,6 +96,8 @@ def load_pretrained(source: str, *, cache_dir: Optional[str] = None,
     model = load_model(folder, **overrides)
     vocab = read_config(folder)["vocab_size"]
     spec, tokenizer = source_tokenizer(folder, vocab)
+    if folder != Path(source).expanduser() and vocab == GPT2_VOCAB_SIZE:
+        spec = {"kind": "gpt2"}   # a name: OpenAI's GPT-2, whatever its files' formatting
     return Pretrained(model, folder, spec, tokenizer, vocab)
 
 
