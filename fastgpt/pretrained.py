@@ -357,7 +357,9 @@ def source_tokenizer(folder: Path, vocab_size: int) -> tuple[Optional[dict], Opt
         and (folder / "merges.txt").is_file() else None
     if (folder / SPEC_NAME).is_file():
         spec = _read_spec(folder / SPEC_NAME)
-        tokenizer = local if local is not None and specs_match(local.spec, spec) else None
+        # written with the vocab files by fastgpt export: for GPT-2's own, they are its ranks
+        tokenizer = (local if local is not None and (specs_match(local.spec, spec)
+                                                     or _is_gpt2_own(spec)) else None)
     elif local is not None:
         spec, tokenizer = local.spec, local
     elif (folder / "tokenizer.json").is_file():

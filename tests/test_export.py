@@ -18,6 +18,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from fastgpt import tokenizers
 from fastgpt.checkpoint import save_checkpoint
 from fastgpt.cli import main
 from fastgpt.config import GPTConfig
@@ -28,6 +29,7 @@ from fastgpt.pretrained import from_pretrained, source_tokenizer
 from fastgpt.tokenizers import gpt2_from_file, train_bpe
 from fastgpt.train import RunOptions, train
 from test_pretrained import PADDED, assert_parity, save_gpt2, small_tokenizer_file
+from test_tokenizers import small_gpt2_folder
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."
 
@@ -208,6 +210,29 @@ def test_a_gpt2_run_offline_exports_its_model_and_says_why_no_tokenizer(tmp_path
     assert torch.equal(hf.transformer.wte.weight.detach(),
                        model.transformer.wte.weight.detach()[:50257])
     assert source_tokenizer(tmp_path / "hf", 50257) == ({"kind": "gpt2"}, None)
+
+
+def test_a_run_on_gpt2_s_own_tokenizer_exports_its_files(tmp_path, monkeypatch, offline,
+                                                         hf_warnings):
+    # stand-in: a small vocab.bpe + encoder.json pair plays GPT-2's own (their sha256)
+    (tmp_path / "vocab").mkdir()
+    files = small_gpt2_folder(tmp_path / "vocab")
+    for name in ("vocab.bpe", "encoder.json"):
+        monkeypatch.setitem(tokenizers.GPT2_FILE_SHA256, name, tokenizers._sha256(files / name))
+    tok = gpt2_from_file(files)
+    assert tok.spec == {"kind": "gpt2", "file": str(files.resolve())}
+    cfg = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=320)
+    _checkpoint(tmp_path / "run", "gpt", cfg, tok.spec)
+    result = export(ExportOptions(out_dir=str(tmp_path / "run"), hf_dir=str(tmp_path / "hf")))
+    assert not result.notes and result.vocab_size == tok.vocab_size == 262
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= set(result.files)
+    assert json.loads((tmp_path / "hf" / "fastgpt_tokenizer.json").read_text()) == \
+        {"kind": "gpt2"}                                  # no machine's path in the folder
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert auto(TEXT)["input_ids"] == tok.encode(TEXT) and auto.eos_token_id == 261
+    assert load_hf(tmp_path / "hf", hf_warnings).config.vocab_size == 262
+    spec, back = source_tokenizer(tmp_path / "hf", 262)   # offline: from the folder's files
+    assert spec == {"kind": "gpt2"} and back.encode(TEXT) == tok.encode(TEXT)
 
 
 def test_a_gpt2_format_tokenizer_exports_as_gpt2_s_files(tmp_path):
