@@ -104,9 +104,11 @@ def _workload_key(x, weights, n_head, *, dropout_p=0.0, attention=None, gelu_app
     if decoding:                 # transformer_block_decode: the KV cache's shapes vary per call
         return None
     B, T, C = x.shape
+    # the GELU only when not the exact default: keys of exact-GELU blocks stay as they were
+    gelu = (("gelu", gelu_approximate),) if gelu_approximate != "none" else ()
     return (("B", B), ("T", measured.bucket(T)), ("C", C), ("F", weights.c_fc_weight.shape[0]),
             ("n_head", n_head), ("bias", weights.c_attn_bias is not None),
-            ("dropout", dropout_p > 0), ("attention", attention), ("gelu", gelu_approximate))
+            ("dropout", dropout_p > 0), ("attention", attention)) + gelu
 
 
 def _workload_inputs(key: dict, make: measured.InputMaker):
@@ -120,7 +122,7 @@ def _workload_inputs(key: dict, make: measured.InputMaker):
                            w((F, C), 0.02), bias(F), w((C, F), 0.02), bias(C))
     return (w((key["B"], key["T"], C)), weights, key["n_head"]), {
         "dropout_p": 0.1 if key["dropout"] else 0.0, "attention": key["attention"],
-        "gelu_approximate": key.get("gelu", "none")}
+        **({"gelu_approximate": key["gelu"]} if "gelu" in key else {})}
 
 
 registry.set_workload("transformer_block", measured.Workload(_workload_key, _workload_inputs))
