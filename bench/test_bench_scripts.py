@@ -87,6 +87,28 @@ def test_bench_prepare():
     assert int(rows["prepare w1"][2].replace(",", "")) >= int(rows["nanoGPT"][1].replace(",", ""))
 
 
+def test_bench_train_data():
+    # tiny shard sets of several shards, short training runs, one round of everything
+    code, out, err = _script("bench_train_data.py", "--rounds", "1", "--calls", "5",
+                             "--step-iters", "12", "--rss-rounds", "1", "--rss-iters", "2",
+                             "--small-mb", "0.05", "--big-mb", "0.3", "--shard-tokens", "40000",
+                             "--diag-batches", "5")
+    assert code == 0, err
+    assert re.search(r"^   cpu +\S", out, re.M) and re.search(r"^   torch +\d", out, re.M), out
+    for row in ("token shards (ShardDataset)", "text (TextDataset)",
+                "shards, maps kept open (reference)"):
+        assert re.search(rf"^   {re.escape(row)} +[\d.]+ \(.*%$", out, re.M), out
+    assert re.search(r"measured [\d.]+% in the step \((NOT )?under 1%\)", out), out
+    assert "big set: 5 shards (4 train + 1 val), 150,000 tokens" in out, out
+    for label in ("small", "big"):
+        # a training process holds no map of a shard once train() has returned
+        assert re.search(rf"^   {label} +1( +[\d.]+){{5}} +0 +[\d.]+$", out, re.M), out
+        assert re.search(rf"^   {label} +med( +[\d.]+){{5}}$", out, re.M), out
+    # fastgpt's fresh maps leave no mapping of a shard behind; the kept maps hold all 4
+    assert re.search(r"^   fresh maps per batch \(fastgpt\) +0 ", out, re.M), out
+    assert re.search(r"^   maps kept open \(reference\) +4 ", out, re.M), out
+
+
 def test_vs_nanogpt(tmp_path):
     # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
     nano = tmp_path / "nanoGPT"
