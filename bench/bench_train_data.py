@@ -12,7 +12,7 @@
    includes one batch fetch: training draws the next batch right after each forward pass
    (BatchStream.prefetch), in the same thread, so the data time is on the critical path, not
    hidden behind compute. A reference that is not fastgpt's is measured the same way: the
-   ShardDataset with its maps kept open (open_shard cached) instead of fresh maps per batch.
+   ShardDataset with memory maps kept open (open_shard cached), as a reader that keeps maps would.
    Rounds run the three paths in turn. Target of the issue: data under 1% of the step.
 2. Resident memory. Synthetic version-1 shards (uniform random uint16 tokens below the char
    vocabulary, 65, and a meta.json naming that tokenizer, so the baby model trains on them):
@@ -323,7 +323,7 @@ def maps_check(folder: Path, block_size: int, batch_size: int, batches: int) -> 
         return (way, shard_mappings(folder), after["RssFile"] - before["RssFile"],
                 after["RssAnon"] - before["RssAnon"], ms)
 
-    rows = [one("fresh maps per batch (fastgpt)")]
+    rows = [one("pread per window (fastgpt)")]
     with kept_maps():
         rows.append(one("maps kept open (reference)"))
     return rows

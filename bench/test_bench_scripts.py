@@ -104,8 +104,8 @@ def test_bench_train_data():
         # a training process holds no map of a shard once train() has returned
         assert re.search(rf"^   {label} +1( +[\d.]+){{5}} +0 +[\d.]+$", out, re.M), out
         assert re.search(rf"^   {label} +med( +[\d.]+){{5}}$", out, re.M), out
-    # fastgpt's fresh maps leave no mapping of a shard behind; the kept maps hold all 4
-    assert re.search(r"^   fresh maps per batch \(fastgpt\) +0 ", out, re.M), out
+    # fastgpt's reads (pread) leave no mapping of a shard behind; the kept maps hold all 4
+    assert re.search(r"^   pread per window \(fastgpt\) +0 ", out, re.M), out
     assert re.search(r"^   maps kept open \(reference\) +4 ", out, re.M), out
 
 
