@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from fastgpt.errors import FastGPTError
-from fastgpt.shards import (HEADER_BYTES, TOKEN_DTYPES, find_shards, open_shard, read_meta,
-                            shard_format, shard_token_count)
+from fastgpt.shards import (HEADER_BYTES, find_shards, open_shard, read_meta, shard_format,
+                            shard_token_count)
 
 def is_shard_data(data: str | None) -> bool:
     """Whether ``--data`` names token shards (a directory or a .bin pattern), not a text file."""
@@ -73,15 +73,13 @@ class ShardDataset:
             self.ends[split] = torch.tensor([n for _, n in usable]).cumsum(0)
         self.block_size = block_size
         self._files: dict[Path, tuple[int, np.dtype]] = {}   # shard -> (descriptor, token dtype)
-        self.tokens = {split: int(self.ends[split][-1]) + block_size * len(self.paths[split])
-                       for split in self.paths}
 
     def _file(self, path: Path) -> tuple[int, np.dtype]:
         """The shard's open file and token dtype; the first use checks the whole file's format
         (open_shard: header, size) once."""
         if path not in self._files:
-            open_shard(path)
-            self._files[path] = (os.open(path, os.O_RDONLY), TOKEN_DTYPES[shard_format(path)])
+            dtype = open_shard(path).dtype      # checks header and size; the map is dropped
+            self._files[path] = (os.open(path, os.O_RDONLY), dtype)
         return self._files[path]
 
     def batch(self, split: str, batch_size: int, generator: torch.Generator,
