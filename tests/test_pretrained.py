@@ -7,7 +7,6 @@ bf16 against transformers' own float64 run, with transformers in the same dtype 
 baseline. Nothing is downloaded: names resolve through a cache folder built here.
 """
 
-import base64
 import copy
 import json
 import time
@@ -31,6 +30,7 @@ from fastgpt.prepare import PrepareOptions, prepare
 from fastgpt.pretrained import from_pretrained, load_pretrained
 from fastgpt.tokenizers import gpt2_from_file
 from fastgpt.tools.accuracy import FACTOR, compare
+from test_tokenizers import small_gpt2_file
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, vocab_size=97, n_positions=32)
 PADDED = 128              # 97 padded to a multiple of 64, as GPT-2's 50257 to 50304
@@ -358,12 +358,7 @@ MERGES = [b"th", b"e ", b" t", b"the", b" the", b"ou", b"in", b"an", b"er", b", 
 
 def small_tokenizer_file(folder: Path) -> Path:
     """A GPT-2-format .tiktoken rank file: the 256 bytes, then MERGES (vocabulary 277)."""
-    ranks = {bytes([b]): b for b in range(256)}
-    for token in MERGES:
-        ranks[token] = len(ranks)
-    path = folder / "small.tiktoken"
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    return path
+    return small_gpt2_file(folder, MERGES)
 
 
 def hf_vocab_files(tokenizer, folder: Path) -> None:

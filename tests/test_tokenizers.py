@@ -21,10 +21,10 @@ SAMPLES = ["", "First Citizen:\nBefore we proceed any further, hear me speak.",
            "\u00a0non-breaking\u2003em space\u2028line sep"]
 
 
-def small_gpt2_file(folder):
-    """A GPT-2-format .tiktoken rank file: the 256 bytes (rank = byte value), then MERGES."""
+def small_gpt2_file(folder, merges=MERGES):
+    """A GPT-2-format .tiktoken rank file: the 256 bytes (rank = byte value), then ``merges``."""
     ranks = {bytes([b]): b for b in range(256)}
-    for token in MERGES:
+    for token in merges:
         ranks[token] = len(ranks)
     path = folder / "small.tiktoken"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
