@@ -108,6 +108,17 @@ def _train_parser(sub) -> None:
                    help="characters (tokens, for token shards) to sample at the end (0: none)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
+    prof = p.add_argument_group("profiling")
+    prof.add_argument("--profile", action="store_true",
+                      help="profile a few steps with torch.profiler: trace.json, profile.txt "
+                           "(time per op and backend) and, on CUDA, memory_snapshot.pickle in "
+                           "--out-dir")
+    prof.add_argument("--profile-wait", type=int, default=10, metavar="N",
+                      help="steps before the profiled ones")
+    prof.add_argument("--profile-steps", type=int, default=5, metavar="N", help="steps profiled")
+    prof.add_argument("--tensorboard", default=None, metavar="DIR",
+                      help="write loss, learning rate, tokens/s, TFLOP/s, MFU and gradient norm "
+                           "for TensorBoard to DIR (tensorboard --logdir DIR)")
     _field_flags(p)
     p.set_defaults(run=_run_train)
 
@@ -122,7 +133,10 @@ def _run_train(args) -> int:
                       init_from=args.init_from, dtype=args.dtype, compile=args.compile,
                       out_dir=args.out_dir,
                       resume=args.resume, overwrite=args.overwrite, seed=args.seed,
-                      sample_chars=args.sample_chars, progress=args.progress, overrides=overrides)
+                      sample_chars=args.sample_chars, progress=args.progress,
+                      profile=args.profile, profile_wait=args.profile_wait,
+                      profile_steps=args.profile_steps, tensorboard=args.tensorboard,
+                      overrides=overrides)
     result = train(opts)
     if result.rank != 0:          # under torchrun only rank 0 reports
         return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from typing import Optional
 
 import torch
 
@@ -157,6 +158,7 @@ class Stepper:
         self.scaler = grad_scaler(device_type, dtype)
         self.master, self.grad_clip = master, t.grad_clip
         self.model = master if self.low is None else self.low.model
+        self.grad_norm: Optional[torch.Tensor] = None   # see step()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -166,26 +168,31 @@ class Stepper:
         self.scaler.scale(loss).backward()
 
     def step(self) -> None:
-        """Clip, step and zero the gradients; the working copy, if any, then holds the masters."""
+        """Clip, step and zero the gradients; the working copy, if any, then holds the masters.
+        ``grad_norm`` then holds the gradients' norm before clipping (a tensor: no host sync),
+        or None when the step does not clip (grad_clip 0) and so computes none."""
         if self.flat is not None:
             self.flat.step()
+            self.grad_norm = self.flat.last_grad_norm if self.grad_clip > 0 else None
         else:
-            self._torch_step()
+            self.grad_norm = self._torch_step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _torch_step(self) -> None:
+    def _torch_step(self) -> Optional[torch.Tensor]:
+        norm = None
         if self.low is not None:
             self.low.grads_to_master()
         if self.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             if self.low is not None:
-                self.low.clip_grad_norm_(self.grad_clip)
+                norm = self.low.clip_grad_norm_(self.grad_clip)
             else:
-                torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.low is not None:
             self.low.refresh()
+        return norm
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}

@@ -25,15 +25,18 @@ import torch
 from tqdm import tqdm
 
 from fastgpt import config as cfgmod
-from fastgpt import distributed, ops
+from fastgpt import distributed, ops, profiling
 from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomically
 from fastgpt.device import describe, resolve_device
 from fastgpt.run_data import DataSource, open_source, spec_of_checkpoint
 from fastgpt.errors import FastGPTError
+from fastgpt.flops import Throughput, throughput
 from fastgpt.generate import generate
 from fastgpt.model import build_model
 from fastgpt.pretrained import Pretrained, load_pretrained, specs_match
+from fastgpt.ops.labels import labelled
 from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype, resolve_dtype_name
+from fastgpt.tensorboard_log import ScalarLog, writer_class
 
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -58,6 +61,10 @@ class RunOptions:
     sample_chars: int = 300
     progress: bool = True
     header: bool = True                    # print what the run is (rank 0)
+    profile: bool = False                  # torch.profiler over a few steps (fastgpt.profiling)
+    profile_wait: int = 10                 # steps before the profiled ones
+    profile_steps: int = 5                 # steps profiled
+    tensorboard: Optional[str] = None      # a folder for TensorBoard scalars (tensorboard_log)
     overrides: dict = field(default_factory=dict)   # preset fields, e.g. {"max_iters": 100}
 
 
@@ -293,14 +300,25 @@ def train(opts: RunOptions) -> RunResult:
 def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> RunResult:
     t_start = time.perf_counter()
     run = _setup(opts, world, device)
-    info = describe_run(run) if world.is_main else {}
+    # what MFU divides by: on a CPU a matmul probe, so measured before the run loads the machine
+    rates = throughput(run.model, device, run.dtype, world.size) if world.is_main else None
+    info = describe_run(run, rates) if world.is_main else {}
     if info and opts.header:
         print(format_header(info), flush=True)
-    progress = _Progress(run, t_start, info)
+    progress = _Progress(run, t_start, info, rates)
+    profiler = (profiling.StepProfiler(run.out_dir, device, opts.profile_wait, opts.profile_steps,
+                                       world.rank, world.size,
+                                       format_header(info) if info else "")
+                if opts.profile else None)
     try:
-        _loop(run, progress)
+        with profiler or contextlib.nullcontext():
+            _loop(run, progress, profiler)
     finally:
         progress.close()
+    if profiler is not None and world.is_main:
+        print(f"profile of iterations {run.start_iter + opts.profile_wait}.."
+              f"{run.start_iter + opts.profile_wait + opts.profile_steps - 1}: "
+              + ", ".join(str(p) for p in profiler.written), flush=True)
     sample = run.sample() if opts.sample_chars > 0 and world.is_main else ""
     return RunResult(iter_num=run.tcfg.max_iters, train_loss=run.losses["train"],
                      val_loss=run.losses["val"], best_val_loss=run.best_val,
@@ -308,21 +326,28 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                      sample=sample, rank=world.rank)
 
 
-def _loop(run: _Run, progress: _Progress) -> None:
+def _loop(run: _Run, progress: _Progress,
+          profiler: Optional[profiling.StepProfiler] = None) -> None:
     """Iterations start_iter..max_iters: an estimate and a checkpoint where one is due, then a
-    step (none after the last estimate)."""
+    step (none after the last estimate). The labels name the loop's parts in a profile."""
     t = run.tcfg
     for it in range(run.start_iter, t.max_iters + 1):
         lr = lr_at(it, t)
         run.stepper.set_lr(lr)
         if run.estimate_due(it):
-            progress.eval_row(it, run.evaluate(it), lr)
-            run.checkpoint(it)
+            with labelled("fastgpt.estimate"):
+                losses = run.evaluate(it)
+            progress.eval_row(it, losses, lr)
+            with labelled("fastgpt.checkpoint"):
+                run.checkpoint(it)
         if it == t.max_iters:
             break
         progress.stepped(it, run.train_step())
         if len(progress.pending) >= t.log_interval or it + 1 == t.max_iters:
-            progress.train_row(it, run.last_step_loss(progress.pending), lr)
+            progress.train_row(it, run.last_step_loss(progress.pending), lr,
+                               run.stepper.grad_norm)
+        if profiler is not None:
+            profiler.step()
 
 
 def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> _Run:
@@ -336,6 +361,11 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     pretrained = _pretrained(opts, source) if opts.init_from and resumed is None else None
     model_kind, mcfg, tcfg = _configure(opts, device, source, resumed, pretrained)
     check_backends(model_kind, mcfg)
+    if opts.profile:
+        profiling.check_window(opts.profile_wait, opts.profile_steps,
+                               resumed["iter_num"] if resumed else 0, tcfg.max_iters)
+    if opts.tensorboard is not None:
+        writer_class()   # installed, or say so before anything runs
     dataset = source.dataset(mcfg.block_size)
 
     torch.manual_seed(opts.seed)
@@ -351,7 +381,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, source=source,
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
                stepper=Stepper(model, device.type, dtype, tcfg), batches=batches,
-               ctx=autocast(device.type, dtype),
+               ctx=autocast(device.type, dtype), dtype=dtype,
                init_from=resumed.get("init_from") if resumed is not None else opts.init_from)
     if resumed is not None:
         run.resume_from(resumed)
@@ -435,6 +465,7 @@ class _Run:
     stepper: Stepper              # its .model runs forward and backward (and the estimates)
     batches: BatchStream
     ctx: contextlib.AbstractContextManager   # autocast, or nothing
+    dtype: torch.dtype                       # what the step computes in
     init_from: Optional[str] = None          # where the initial weights came from (--init-from)
     resumed: bool = False
     start_iter: int = 0
@@ -482,9 +513,11 @@ class _Run:
             with contextlib.nullcontext() if self.ddp is None or last else self.ddp.no_sync():
                 with self.ctx:
                     _, loss = self.step_model(x, y)
-                self.batches.prefetch()   # the next batch, fetched while this one is in flight
+                with labelled("fastgpt.data"):
+                    self.batches.prefetch()   # the next batch, fetched while this one runs
                 self.stepper.backward(loss / steps)
-        self.stepper.step()
+        with labelled("fastgpt.optimizer"):
+            self.stepper.step()
         return loss.detach()
 
     def last_step_loss(self, pending: list[tuple[int, torch.Tensor]]) -> float:
@@ -566,7 +599,7 @@ class _Run:
                                 else ids[0].tolist())
 
 
-def describe_run(run: "_Run") -> dict:
+def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
     """What the run is: the `kind: "run"` row of metrics.jsonl and the header `fastgpt train`
     prints. The backends are those fastgpt.ops picks in one probe forward on a batch of the
     training step's shape (its dropout randomness restored, its graph dropped), so they are the
@@ -591,6 +624,9 @@ def describe_run(run: "_Run") -> dict:
         block_size=m.block_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         tokens_per_iter=cfgmod.tokens_per_iter(m, t),
         max_iters=t.max_iters, seed=opts.seed,
+        flops_per_token=rates.flops_per_token if rates else None,
+        peak_tflops=rates.peak_tflops if rates else None,
+        peak_source=rates.peak_source if rates else None,
         resumed_from=run.start_iter if run.resumed else None,
         checkpoint_time=(datetime.datetime.fromtimestamp(ckpt.stat().st_mtime)
                          .isoformat(timespec="seconds") if run.resumed else None))
@@ -608,6 +644,9 @@ def format_header(info: dict) -> str:
              f"  {info['batch_size']} x {info['block_size']} tokens x "
              f"{info['gradient_accumulation_steps']} accumulation = {info['tokens_per_iter']:,} "
              f"tokens per step, {info['max_iters']:,} steps"]
+    if info.get("flops_per_token"):
+        lines.append(f"  {info['flops_per_token']:,.0f} FLOPs per token (fastgpt.flops); "
+                     f"MFU against {info['peak_source']}")
     if info["resumed_from"] is not None:
         lines.append(f"  resuming from iteration {info['resumed_from']} (checkpoint of "
                      f"{info['checkpoint_time']})")
@@ -619,11 +658,15 @@ class _Progress:
     bar and the tokens/s. Step losses wait in ``pending`` as tensors until a train row reads
     them, so a step costs no host sync."""
 
-    def __init__(self, run: _Run, t_start: float, info: dict):
+    def __init__(self, run: _Run, t_start: float, info: dict,
+                 rates: Optional[Throughput] = None):
         self.out_dir, self.is_main, self.t_start = run.out_dir, run.world.is_main, t_start
-        self.metrics = (MetricsLog(run.out_dir / METRICS_NAME,
-                                   run.start_iter if run.resumed else None)
+        self.rates = rates
+        resume_iter = run.start_iter if run.resumed else None
+        self.metrics = (MetricsLog(run.out_dir / METRICS_NAME, resume_iter)
                         if self.is_main else _Discard())
+        self.scalars = (ScalarLog(run.opts.tensorboard, resume_iter)
+                        if self.is_main and run.opts.tensorboard is not None else None)
         self.metrics.write(**info)   # rank 0's run row: each start or resume says what it is
         self.bar = tqdm(total=run.tcfg.max_iters, initial=run.start_iter,
                         disable=not (run.opts.progress and self.is_main), dynamic_ncols=True,
@@ -639,25 +682,46 @@ class _Progress:
         if self.is_main:
             self.bar.write(f"iter {it}: train loss {losses['train']:.4f}, "
                            f"val loss {losses['val']:.4f}")
+        if self.scalars is not None:
+            self.scalars.eval_row(it, losses["train"], losses["val"])
 
     def stepped(self, it: int, loss: torch.Tensor) -> None:
         self.pending.append((it, loss))
         self.tokens_since_log += self.tokens_per_iter
         self.bar.update(1)
 
-    def train_row(self, it: int, loss: float, lr: float) -> None:
-        """The row of iteration ``it`` (its loss read from ``pending``, which empties)."""
+    def train_row(self, it: int, loss: float, lr: float,
+                  grad_norm: Optional[torch.Tensor] = None) -> None:
+        """The row of iteration ``it`` (its loss read from ``pending``, which empties): loss,
+        learning rate, tokens/s (global), model TFLOP/s and MFU (per device; fastgpt.flops) and
+        the last step's gradient norm before clipping (None when it clips nothing)."""
         now = time.perf_counter()
         self.tok_per_s = self.tokens_since_log / (now - self.t_log)
         self.t_log, self.tokens_since_log = now, 0
+        rates = self.rates
+        tflops = rates.tflops(self.tok_per_s) if rates and rates.flops_per_token else None
+        mfu = rates.mfu(self.tok_per_s) if rates else None
+        norm = None if grad_norm is None else grad_norm.item()
         self.metrics.write(kind="train", iter=it, train_loss=loss, val_loss=None, lr=lr,
-                           tokens_per_s=self.tok_per_s, wall_time=now - self.t_start)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tok_per_s:,.0f}")
+                           tokens_per_s=self.tok_per_s, tflops=tflops, mfu=mfu, grad_norm=norm,
+                           wall_time=now - self.t_start)
+        if self.scalars is not None:
+            self.scalars.train_row(it, **{"train/loss": loss, "train/lr": lr,
+                                          "train/grad_norm": norm,
+                                          "perf/tokens_per_s": self.tok_per_s,
+                                          "perf/tflops": tflops, "perf/mfu": mfu})
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tok_per_s:,.0f}",
+                             **({"TFLOPs": f"{tflops:.3g}",
+                                 "MFU": "unknown" if mfu is None else f"{100 * mfu:.1f}%"}
+                                if tflops is not None else {}))
         self.pending.clear()
 
     def close(self) -> None:
-        """Close the bar; rank 0 draws loss.png from the rows written so far."""
+        """Close the bar and the TensorBoard files; rank 0 draws loss.png from the rows written
+        so far."""
         self.bar.close()
+        if self.scalars is not None:
+            self.scalars.close()
         metrics = self.out_dir / METRICS_NAME
         if self.is_main and metrics.exists() and metrics.stat().st_size:
             plot_losses(metrics, self.out_dir / PLOT_NAME)

@@ -82,7 +82,9 @@ def runs(tmp_path_factory):
     """The same 6 iterations in one process and in two ranks (batch 4 = 2 rows per rank)."""
     root = tmp_path_factory.mktemp("dist")
     run_here(root / "one", overrides={"max_iters": 6})
-    done = torchrun(root / "two", *flags(max_iters=6))
+    # profiled steps 1-2: the profiler must not change the run
+    done = torchrun(root / "two", *flags(max_iters=6), "--profile", "--profile-wait", "1",
+                    "--profile-steps", "2")
     assert done.returncode == 0, done.stderr
     return root, done
 
@@ -91,7 +93,9 @@ def test_two_ranks_match_one_process(runs):
     root, done = runs
     assert_same_run(root / "two", root / "one")
     assert done.stdout.count("iter 3: train loss") == 1      # only rank 0 reports
-    assert {p.name for p in (root / "two").iterdir()} == {"ckpt.pt", "metrics.jsonl", "loss.png"}
+    assert {p.name for p in (root / "two").iterdir()} == {
+        "ckpt.pt", "metrics.jsonl", "loss.png",
+        "trace.rank0.json", "trace.rank1.json", "profile.txt"}   # a trace per rank, one table
     state = load_checkpoint(root / "two")
     assert state["world_size"] == 2 and len(state["rng_ranks"]) == 2
     assert set(load_checkpoint(root / "one")) | {"world_size", "rng_ranks"} == set(state)
@@ -99,6 +103,21 @@ def test_two_ranks_match_one_process(runs):
     text, = sample_from_checkpoint(SampleOptions(out_dir=str(root / "two"), prompt="AB",
                                                  max_new_tokens=5, device="cpu"))
     assert text.startswith("AB") and len(text) == 7
+
+
+def test_throughput_is_global_and_mfu_per_rank(runs):
+    """tokens/s counts both ranks' tokens once; TFLOP/s and MFU are one rank's share."""
+    root, _ = runs
+    got = [json.loads(line) for line in (root / "two" / "metrics.jsonl").read_text().splitlines()]
+    run_row = next(r for r in got if r["kind"] == "run")
+    assert run_row["world_size"] == 2
+    for r in (r for r in got if r["kind"] == "train"):
+        per_rank = run_row["flops_per_token"] * r["tokens_per_s"] / 2 / 1e12
+        assert r["tflops"] == pytest.approx(per_rank)
+        assert r["mfu"] == pytest.approx(per_rank / run_row["peak_tflops"])
+    for rank in (0, 1):
+        events = json.loads((root / "two" / f"trace.rank{rank}.json").read_text())["traceEvents"]
+        assert any(e.get("name") == "fastgpt.optimizer" for e in events)
 
 
 def test_checkpoints_resume_across_world_sizes(runs):

@@ -120,4 +120,4 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     chosen = registry.choose("attention", q.device.type, (q, k, v),
                              {"scale": scale, "dropout_p": dropout_p},
                              backend=backend, preferred=preferred, dtype=q.dtype)
-    return chosen.fn(q, k, v, scale=scale, dropout_p=dropout_p)
+    return chosen(q, k, v, scale=scale, dropout_p=dropout_p)

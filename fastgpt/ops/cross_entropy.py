@@ -217,4 +217,4 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: 
               "return_z_loss": return_z_loss}
     chosen = registry.choose("cross_entropy", logits.device.type, (logits, targets), kwargs,
                              backend=backend, preferred=preferred)
-    return chosen.fn(logits, targets.long(), **kwargs)
+    return chosen(logits, targets.long(), **kwargs)

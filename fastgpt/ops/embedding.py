@@ -57,4 +57,4 @@ def embedding(indices: torch.Tensor, weight: torch.Tensor, *, padding_idx: Optio
     kwargs = {"padding_idx": padding_idx}
     chosen = registry.choose("embedding", weight.device.type, (indices, weight), kwargs,
                              backend=backend, preferred=preferred)
-    return chosen.fn(indices, weight, **kwargs)
+    return chosen(indices, weight, **kwargs)

@@ -79,4 +79,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
               "return_z_loss": return_z_loss}
     chosen = registry.choose("linear_cross_entropy", hidden.device.type, (hidden, weight, targets),
                              kwargs, backend=backend, preferred=preferred)
-    return chosen.fn(hidden, weight, targets.long(), **kwargs)
+    return chosen(hidden, weight, targets.long(), **kwargs)

@@ -29,7 +29,7 @@ import torch
 
 from fastgpt.device import describe
 from fastgpt.errors import FastGPTError
-from fastgpt.ops import measured
+from fastgpt.ops import labels, measured
 
 log = logging.getLogger("fastgpt.ops")
 
@@ -86,6 +86,19 @@ class Backend:
     def cannot_run(self, *args, **kwargs) -> Optional[str]:
         """None when the backend is there and supports these inputs, else why not."""
         return self.available() or self.supports(*args, **kwargs)
+
+    @property
+    def label(self) -> str:
+        """What a profile calls this backend's work: ``fastgpt.attention[ext]``."""
+        return f"fastgpt.{self.op}[{self.name}]"
+
+    def __call__(self, *args, **kwargs):
+        """Run the backend; while a profiler records, inside a range named ``self.label``
+        (fastgpt.ops.labels: no cost beyond one check otherwise)."""
+        if not labels.recording():
+            return self.fn(*args, **kwargs)
+        with torch.profiler.record_function(self.label):
+            return self.fn(*args, **kwargs)
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {op: {} for op in OPS}

@@ -180,7 +180,7 @@ def transformer_block(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
         kwargs["gelu_approximate"] = gelu_approximate
     chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
                              backend=backend, preferred=preferred, dtype=x.dtype)
-    return chosen.fn(x, weights, n_head, **kwargs)
+    return chosen(x, weights, n_head, **kwargs)
 
 
 def _decode_kwargs(past: Optional[KV], last_only: bool, attention: Optional[str],
@@ -210,7 +210,7 @@ def transformer_block_decode(x: torch.Tensor, weights: BlockWeights, n_head: int
     kwargs = _decode_kwargs(past, last_only, attention, gelu_approximate)
     chosen = registry.choose("transformer_block", x.device.type, (x, weights, n_head), kwargs,
                              backend=backend, preferred=preferred, dtype=x.dtype)
-    return chosen.fn(x, weights, n_head, **kwargs)
+    return chosen(x, weights, n_head, **kwargs)
 
 
 def decode_unsupported(x: torch.Tensor, weights: BlockWeights, n_head: int, *,
