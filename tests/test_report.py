@@ -11,7 +11,6 @@ import pytest
 from fastgpt.cli import main
 from fastgpt.tools import report
 from fastgpt.tools.bench.harness import Case, Row
-from fastgpt.tools.bench.train_steps import flops_per_token
 
 SECTIONS = ["## Environment", "## Kernels on", "## Accuracy (`fastgpt check --quick`)",
             "## Training steps", "## CUDA tests", "## Dispatch choices"]
@@ -175,7 +174,8 @@ def test_a_cuda_report_shows_peaks_and_mfu(tmp_path):
     r.bench = [row]
     r.train_plan = report.TRAIN_PLANS[("cuda", False)]
     r.train = [{"config": "triton bf16", "ms_per_iter": 20.0, "p20_ms": 19.0, "p80_ms": 21.0,
-                "tokens_per_s": 800000.0, "speedup": 1.0}]
+                "tokens_per_s": 800000.0, "speedup": 1.0, "tflops": 247.4, "mfu": 0.25,
+                "peak_source": "data sheet: 989.5 TFLOP/s"}]
     r.cuda_tests = {"command": "pytest -m cuda", "returncode": 0, "tail": ["3 passed"],
                     "summary": "3 passed"}
     r.dispatch = []
@@ -184,6 +184,6 @@ def test_a_cuda_report_shows_peaks_and_mfu(tmp_path):
         in text
     assert table(text, "## Kernels on")[0]["% of peak"] == "50.0"
     train = table(text, "## Training steps")[0]
-    mfu = 100 * flops_per_token("shakespeare-char") * 800000.0 / 989.5e12
-    assert float(train["MFU %"]) == pytest.approx(mfu, abs=0.05)
+    assert train["MFU %"] == "25.0" and train["TFLOP/s"] == "247"
+    assert "MFU: model FLOPs (fastgpt.flops) over data sheet: 989.5 TFLOP/s." in text
     assert "exit 0 (passed)" in text and "3 passed" in text

@@ -52,12 +52,11 @@ import torch
 import fastgpt
 from fastgpt.device import resolve_device
 from fastgpt.ops import measured
-from fastgpt.peaks import lookup, matmul_peak_tflops
+from fastgpt.peaks import lookup
 from fastgpt.tools.bench.command import add_bench_parser, run_suite
 from fastgpt.tools.bench.harness import Row, allow_repeated_backward, write_csv
 from fastgpt.tools.bench.suites import SUITES
 from fastgpt.tools.bench.train_steps import (
-    flops_per_token,
     parse_config,
     run_train_bench,
 )
@@ -394,15 +393,6 @@ def md_check(r: Report) -> str:
     return text
 
 
-def _mfu(r: Report, row: dict) -> float | None:
-    """Model FLOP/s (nanoGPT's estimate) over the data-sheet matmul peak of the config's dtype."""
-    peak = matmul_peak_tflops(r.gpu_name, parse_config(row["config"])["dtype"]) \
-        if r.gpu_name else None
-    if not peak:
-        return None
-    return 100.0 * flops_per_token(r.train_plan.preset) * row["tokens_per_s"] / (peak * 1e12)
-
-
 def md_train(r: Report) -> str:
     title = "## Training steps (`fastgpt bench train`)"
     if not r.train:
@@ -412,12 +402,16 @@ def md_train(r: Report) -> str:
            "the CPU's default preset: one shakespeare-char step takes tens of seconds here")
     rows = [[x["config"], parse_config(x["config"])["dtype"], f"{x['ms_per_iter']:.2f}",
              f"{x['p20_ms']:.2f}-{x['p80_ms']:.2f}", f"{x['tokens_per_s']:.0f}",
-             _times(x["speedup"]), number(_mfu(r, x), ".1f", "unknown")] for x in r.train]
+             _times(x["speedup"]), number(x.get("tflops"), ".3g", "-"),
+             number(None if x.get("mfu") is None else 100 * x["mfu"], ".1f", "unknown")]
+            for x in r.train]
     return (f"{title}\n\nPreset `{p.preset}` ({why}), {p.iters} steps per run x "
             f"{p.rounds} interleaved round(s), the first 20 steps of each run dropped as "
             f"warm-up.\n\n"
             + _table(["config", "dtype", "ms/iter", "p20-p80 ms", "tokens/s",
-                      f"vs {r.train[0]['config']}", "MFU %"], rows))
+                      f"vs {r.train[0]['config']}", "TFLOP/s", "MFU %"], rows)
+            + f"\n\nMFU: model FLOPs (fastgpt.flops) over "
+              f"{r.train[0].get('peak_source') or 'the peak'}.")
 
 
 def md_cuda_tests(r: Report) -> str:

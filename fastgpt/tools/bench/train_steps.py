@@ -3,10 +3,12 @@
 Each configuration runs the real training loop (``fastgpt.train.train``) for a short run; the
 per-log-interval throughput rows of its metrics.jsonl give tokens/s and ms/iter, with the first
 two intervals dropped as warm-up. Configurations run interleaved over several rounds so that a
-noisy neighbour hurts them alike. On CUDA, MFU is the achieved model FLOP/s (nanoGPT's estimate:
-6 * parameters + 12 * n_layer * n_embd * block_size FLOPs per token, forward and backward) over
-the device's peak for the dtype (fastgpt.peaks); "unknown" for other
-devices.
+noisy neighbour hurts them alike. MFU is the run's own (fastgpt.flops: model FLOPs per token
+from its run row, over a GPU's data-sheet peak for the dtype, or on a CPU the rate a matmul probe
+measured at the run's start); "unknown" for a GPU without a data-sheet entry.
+
+``... unlabelled`` configurations run without the profiler labels (fastgpt.ops.labels): what a
+step cost before they existed, to show that they cost nothing measurable when not profiling.
 
 A configuration is a name from CONFIGS or a spec ``op=backend[,op=backend...][@dtype]``, e.g.
 ``attention=tril,embedding=ext@bfloat16`` (ops: attention, cross_entropy, embedding,
@@ -15,18 +17,20 @@ transformer_block). ``default bf16`` names no backend: what `fastgpt train` runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from pathlib import Path
+from unittest import mock
 
-import torch
 
 from fastgpt.config import BACKEND_FIELDS, backend_field, tokens_per_iter
 from fastgpt.config import preset as get_preset
 from fastgpt.errors import FastGPTError
-from fastgpt.model import GPT
-from fastgpt.peaks import matmul_peak_tflops
+from fastgpt.flops import Throughput
+from fastgpt.ops.registry import Backend
 from fastgpt.tools.bench.harness import summarize, write_csv
+from fastgpt import train as train_module
 from fastgpt.train import RunOptions, train
 
 CONFIGS = {
@@ -37,6 +41,9 @@ CONFIGS = {
     "tril bf16": dict(attention="tril", dtype="bfloat16"),
     "torch-block bf16": dict(transformer_block="torch", dtype="bfloat16"),
     "default bf16": dict(dtype="bfloat16"),
+    "default fp32": dict(dtype="float32"),
+    "default fp32 unlabelled": dict(dtype="float32", labels=False),
+    "default bf16 unlabelled": dict(dtype="bfloat16", labels=False),
 }
 DEFAULT = {"cpu": ["sdpa fp32", "tril fp32", "sdpa bf16", "torch-block bf16", "default bf16"],
            "cuda": ["triton bf16", "sdpa bf16", "tril bf16"]}
@@ -73,26 +80,32 @@ def add_train_args(p) -> None:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
 
-def flops_per_token(preset: str) -> float:
-    """nanoGPT's estimate of training FLOPs per token (forward + backward)."""
-    m, _ = get_preset(preset)
-    with torch.device("meta"):
-        n_params = GPT(m).num_params()
-    return 6.0 * n_params + 12.0 * m.n_layer * m.n_embd * m.block_size
+@contextlib.contextmanager
+def labels_removed():
+    """Steps as they ran before the profiler labels: a backend call is its function, the loop's
+    label contexts do nothing, not even the check whether a profiler records."""
+    with mock.patch.object(Backend, "__call__", lambda self, *a, **kw: self.fn(*a, **kw)), \
+            mock.patch.object(train_module, "labelled", lambda name: contextlib.nullcontext()):
+        yield
 
 
-def run_once(preset: str, iters: int, config: dict, compile: bool, device: str) -> list[float]:
-    """tokens/s of each log interval after the first two."""
+def run_once(preset: str, iters: int, config: dict, compile: bool,
+             device: str) -> tuple[list[float], dict]:
+    """tokens/s of each log interval after the first two, and the run's `run` row (its FLOPs
+    per token and the peak its MFU divides by)."""
     config = dict(config)
     dtype = config.pop("dtype")
+    labelled = config.pop("labels", True)
     with tempfile.TemporaryDirectory() as out:
         opts = RunOptions(preset=preset, out_dir=out, device=device, dtype=dtype, compile=compile,
                           progress=False, header=False, sample_chars=0,
                           overrides=dict(max_iters=iters, eval_interval=10 ** 9, eval_iters=1,
                                          log_interval=10, **config))
-        train(opts)
+        with contextlib.nullcontext() if labelled else labels_removed():
+            train(opts)
         rows = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in rows if r["kind"] == "train"][2:]   # drop warm-up
+    run_row = next(r for r in rows if r["kind"] == "run")
+    return [r["tokens_per_s"] for r in rows if r["kind"] == "train"][2:], run_row   # drop warm-up
 
 
 def run_train_bench(args, env: dict) -> list[dict]:
@@ -105,16 +118,15 @@ def run_train_bench(args, env: dict) -> list[dict]:
                            f"first two intervals are warm-up)")
     m, t = get_preset(args.preset)
     iter_tokens = tokens_per_iter(m, t)
-    samples = {n: [] for n in names}
+    samples, run_rows = {n: [] for n in names}, {}
     for _ in range(args.rounds):
         for n in names:
-            samples[n] += run_once(args.preset, args.iters, configs[n], args.compile, device)
-    cuda = device.startswith("cuda")
-    fpt = flops_per_token(args.preset) if cuda else 0.0
+            got, run_rows[n] = run_once(args.preset, args.iters, configs[n], args.compile, device)
+            samples[n] += got
     print(f"\n# bench train: preset={args.preset} iters={args.iters} rounds={args.rounds} "
           f"tokens/iter={iter_tokens} compile={args.compile}", flush=True)
     print(f"  {'config':<26} {'ms/iter':>9} {'p20-p80 ms':>17} {'tokens/s':>10} "
-          f"{'vs ' + names[0]:>14}" + (f" {'MFU':>8}" if cuda else ""))
+          f"{'vs ' + names[0]:>14} {'TFLOP/s':>8} {'MFU':>8}")
     rows, base = [], None
     for n in names:
         ms = summarize([1e3 * iter_tokens / s for s in samples[n]])
@@ -122,14 +134,15 @@ def run_train_bench(args, env: dict) -> list[dict]:
         tok_s = 1e3 * iter_tokens / ms["median"]
         row = dict(config=n, ms_per_iter=ms["median"], p20_ms=ms["p20"], p80_ms=ms["p80"],
                    tokens_per_s=tok_s, speedup=base / ms["median"])
-        line = (f"  {n:<26} {ms['median']:9.2f} {ms['p20']:8.2f}-{ms['p80']:<8.2f} "
-                f"{tok_s:10.0f} {base / ms['median']:13.2f}x")
-        if cuda:
-            peak = matmul_peak_tflops(env["device"], configs[n]["dtype"])
-            row["mfu"] = fpt * tok_s / (peak * 1e12) if peak else None
-            mfu = "unknown" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-            line += f" {mfu:>8}"
-        print(line, flush=True)
+        run_row = run_rows[n]
+        rates = Throughput(run_row["flops_per_token"] or 0.0, run_row["peak_tflops"],
+                           run_row["peak_source"] or "", run_row["world_size"])
+        row.update(tflops=rates.tflops(tok_s), mfu=rates.mfu(tok_s),
+                   peak_source=run_row["peak_source"])
+        mfu = "unknown" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+        print(f"  {n:<26} {ms['median']:9.2f} {ms['p20']:8.2f}-{ms['p80']:<8.2f} "
+              f"{tok_s:10.0f} {base / ms['median']:13.2f}x {row['tflops']:8.3g} {mfu:>8}",
+              flush=True)
         rows.append(row)
     if args.csv:
         write_csv([dict(op="train", provider=r["config"], mode="fwd+bwd",
