@@ -71,7 +71,7 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "make setup: installing $(TORCH_SPEC): $(TORCH_WHY)"
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja numpy tqdm matplotlib tiktoken tokenizers safetensors huggingface_hub transformers pytest pytest-benchmark
+	$(BIN)/pip install --quiet "setuptools>=64" wheel ninja numpy tqdm matplotlib tiktoken tokenizers safetensors huggingface_hub tensorboard transformers pytest pytest-benchmark
 	@echo "make setup: compiling the C++ extension fastgpt._C ($(words $(wildcard csrc/*.cpp)) C++ files, $(JOBS) at a time with ninja; about $(BUILD_MINUTES) minutes on 2 cores$(ARCH_WHY)); the compiler's progress follows"
 	# torch C++ extensions build against the installed torch: no build isolation. torch uses
 	# ninja when one is on PATH (the venv's) and compiles MAX_JOBS files at once; -v shows its

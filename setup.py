@@ -67,11 +67,11 @@ setup(
     package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
     package_data={"fastgpt": ["data/tinyshakespeare.txt"]},
     # safetensors and huggingface_hub: GPT-2 weights in (--init-from) and out (fastgpt export);
-    # transformers only checks them in the tests
+    # transformers only checks them in the tests; tensorboard only for `train --tensorboard`
     install_requires=["torch>=2.5", "numpy", "tqdm", "matplotlib", "tiktoken", "tokenizers",
                       "safetensors", "huggingface_hub"],
-    extras_require={"triton": ["triton"],
-                    "test": ["pytest", "pytest-benchmark", "transformers"]},
+    extras_require={"triton": ["triton"], "tensorboard": ["tensorboard"],
+                    "test": ["pytest", "pytest-benchmark", "transformers", "tensorboard"]},
     entry_points={"console_scripts": ["fastgpt = fastgpt.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
