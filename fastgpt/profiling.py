@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from fastgpt.errors import FastGPTError
@@ -93,7 +94,9 @@ def _descendants(event):
 
 
 def _device_us(event) -> float:
-    return sum(e.self_device_time_total for e in (event, *_descendants(event)))
+    """Kernel time of a CPU event and the ops inside it (kineto ties each kernel to the op that
+    launched it)."""
+    return event.device_time_total
 
 
 def _nested_labels(event) -> list:
@@ -130,7 +133,10 @@ def breakdown(events) -> Breakdown:
     steps = [e for e in events if e.name.startswith(STEP_PREFIX)]
     labels = [e for e in events if e.name.startswith(LABEL_PREFIX) and not _inside(e, WHOLE)]
     out = Breakdown(steps=len(steps), step_us=sum(e.time_range.elapsed_us() for e in steps),
-                    device_us=sum(e.self_device_time_total for e in events))
+                    # each kernel once, through the CPU op that launched it (the kernels' own
+                    # events and the GPU copies of the labels would count it again)
+                    device_us=sum(e.self_device_time_total for e in events
+                                  if e.device_type == DeviceType.CPU))
     by = collections.defaultdict(Share)
     for e in labels:
         inner = [] if e.name.startswith(WHOLE) else _nested_labels(e)
