@@ -14,8 +14,10 @@ gradients dropped (as zero_grad(set_to_none=True) does).
 On CPU each (case, provider) runs in a fresh subprocess. Time: CPU median and p20-p80 over
 rounds after warm-up; CUDA triton.testing.do_bench. Peak memory: what one step allocates above
 the inputs at its peak (CUDA max_memory_allocated; CPU the profiler's allocation events). Ratios
-are against the naive ``torch`` provider measured in the same run. `fastgpt bench cross-entropy
---N ... --C ... --V ...` sweeps sizes instead of named cases.
+are against the naive ``torch`` provider measured in the same run. Rows print as they are
+measured (a progress bar on stderr when it is a terminal); a case whose estimated memory exceeds
+what is free is skipped, and its row says so. `fastgpt bench cross-entropy --N ... --C ... --V
+...` sweeps sizes instead of named cases.
 
     python bench/bench_cross_entropy.py [--cases baby gpt2-small] [--providers torch chunked]
                                         [--dtype float32] [--device cpu] [--csv F]
@@ -28,8 +30,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from fastgpt.tools.bench.harness import Case, format_table, run_cases, write_csv
-from fastgpt.tools.bench.suites import build
+from fastgpt.tools.bench.harness import Case, TableStream, run_cases, write_csv
+from fastgpt.tools.bench.suites import build, memory
 from fastgpt.tools.environment import environment, format_env
 
 CASES = {"baby": (768, 128, 65), "shakespeare-char": (16384, 384, 65),
@@ -45,6 +47,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--min-run-time", type=float, default=0.5, help="CPU: seconds per provider")
     p.add_argument("--csv", default=None, metavar="FILE", help="append rows (with environment)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it shows on stderr only when that is a terminal)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     providers = args.providers or [pr for pr in PROVIDERS if (cuda or pr != "triton") and
@@ -55,10 +59,10 @@ def main(argv=None):
              for N, C, V in (CASES[c] for c in args.cases) for pr in providers]
     env = environment(args.device)
     print(f"# {format_env(env)}")
-    rows = run_cases(cases, args.device, "torch", build, args.min_run_time, isolate=not cuda,
-                     progress=lambda r: print(f"  measured {r.case.provider} "
-                                              f"{r.case.shape_str()}", flush=True))
-    print(format_table(rows, "torch", args.device))
+    with TableStream(cases, "torch", args.device, desc="cross-entropy",
+                     bar=None if args.progress else False) as stream:
+        rows = run_cases(cases, args.device, "torch", build, args.min_run_time, isolate=not cuda,
+                         progress=stream, need=memory)
     if args.csv:
         write_csv([r.record() for r in rows], args.csv, env)
 

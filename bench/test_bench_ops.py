@@ -21,10 +21,12 @@ def _device(config):
 
 
 def _cases(config, suites):
+    """The suites' cases at `fastgpt bench --quick` sizes (--bench-full: the default sizes),
+    less those the list itself marks as not run (the `loop` attention beyond its rows)."""
     args = argparse.Namespace(device=_device(config), dtype=None, providers=None, modes=None,
                               T=None, D=None, B=None, H=None, N=None, C=None, V=None,
-                              quick=not config.getoption("--bench-full"))
-    return [c for name in suites for c in SUITES[name].cases(args)]
+                              quick=not config.getoption("--bench-full"), full=False)
+    return [c for name in suites for c in SUITES[name].cases(args) if not c.skip]
 
 
 def parametrize_cases(metafunc, suites):

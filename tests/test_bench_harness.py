@@ -1,10 +1,14 @@
-"""`fastgpt bench`: the shared harness on tiny grids (table, CSV, PNG), and `bench train`.
+"""`fastgpt bench`: the shared harness on tiny grids (table, CSV, PNG), and `bench train`; rows
+streamed as they are measured, the progress bar, the memory skip and the default sizes.
 
 Timings are never asserted: only that every command produces well-formed output.
 """
 
 import argparse
 import csv
+import dataclasses
+import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +17,11 @@ import pytest
 import torch
 
 from fastgpt import cli
-from fastgpt.tools.bench.suites import SUITES, build, check_providers
+from fastgpt.tools.bench import harness
+from fastgpt.tools.bench.suites import SUITES, build, check_providers, memory
 from fastgpt.tools.bench.train_steps import parse_config
-from fastgpt.tools.bench.harness import CSV_FIELDS, Case, run_cases, summarize
+from fastgpt.tools.bench.harness import (CSV_FIELDS, Built, Case, Row, TableStream, format_table,
+                                         run_cases, summarize)
 from fastgpt.tools.environment import environment
 from fastgpt.errors import FastGPTError
 
@@ -175,7 +181,8 @@ def test_a_provider_some_suites_lack_is_timed_where_it_exists():
     # `bench all --providers ext`: ext's cases, and none of cross-entropy, which has no ext
     check_providers(["ext"], list(SUITES))
     args = argparse.Namespace(device="cpu", dtype=None, providers="ext", modes="fwd", T=[8],
-                              D=[16], B=1, H=2, N=[16], C=[16], V=[10], quick=True)
+                              D=[16], B=1, H=2, N=[16], C=[16], V=[10], quick=True,
+                              full=False)
     assert {c.provider for c in SUITES["attention"].cases(args)} == {"ext"}
     assert SUITES["cross-entropy"].cases(args) == []
 
@@ -254,3 +261,168 @@ def test_charts_leave_the_matplotlib_backend_alone(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "svg", "False"]
     assert all(_png(p) for p in tmp_path.glob("*.png"))
+
+
+# --- rows as they are measured, progress, memory, default sizes ------------------------------
+
+def _fake_cases(shapes=(1, 2), providers=("slow", "base")):
+    return [Case("fake", "op", p, "fwd", dict(n=n), "float32") for n in shapes for p in providers]
+
+
+def test_rows_print_as_they_are_measured():
+    # a fake op: each build records what the table showed when its case began
+    out, seen = io.StringIO(), {}
+
+    def build_fake(case, device):
+        seen[(case.shape["n"], case.provider)] = out.getvalue()
+        return Built(lambda: None, bytes=1e6)
+    cases = _fake_cases()
+    with TableStream(cases, "base", "cpu", bar=False, out=out) as stream:
+        rows = run_cases(cases, "cpu", "base", build_fake, min_run_time=0.001, progress=stream)
+    assert seen[(1, "base")] == ""
+    before_second = seen[(2, "base")]       # shape 2's first case: shape 1's rows are out
+    lines = [ln.split() for ln in before_second.splitlines() if ln.startswith("  ")]
+    assert [ln[0] for ln in lines] == ["provider", "base", "slow"], before_second
+    assert lines[1][-1] == "1.00x" and lines[2][-1].endswith("x")   # speedups known already
+    assert "n=2" not in before_second
+    # baseline first, and the streamed table is format_table's
+    assert [r.case.provider for r in rows] == ["base", "slow", "base", "slow"]
+    assert out.getvalue().rstrip("\n") == format_table(rows, "base", "cpu")
+
+
+def test_table_blocks_stay_together_and_skipped_rows_wait_for_their_unit():
+    # cases interleave modes (as embedding's list does): rows come out one block per mode;
+    # a block whose first rows are skipped still heads its rate column with the unit
+    cases = [Case("fake", "op", p, mode, dict(n=n), "float32")
+             for n in (1, 2) for mode in ("fwd", "bwd") for p in ("base", "other")]
+    cases[0].skip = "not here"
+
+    def build_fake(case, device):
+        return Built(lambda: None, flops=1e6)
+    out = io.StringIO()
+    with TableStream(cases, "base", "cpu", bar=False, out=out) as stream:
+        rows = run_cases(cases, "cpu", "base", build_fake, min_run_time=0.001, progress=stream)
+    assert [(r.case.mode, r.case.shape["n"]) for r in rows] == \
+        [("fwd", 1)] * 2 + [("fwd", 2)] * 2 + [("bwd", 1)] * 2 + [("bwd", 2)] * 2
+    text = out.getvalue()
+    assert text.count("op fwd float32") == 1 and text.count("op bwd float32") == 1
+    assert "TFLOP/s" in text.split("op bwd")[0] and "skipped: not here" in text
+    assert text.rstrip("\n") == format_table(rows, "base", "cpu")
+
+
+def test_progress_bar_counts_cases_and_estimates_time_left():
+    out, err = io.StringIO(), io.StringIO()
+    cases = _fake_cases(shapes=(1, 2, 3), providers=("base",))
+    rows = [Row(c, median=1.0, p20=1.0, p80=1.0, rate=1.0, unit="GB/s") for c in cases]
+    with TableStream(cases, "base", "cpu", desc="fake", bar=True, out=out, err=err) as stream:
+        stream.measuring(cases[:1])
+        stream.measured(rows[0])
+        assert "fake: 1/3 cases" in err.getvalue() and "left" in err.getvalue()
+        assert "now: op fwd n=1" in err.getvalue()
+        for r in rows[1:]:
+            stream.measured(r)
+    assert "3/3 cases" in err.getvalue() and "elapsed" in err.getvalue()
+    assert "\r" not in out.getvalue() and "cases" not in out.getvalue()   # rows stay clean
+    # by default the bar shows only on a terminal: nothing on a StringIO (a log, a pipe)
+    quiet = io.StringIO()
+    with TableStream(cases, "base", "cpu", out=io.StringIO(), err=quiet) as stream:
+        for r in rows:
+            stream.measured(r)
+    assert quiet.getvalue() == ""
+
+
+TINY_ATTENTION = ["bench", "attention", *FAST, "--D", "16", "--B", "1", "--H", "2",
+                  "--modes", "fwd"]
+
+
+def test_a_case_that_does_not_fit_in_memory_is_skipped_with_the_numbers(capsys, monkeypatch,
+                                                                         tmp_path):
+    free = 3 * 2 ** 20
+    monkeypatch.setattr(harness, "free_memory", lambda device: free)
+    out_csv = tmp_path / "m.csv"
+    assert cli.main([*TINY_ATTENTION, "--T", "8", "512", "--providers", "tril,sdpa",
+                     "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    big = Case("attention", "attention", "tril", "fwd", dict(B=1, H=2, T=512, D=16), "float32")
+    assert memory(big) > free > memory(dataclasses.replace(big, provider="sdpa"))
+    why = f"needs ~{harness.format_bytes(memory(big))}, 3.0 MB free"
+    assert re.search(rf"^  tril +B=1 H=2 T=512 D=16 skipped: {re.escape(why)}$", text, re.M), text
+    rows = {(r["provider"], r["shape"].split()[2]): r for r in _csv(out_csv)}
+    assert rows[("tril", "T=512")]["skipped"] == why
+    sdpa = rows[("sdpa", "T=512")]
+    assert float(sdpa["median_ms"]) > 0 and sdpa["speedup"] == ""      # no baseline to be over
+    assert rows[("tril", "T=8")]["skipped"] == "" and float(rows[("sdpa", "T=8")]["speedup"]) > 0
+
+
+def test_isolated_cases_are_checked_before_a_process_starts(monkeypatch):
+    monkeypatch.setattr(harness, "free_memory", lambda device: 1024)
+    monkeypatch.setattr(harness, "_measure_isolated", lambda *a: pytest.fail("a worker started"))
+    cases = [Case("cross-entropy", "linear_cross_entropy", p, "fwd+bwd", dict(N=64, C=16, V=100),
+                  "float32") for p in ("torch", "chunked")]
+    rows = run_cases(cases, "cpu", "torch", build, 0.01, isolate=True, need=memory)
+    assert all(r.skipped.startswith("needs ~") and r.skipped.endswith(", 1 KB free")
+               for r in rows), [r.skipped for r in rows]
+
+
+def test_free_memory_reads_the_machine():
+    free = harness.free_memory("cpu")
+    assert free is None or free > 0
+    assert harness.memory_shortfall(2 * 2 ** 30, None) == ""      # unknown: run it
+    assert harness.memory_shortfall(2 ** 20, 2 ** 30) == ""
+    assert harness.memory_shortfall(int(9.1 * 2 ** 30), int(6.2 * 2 ** 30)) == \
+        "needs ~9.1 GB, 6.2 GB free"
+
+
+@pytest.mark.parametrize("case", [
+    Case("attention", "attention", p, m, dict(B=2, H=2, T=128, D=32), dt)
+    for p in ("tril", "torch", "sdpa", "ext") for m in ("fwd", "fwd+bwd")
+    for dt in ("float32", "bfloat16")] + [
+    Case("cross-entropy", "linear_cross_entropy", p, "fwd+bwd", dict(N=128, C=16, V=2000),
+         "float32") for p in ("torch", "chunked")] + [
+    Case("cross-entropy", "cross_entropy", "torch", "fwd+bwd", dict(N=128, V=2000), "float32"),
+    Case("embedding", "embedding", "ext", "fwd+bwd", dict(V=500, N=256, C=32), "float32"),
+    Case("transformer-block", "transformer_block", "ext", "fwd+bwd",
+         dict(B=2, T=64, C=64, H=4), "float32")], ids=lambda c: f"{c.op}-{c.provider}-{c.mode}")
+def test_memory_estimates_cover_the_measured_peaks(case):
+    harness.allow_repeated_backward()
+    built = build(case, "cpu")
+    built.fn()
+    assert harness.peak_memory_mb(built.fn, "cpu") * 2 ** 20 <= memory(case)
+
+
+def _args(device="cpu", **kw):
+    base = dict(device=device, dtype=None, providers=None, modes=None, T=None, D=None, B=None,
+                H=None, N=None, C=None, V=None, quick=False, full=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_default_cpu_lists_are_smaller_than_full_and_cuda_keeps_its_grid():
+    for name, suite in SUITES.items():
+        default, full = suite.cases(_args()), suite.cases(_args(full=True))
+        quick = suite.cases(_args(quick=True))
+        assert len(quick) <= len(default) <= len(full), name
+        if name != "embedding":      # embedding's default is its full grid (about 1.5 minutes)
+            assert len(default) < len(full), name
+        cuda = suite.cases(_args("cuda"))
+        assert cuda == suite.cases(_args("cuda", full=True)), name
+    attention = SUITES["attention"].cases(_args("cuda"))
+    assert sorted({c.shape["T"] for c in attention}) == [64, 256, 1024, 4096]
+    # the Python-loop attention runs at 256 rows by default, 1024 with --full; listed otherwise
+    for full, runs in ((False, [64]), (True, [64, 128, 256])):
+        loop = [c for c in SUITES["attention"].cases(_args(full=full)) if c.provider == "loop"]
+        assert sorted({c.shape["T"] for c in loop if not c.skip}) == runs
+        assert all("Python loop over B*T" in c.skip for c in loop if c.shape["T"] not in runs)
+
+
+def test_loop_beyond_its_rows_is_a_skipped_row(capsys):
+    assert cli.main([*TINY_ATTENTION, "--T", "8", "160", "--B", "2", "--H", "1",
+                     "--providers", "tril,loop"]) == 0
+    text = capsys.readouterr().out
+    assert "# attention: 4 cases on cpu; --full: " not in text    # --full adds nothing here
+    assert re.search(r"^  loop +B=2 H=1 T=8 D=16 +[\d.]+ ", text, re.M), text
+    assert re.search(r"^  loop +B=2 H=1 T=160 D=16 skipped: loop is a Python loop over "
+                     r"B\*T = 320 rows, run up to 256 rows .*; --full runs it up to 1024$",
+                     text, re.M), text
+    assert cli.main(["bench", "attention", "--device", "cpu", "--quick", "--modes", "fwd",
+                     "--providers", "tril", "--T", "8", "--min-run-time", "0.01"]) == 0
+    assert "; --full: " in capsys.readouterr().out     # the full grid has D=128 as well

@@ -3,27 +3,41 @@ training-step benchmark (fastgpt.tools.bench.train_steps), measured by the harne
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from fastgpt.device import resolve_device
 from fastgpt.errors import FastGPTError
 from fastgpt.precision import DTYPES
 from fastgpt.tools.bench import train_steps
-from fastgpt.tools.bench.harness import (Row, allow_repeated_backward, format_table, plot,
+from fastgpt.tools.bench.harness import (Row, TableStream, allow_repeated_backward, plot,
                                          run_cases, write_csv)
-from fastgpt.tools.bench.suites import SUITES, build, check_providers
+from fastgpt.tools.bench.suites import SUITES, build, check_providers, memory
 from fastgpt.tools.environment import environment, format_env
 
 
+def _grid_note(name: str, args, n: int) -> str:
+    """The header's "; --full: 108 cases" where the full grid has more cases than this list."""
+    if args.full or args.device.startswith("cuda"):
+        return ""
+    full = len(SUITES[name].cases(argparse.Namespace(**dict(vars(args), quick=False, full=True))))
+    return f"; --full: {full} cases" if full > n else ""
+
+
 def run_suite(name: str, args) -> list[Row]:
-    """Run one op suite with the CLI's arguments; prints its table; returns the rows."""
+    """Run one op suite with the CLI's arguments; prints its table row by row as it is measured
+    (a progress bar on stderr when that is a terminal); returns the rows."""
     suite = SUITES[name]
     cases = suite.cases(args)
     isolate = suite.isolate_on_cpu and not args.device.startswith("cuda") and not args.in_process
     print(f"\n# {name}: {len(cases)} cases on {args.device}"
-          + (" (each in a fresh process)" if isolate else ""), flush=True)
-    rows = run_cases(cases, args.device, suite.baseline, build, args.min_run_time, isolate=isolate)
-    print(format_table(rows, suite.baseline, args.device), flush=True)
+          + (", each in a fresh process" if isolate else "") + _grid_note(name, args, len(cases)),
+          flush=True)
+    with TableStream(cases, suite.baseline, args.device, desc=name,
+                     bar=None if args.progress else False) as stream:
+        rows = run_cases(cases, args.device, suite.baseline, build, args.min_run_time,
+                         isolate=isolate, progress=stream, need=memory)
     if args.plot:
         for path in plot(rows, args.plot, *suite.plot):
             print(f"wrote {path}")
@@ -55,7 +69,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--C", type=int, nargs="+", default=None,
                    help="hidden / embedding / transformer-block width")
     p.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
-    p.add_argument("--quick", action="store_true", help="the smallest sizes only")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the smallest sizes only")
+    size.add_argument("--full", action="store_true", help="CPU: the full grid (the default is "
+                      "sized to finish in a few minutes on a small CPU; on CUDA it is the full "
+                      "grid already)")
     p.add_argument("--min-run-time", type=float, default=0.5,
                    help="CPU: seconds of timing per provider and shape")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -63,6 +81,8 @@ def add_bench_parser(sub) -> None:
                    help="CPU cross-entropy: do not start a fresh process per case")
     p.add_argument("--csv", default=None, metavar="FILE", help="append rows (with environment)")
     p.add_argument("--plot", default=None, metavar="DIR", help="write PNG charts to DIR")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it shows on stderr only when that is a terminal)")
     train_steps.add_train_args(p)
     p.set_defaults(run=run_bench)
 

@@ -17,6 +17,17 @@ CUDA: ``max_memory_allocated``; CPU: the torch profiler's allocation events (``p
 which count tensor bytes exactly, whatever malloc keeps resident. Suites where memory is the
 point (cross-entropy) also run each case in a fresh subprocess on CPU (``isolate``), so nothing
 an earlier provider compiled or cached is in the picture.
+
+As it goes. Each row is printed as soon as it is measured (``TableStream``): the providers of
+one shape are timed together, the baseline first in the table, so the speedups are known when
+their rows print. A progress bar on stderr counts the cases and estimates the time left from the
+average time per case so far; it shows only when stderr is a terminal (not in a log file, a pipe
+or under pytest's capture) and never mixes into the rows on stdout.
+
+Memory. Before a case runs, its suite's estimate of what it needs (inputs, gradients and what
+the provider holds at its peak: the naive attention's (B, H, T, T) scores, the full (N, V)
+logits) is compared with what the device has free (``free_memory``); a case that would not fit
+is skipped and its row says by how much, rather than swapping or being killed.
 """
 
 from __future__ import annotations
@@ -32,11 +43,12 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch._functorch.config
 from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
 from fastgpt.peaks import matmul_peak_tflops, peak_bandwidth_gbs
 from fastgpt.tools.formatting import number
@@ -119,6 +131,76 @@ def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:
     return _cpu_peak_bytes(fn) / 2 ** 20
 
 
+# --- memory a case may use ------------------------------------------------------------------
+
+def _meminfo_available() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (Linux: what can be allocated without swapping), else
+    psutil's figure where psutil is installed, else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil   # not a dependency: macOS and Windows have no /proc/meminfo
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def _cgroup_room() -> Optional[int]:
+    """Bytes left under this process's cgroup v2 memory limit (a container's), counting its
+    reclaimable page cache as room; None when there is no limit or no cgroup v2."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next(line.split("::", 1)[1].strip() for line in f if line.startswith("0::"))
+        folder = f"/sys/fs/cgroup{path}"
+        with open(f"{folder}/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(f"{folder}/memory.current") as f:
+            used = int(f.read())
+        with open(f"{folder}/memory.stat") as f:
+            stat = dict(line.split() for line in f)
+        return max(0, int(limit) - used + int(stat.get("inactive_file", 0)))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def free_memory(device: str) -> Optional[int]:
+    """Bytes a case can still allocate on ``device`` without swapping; None when unknown.
+
+    CPU: MemAvailable (psutil's where there is no /proc), capped by a cgroup v2 limit. CUDA: the
+    driver's free memory plus what torch's caching allocator holds but does not use.
+    """
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    sizes = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(sizes) if sizes else None
+
+
+def format_bytes(n: float) -> str:
+    """2.5 GB, 340 MB, 12 KB (binary units, as the table's peak MB)."""
+    for unit, size in (("GB", 2 ** 30), ("MB", 2 ** 20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2 ** 10:.0f} KB"
+
+
+Need = Callable[["Case"], float]   # a suite's estimate of the bytes a case holds at its peak
+
+
+def memory_shortfall(need: float, free: Optional[int]) -> str:
+    """Why a case that needs ``need`` bytes is not run with ``free`` bytes free ("" if it fits)."""
+    if free is None or need <= free:
+        return ""
+    return f"needs ~{format_bytes(need)}, {format_bytes(free)} free"
+
+
 # --- cases and results ----------------------------------------------------------------------
 
 @dataclass
@@ -130,6 +212,7 @@ class Case:
     mode: str
     shape: dict
     dtype: str                  # "float32", "bfloat16", ...
+    skip: str = ""              # why it is not run, decided when the case list was made
 
     def shape_str(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.shape.items())
@@ -173,33 +256,43 @@ def _rate(built: Built, ms: float) -> tuple[float, str]:
 Build = Callable[[Case, str], Built]   # a suite's (case, device) -> Built
 
 
-def _measure_group(cases: list[Case], device: str, build: Build, min_run_time: float) -> list[Row]:
-    """Time the providers of one (op, mode, shape) side by side, in this process."""
-    rows, fns, builts = [], {}, {}
+def _not_run(case: Case, device: str, need: Optional[Need]) -> str:
+    """Why ``case`` is skipped before anything is allocated for it ("" if it runs): its list
+    said so, or its estimated memory exceeds what the device has free now (read per case, so
+    what the providers built before it hold is counted)."""
+    if case.skip:
+        return case.skip
+    return memory_shortfall(need(case), free_memory(device)) if need else ""
+
+
+def _measure_group(cases: list[Case], device: str, build: Build, min_run_time: float,
+                   need: Optional[Need] = None) -> Iterator[Row]:
+    """Time the providers of one (op, mode, shape) side by side, in this process; yields each
+    row, in the cases' order, once its peak memory is measured."""
+    rows, builts = [], {}
     for case in cases:
-        try:
-            built = build(case, device)
-            built.fn()   # first call: fails early, compiles what needs compiling
-        except SkipCase as e:
-            rows.append(Row(case, skipped=str(e)))
-            continue
-        except Exception as e:   # a provider that breaks on these inputs must not stop the rest
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            rows.append(Row(case, skipped=f"failed: {type(e).__name__}: {msg[:200]}"))
-            continue
-        builts[case.provider] = built
-        fns[case.provider] = built.fn
-        rows.append(Row(case))
+        why = _not_run(case, device, need)
+        if not why:
+            try:
+                built = build(case, device)
+                built.fn()   # first call: fails early, compiles what needs compiling
+                builts[case.provider] = built
+            except SkipCase as e:
+                why = str(e)
+            except Exception as e:   # a provider that breaks on these inputs must not stop the rest
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                why = f"failed: {type(e).__name__}: {msg[:200]}"
+        rows.append(Row(case, skipped=why))
+    fns = {provider: built.fn for provider, built in builts.items()}
     times = time_group_ms(fns, device, min_run_time) if fns else {}
     for row in rows:
-        if row.skipped:
-            continue
-        built = builts[row.case.provider]
-        t = times[row.case.provider]
-        row.median, row.p20, row.p80 = t["median"], t["p20"], t["p80"]
-        row.rate, row.unit = _rate(built, row.median)
-        row.peak_mb = peak_memory_mb(built.fn, device)
-    return rows
+        if not row.skipped:
+            built = builts[row.case.provider]
+            t = times[row.case.provider]
+            row.median, row.p20, row.p80 = t["median"], t["p20"], t["p80"]
+            row.rate, row.unit = _rate(built, row.median)
+            row.peak_mb = peak_memory_mb(built.fn, device)
+        yield row
 
 
 def _measure_isolated(case: Case, device: str, build: Build, min_run_time: float) -> Row:
@@ -224,7 +317,7 @@ def _worker(spec: str) -> None:
     allow_repeated_backward()
     module, _, name = w["build"].partition(":")
     build = getattr(importlib.import_module(module), name)
-    row = _measure_group([Case(**w["case"])], w["device"], build, w["min_run_time"])[0]
+    (row,) = _measure_group([Case(**w["case"])], w["device"], build, w["min_run_time"])
     print(json.dumps({k: v for k, v in dataclasses.asdict(row).items() if k != "case"}))
 
 
@@ -238,68 +331,187 @@ def allow_repeated_backward() -> None:
     torch._functorch.config.donated_buffer = False
 
 
+class Progress:
+    """What ``run_cases`` reports as it goes (this one: nothing)."""
+
+    def measuring(self, group: list[Case]) -> None:
+        """The providers of one shape are about to be measured."""
+
+    def measured(self, row: Row) -> None:
+        """One row is complete (its speedup included)."""
+
+
+def _groups(cases: list[Case], baseline: str) -> list[list[Case]]:
+    """The cases by (op, mode, dtype, shape): the shapes of one table block together, in the
+    order the list first names them, and the baseline first among each shape's providers."""
+    blocks: dict[tuple, dict[str, list[Case]]] = {}
+    for c in cases:
+        blocks.setdefault((c.op, c.mode, c.dtype), {}).setdefault(c.shape_str(), []).append(c)
+    return [sorted(group, key=lambda c: c.provider != baseline)
+            for shapes in blocks.values() for group in shapes.values()]
+
+
+def _measure(group: list[Case], device: str, build: Build, min_run_time: float, isolate: bool,
+             need: Optional[Need]) -> Iterator[Row]:
+    if not isolate:
+        yield from _measure_group(group, device, build, min_run_time, need)
+        return
+    for case in group:   # checked here, before a process is started for it
+        why = _not_run(case, device, need)
+        yield Row(case, skipped=why) if why else _measure_isolated(case, device, build,
+                                                                   min_run_time)
+
+
+def _compare(row: Row, base: Optional[Row], device: str) -> None:
+    """Fill in the speedup over ``base`` and, on CUDA, the % of the data-sheet peak."""
+    if row.skipped:
+        return
+    if base is not None:
+        row.speedup = base.median / row.median
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)   # data-sheet peaks: fastgpt.peaks
+        peak = (matmul_peak_tflops(name, row.case.dtype) if row.unit == "TFLOP/s"
+                else peak_bandwidth_gbs(name))
+        row.pct_peak = 100.0 * row.rate / peak if peak else None
+
+
 def run_cases(cases: list[Case], device: str, baseline: str, build: Build,
               min_run_time: float = 0.5, isolate: bool = False,
-              progress: Optional[Callable[[Row], None]] = None) -> list[Row]:
+              progress: Optional[Progress] = None, need: Optional[Need] = None) -> list[Row]:
     """Measure every case (``build`` makes its callable: a suite's); speedups are against
-    ``baseline`` on the same op, mode and shape."""
-    groups: dict[tuple, list[Case]] = {}
-    for c in cases:
-        groups.setdefault((c.op, c.mode, c.shape_str(), c.dtype), []).append(c)
+    ``baseline`` on the same op, mode and shape. ``need`` estimates a case's bytes: a case that
+    would not fit in free memory is skipped. Rows come back (and go to ``progress``) in table
+    order: one block per (op, mode, dtype), the baseline first in each shape."""
+    progress = progress or Progress()
     rows: list[Row] = []
-    for group in groups.values():
-        if isolate:
-            got = [_measure_isolated(c, device, build, min_run_time) for c in group]
-        else:
-            got = _measure_group(group, device, build, min_run_time)
-        base = next((r for r in got if r.case.provider == baseline and not r.skipped), None)
-        for r in got:
-            if r.skipped:
-                continue
-            if base is not None:
-                r.speedup = base.median / r.median
-            if device.startswith("cuda"):
-                name = torch.cuda.get_device_name(device)   # data-sheet peaks: fastgpt.peaks
-                peak = (matmul_peak_tflops(name, r.case.dtype) if r.unit == "TFLOP/s"
-                        else peak_bandwidth_gbs(name))
-                r.pct_peak = 100.0 * r.rate / peak if peak else None
-        for r in got:
-            if progress:
-                progress(r)
-        rows += got
+    for group in _groups(cases, baseline):
+        progress.measuring(group)
+        base = None
+        for row in _measure(group, device, build, min_run_time, isolate, need):
+            if row.case.provider == baseline and not row.skipped:
+                base = row
+            _compare(row, base, device)
+            progress.measured(row)
+            rows.append(row)
     return rows
 
 
 # --- output ---------------------------------------------------------------------------------
 
+Widths = tuple[int, int]   # (provider column, shape column)
+
+
+def _widths(cases: list[Case]) -> Widths:
+    return (max(12, *(len(c.provider) for c in cases)),
+            max(len(c.shape_str()) for c in cases))
+
+
+def _block_head(key: tuple, unit: str, widths: Widths, baseline: str, cuda: bool) -> list[str]:
+    op, mode, dtype = key
+    pw, width = widths
+    head = (f"  {'provider':<{pw}} {'shape':<{width}} {'median ms':>10} {'p20-p80 ms':>19} "
+            f"{unit:>8} {'peak MB':>9} {'vs ' + baseline:>9}")
+    return [f"\n{op} {mode} {dtype}", head + (f" {'% peak':>7}" if cuda else "")]
+
+
+def _row_line(r: Row, widths: Widths, cuda: bool) -> str:
+    c, (pw, width) = r.case, widths
+    if r.skipped:
+        return f"  {c.provider:<{pw}} {c.shape_str():<{width}} skipped: {r.skipped}"
+    spread = f"{r.p20:.3f}-{r.p80:.3f}"
+    line = (f"  {c.provider:<{pw}} {c.shape_str():<{width}} {r.median:>10.3f} {spread:>19} "
+            f"{number(r.rate, '.3f'):>8} {number(r.peak_mb, '.1f'):>9} "
+            f"{number(r.speedup, '.2f') + ('x' if r.speedup else ''):>9}")
+    if cuda:
+        line += f" {number(r.pct_peak, '.1f', 'unknown'):>7}"
+    return line
+
+
+def _blocks(items: list, case: Callable = lambda x: x) -> dict[tuple, list]:
+    """``items`` (cases or rows) by table block: (op, mode, dtype)."""
+    out: dict[tuple, list] = {}
+    for x in items:
+        c = case(x)
+        out.setdefault((c.op, c.mode, c.dtype), []).append(x)
+    return out
+
+
 def format_table(rows: list[Row], baseline: str, device: str) -> str:
     """One block per (op, mode, dtype): provider, shape, times, rate, memory, speedup, % peak."""
     cuda = device.startswith("cuda")
     out = []
-    blocks: dict[tuple, list[Row]] = {}
-    for r in rows:
-        blocks.setdefault((r.case.op, r.case.mode, r.case.dtype), []).append(r)
-    for (op, mode, dtype), rs in blocks.items():
+    for key, rs in _blocks(rows, lambda r: r.case).items():
+        widths = _widths([r.case for r in rs])
         unit = next((r.unit for r in rs if r.unit), "rate")
-        width = max(len(r.case.shape_str()) for r in rs)
-        pw = max(12, *(len(r.case.provider) for r in rs))
-        out.append(f"\n{op} {mode} {dtype}")
-        head = (f"  {'provider':<{pw}} {'shape':<{width}} {'median ms':>10} {'p20-p80 ms':>19} "
-                f"{unit:>8} {'peak MB':>9} {'vs ' + baseline:>9}")
-        out.append(head + (f" {'% peak':>7}" if cuda else ""))
-        for r in rs:
-            c = r.case
-            if r.skipped:
-                out.append(f"  {c.provider:<{pw}} {c.shape_str():<{width}} skipped: {r.skipped}")
-                continue
-            spread = f"{r.p20:.3f}-{r.p80:.3f}"
-            line = (f"  {c.provider:<{pw}} {c.shape_str():<{width}} {r.median:>10.3f} {spread:>19} "
-                    f"{number(r.rate, '.3f'):>8} {number(r.peak_mb, '.1f'):>9} "
-                    f"{number(r.speedup, '.2f') + ('x' if r.speedup else ''):>9}")
-            if cuda:
-                line += f" {number(r.pct_peak, '.1f', 'unknown'):>7}"
-            out.append(line)
+        out += _block_head(key, unit, widths, baseline, cuda)
+        out += [_row_line(r, widths, cuda) for r in rs]
     return "\n".join(out)
+
+
+BAR_FORMAT = ("{desc}: {n_fmt}/{total_fmt} cases |{bar}| {elapsed} elapsed, ~{remaining} left"
+              "{postfix}")
+
+
+class TableStream(Progress):
+    """``format_table``'s table, printed while it is measured: a block's header before its first
+    row, each row as it is complete (a block's leading skipped rows wait for its first measured
+    one, whose unit heads the rate column); and a progress bar on stderr.
+
+    ``bar``: None shows the bar only when ``err`` is a terminal, True always, False never. The
+    time left is the average time per case so far times the cases left (cases that are skipped
+    take no time, and large shapes more than small ones: an estimate). ``out``/``err`` default to
+    sys.stdout/sys.stderr as they are when written to.
+    """
+
+    def __init__(self, cases: list[Case], baseline: str, device: str, *, desc: str = "bench",
+                 bar: Optional[bool] = None, out=None, err=None):
+        self.baseline, self.cuda, self.out = baseline, device.startswith("cuda"), out
+        self.widths = {key: _widths(cs) for key, cs in _blocks(cases).items()}
+        self.block, self.headed, self.held = None, False, []
+        self.bar = tqdm(total=len(cases), desc=desc, file=err or sys.stderr, smoothing=0,
+                        disable=None if bar is None else not bar, dynamic_ncols=True,
+                        bar_format=BAR_FORMAT)
+
+    def measuring(self, group: list[Case]) -> None:
+        c = group[0]
+        self.bar.set_postfix_str(f"now: {c.op} {c.mode} {c.shape_str()}")
+
+    def measured(self, row: Row) -> None:
+        c = row.case
+        if (c.op, c.mode, c.dtype) != self.block:
+            self._flush()
+            self.block, self.headed = (c.op, c.mode, c.dtype), False
+        self.held.append(row)
+        self.bar.update(1)       # before the rows: writing them redraws the bar with the count
+        if self.headed or not row.skipped:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.held:
+            return
+        widths, lines = self.widths[self.block], []
+        if not self.headed:
+            unit = next((r.unit for r in self.held if r.unit), "rate")
+            lines += _block_head(self.block, unit, widths, self.baseline, self.cuda)
+            self.headed = True
+        lines += [_row_line(r, widths, self.cuda) for r in self.held]
+        self.held = []
+        out = self.out or sys.stdout
+        self.bar.clear()              # the bar's line is wiped, the rows written, the bar redrawn
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self._flush()
+        self.bar.set_postfix_str("", refresh=False)   # the bar left behind: count and time
+        self.bar.close()
+
+    def __enter__(self) -> "TableStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 CSV_FIELDS = ["op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms",

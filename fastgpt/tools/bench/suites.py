@@ -16,6 +16,16 @@ tool, not a fast path. Work per step, for TFLOP/s and GB/s:
 * transformer_block (B, T, C, H heads): matmul FLOPs only (LayerNorm, GELU, softmax left out):
   forward 2*N*12*C*C for the four linears (N = B*T) plus causal attention's 2*B*H*T*T*D;
   backward 2x the linears' and 2.5x the attention's; float32 and bfloat16; baseline ``torch``.
+
+Sizes. ``--quick``: the smallest. The CPU default is sized to finish in a few minutes on 2 cores
+(``--full`` is the larger grid); on CUDA the default is the full grid. Sizes given on the command
+line (``--T``, ``--N``, ...) replace the grid's. The ``loop`` attention (a Python loop over the
+B*T query rows, and a peak-memory profile that records each of its small ops) runs up to
+LOOP_ROWS rows by default, LOOP_ROWS_FULL with ``--full``; its other cases are listed as skipped.
+
+Memory. Each suite estimates the bytes a case holds at its peak (``Suite.memory``, on the high
+side: inputs and gradients plus the provider's peak, scaled from peaks measured on CPU with
+torch 2.13), so that the harness skips a case the device cannot hold instead of swapping.
 """
 
 from __future__ import annotations
@@ -27,13 +37,28 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastgpt.device import cpu_has_native_bf16
 from fastgpt.errors import FastGPTError
 from fastgpt.ops import BlockWeights, registry
+from fastgpt.ops.linear_cross_entropy_chunked import auto_chunk_rows
 from fastgpt.tools.bench.harness import MODES, Built, Case, SkipCase
 
 
 def _default_dtype(args) -> str:
     return args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+
+
+def _grid(args, *, quick: list, cpu: list, cpu_full: list, cuda: list) -> list:
+    """One dimension's default sizes: --quick's, else the device's (--full's on the CPU)."""
+    if args.quick:
+        return quick
+    if args.device.startswith("cuda"):
+        return cuda
+    return cpu_full if args.full else cpu
+
+
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
 
 
 # PyTorch's own fused loss, timed beside ours where the installed torch has it
@@ -86,21 +111,57 @@ def _step(forward: Callable, mode: str, grad: torch.Tensor | None, zero: Callabl
 
 # --- attention ------------------------------------------------------------------------------
 
+# B*T query rows up to which the `loop` attention runs: its peak-memory profile records every
+# small op (measured here: ~0.4 MB per row forward, 3-4 MB per row with backward; 1024 rows took
+# 15-40 s to profile and held ~4 GB), and one fwd+bwd call at 1024 rows took 1.7-3.7 s
+LOOP_ROWS, LOOP_ROWS_FULL = 256, 1024
+LOOP_PROFILE_BYTES = {"fwd": 1 * 2 ** 20, "bwd": 4 * 2 ** 20, "fwd+bwd": 4 * 2 ** 20}   # per row
+
+
+def _loop_skip(B: int, T: int, full: bool) -> str:
+    """Why the `loop` attention is not run on B*T rows ("" if it is)."""
+    rows, limit = B * T, LOOP_ROWS_FULL if full else LOOP_ROWS
+    if rows <= limit:
+        return ""
+    more = "" if full else f"; --full runs it up to {LOOP_ROWS_FULL}"
+    return (f"loop is a Python loop over B*T = {rows} rows, run up to {limit} rows (its time "
+            f"and profiled memory grow with the rows){more}")
+
+
 def attention_cases(args) -> list[Case]:
-    cuda = args.device.startswith("cuda")
-    Ts = args.T or ([64, 128] if args.quick else [64, 256, 1024, 4096] if cuda else [64, 128, 256])
-    Ds = args.D or ([64] if args.quick else [64, 128])
+    cuda = args.device.startswith("cuda")   # the CUDA default is the full grid
+    Ts = args.T or _grid(args, quick=[64, 128], cpu=[64, 128, 256], cpu_full=[64, 128, 256],
+                         cuda=[64, 256, 1024, 4096])
+    Ds = args.D or _grid(args, quick=[64], cpu=[64], cpu_full=[64, 128], cuda=[64, 128])
     B, H = args.B or 4, args.H or 6
     dtype = _default_dtype(args)
-    return [Case("attention", "attention", p, mode, dict(B=B, H=H, T=T, D=D), dtype)
+    return [Case("attention", "attention", p, mode, dict(B=B, H=H, T=T, D=D), dtype,
+                 skip=_loop_skip(B, T, args.full or cuda) if p == "loop" else "")
             for mode in _modes(args) for D in Ds for T in Ts
             for p in _providers("attention", args)]
 
 
+# (B, H, T, T) score tensors a provider holds at its peak, forward alone and with backward
+# (measured at B=2 H=4 T=512 D=64, float32 and bfloat16: tril 2.2 / 3.5, torch 2.4 / 3.5,
+# compile 2.1 / 2.5, ext 0 / 1.5, sdpa 0 / 0 (flash-style on CPU); each up to 6 (B, H, T, D) more)
+SCORES = {"tril": (2.5, 4.0), "torch": (2.5, 4.0), "compile": (2.5, 4.0), "ext": (0.0, 2.0),
+          "sdpa": (0.0, 0.0), "triton": (0.0, 0.0)}
+
+
+def attention_memory(case: Case) -> float:
+    """Bytes an attention case may hold: inputs, gradients and output (8 (B, H, T, D) tensors)
+    and the provider's peak above them (6 more and its SCORES, or the loop's profile records)."""
+    B, H, T, D = (case.shape[k] for k in "BHTD")
+    es = _itemsize(case.dtype)
+    base = 14 * B * H * T * D * es
+    if case.provider == "loop":
+        return base + B * T * LOOP_PROFILE_BYTES[case.mode]
+    fwd, train = SCORES.get(case.provider, SCORES["tril"])   # an unknown provider: as tril
+    return base + (fwd if case.mode == "fwd" else train) * B * H * T * T * es
+
+
 def attention_build(case: Case, device: str) -> Built:
     B, H, T, D = (case.shape[k] for k in "BHTD")
-    if case.provider == "loop" and T > 256:
-        raise SkipCase("Python loops over B*T rows: minutes per point beyond T=256")
     dtype = getattr(torch, case.dtype)
     # q, k, v as the model makes them: strided views of one (B, T, 3, H, D) projection
     x = torch.randn(B, T, 3, H, D, dtype=dtype, device=device)
@@ -119,11 +180,12 @@ def attention_build(case: Case, device: str) -> Built:
 # --- cross-entropy --------------------------------------------------------------------------
 
 def cross_entropy_cases(args) -> list[Case]:
-    cuda = args.device.startswith("cuda")
     # chunked keeps 2**24 logits at a time (333 rows at V=50304): N beyond that shows the saving
-    Ns = args.N or ([512, 1024] if args.quick else [1024, 4096, 8192, 16384] if cuda
-                    else [512, 1024, 2048])
-    Cs = args.C or ([64] if args.quick else [768])
+    Ns = args.N or _grid(args, quick=[512, 1024], cpu=[512, 2048], cpu_full=[512, 1024, 2048],
+                         cuda=[1024, 4096, 8192, 16384])
+    # the CPU default's width is the quick one: at C=768 the matmuls dominate (one fwd+bwd at
+    # N=2048 took 17-19 s on the shared 2-core EPYC here, and a case makes ~7 calls)
+    Cs = args.C or _grid(args, quick=[64], cpu=[64], cpu_full=[768], cuda=[768])
     Vs = args.V or [50304]
     dtype = _default_dtype(args)
     modes = _modes(args, ("fwd+bwd",))
@@ -134,6 +196,22 @@ def cross_entropy_cases(args) -> list[Case]:
               for mode in modes for V in Vs for N in Ns
               for p in _providers("cross_entropy", args)]
     return cases
+
+
+FULL_LOGITS = ("torch", "compile", "F.linear_cross_entropy")
+
+
+def cross_entropy_memory(case: Case) -> float:
+    """Bytes a cross-entropy case may hold: inputs and their gradients + 3 float32 logit tensors
+    of the rows a provider handles at once (measured: torch and F.linear_cross_entropy <= 3.0 x
+    N*V*4 bytes, compile <= 2.0x, chunked <= 3.0x its 2**24-logit chunks)."""
+    N, V = case.shape["N"], case.shape["V"]
+    es = _itemsize(case.dtype)
+    if case.op == "cross_entropy":
+        return 2 * N * V * es + 3 * N * V * 4 + 8 * N
+    C = case.shape["C"]
+    rows = N if case.provider in FULL_LOGITS else min(N, auto_chunk_rows(V))
+    return 2 * (N + V) * C * es + 8 * N + 3 * rows * V * 4
 
 
 def cross_entropy_build(case: Case, device: str) -> Built:
@@ -178,6 +256,12 @@ def embedding_cases(args) -> list[Case]:
             for p in _providers("embedding", args)]
 
 
+def embedding_memory(case: Case) -> float:
+    """Bytes an embedding case may hold: weight, its gradient, output, grad_output, indices."""
+    V, N, C = (case.shape[k] for k in "VNC")
+    return (2 * V * C + 3 * N * C) * _itemsize(case.dtype) + 8 * N
+
+
 def embedding_build(case: Case, device: str) -> Built:
     V, N, C = (case.shape[k] for k in "VNC")
     dtype = getattr(torch, case.dtype)
@@ -213,7 +297,8 @@ BLOCK_SHAPES = [(12, 64, 128, 4), (8, 256, 384, 6)]
 
 
 def transformer_block_cases(args) -> list[Case]:
-    if args.B or args.T or args.C or args.H:   # a sweep around the baby block
+    sweep = bool(args.B or args.T or args.C or args.H)
+    if sweep:   # a sweep around the baby block
         shapes = [(args.B or 12, T, C, args.H or 4) for C in (args.C or [128])
                   for T in (args.T or [64])]
     else:
@@ -224,9 +309,23 @@ def transformer_block_cases(args) -> list[Case]:
                                f"(the block's heads)")
     # both: float32 keeps the torch block by default on CPU, bfloat16 takes the C++ one
     dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
+    # a CPU without native bfloat16 emulates it (the larger block's fwd+bwd took ~9x float32's
+    # time on the AVX2 EPYC here): its default list has bfloat16 at the baby block only
+    emulated = not (args.device.startswith("cuda") or args.full or cpu_has_native_bf16())
+    trim = emulated and not (sweep or args.dtype)
     return [Case("transformer-block", "transformer_block", p, mode, dict(B=B, T=T, C=C, H=H), dt)
             for dt in dtypes for mode in _modes(args) for B, T, C, H in shapes
+            if not (trim and dt == "bfloat16" and (B, T, C, H) != shapes[0])
             for p in _providers("transformer_block", args)]
+
+
+def transformer_block_memory(case: Case) -> float:
+    """Bytes a block case may hold: weights and their gradients (12 C*C each), x, grad and
+    output, + its peak (measured at the two BLOCK_SHAPES: <= 30 (B, T, C) + 4 float32 (B, H, T,
+    T))."""
+    B, T, C, H = (case.shape[k] for k in "BTCH")
+    es = _itemsize(case.dtype)
+    return (24 * C * C + 35 * B * T * C) * es + 4 * B * H * T * T * 4
 
 
 def transformer_block_build(case: Case, device: str) -> Built:
@@ -262,6 +361,7 @@ def transformer_block_build(case: Case, device: str) -> Built:
 class Suite:
     cases: Callable        # (args) -> list[Case]
     build: Callable        # (case, device) -> Built
+    memory: Callable       # (case) -> bytes it may hold at its peak (an estimate)
     baseline: str          # provider the speedups are relative to
     plot: tuple            # (shape key on x, Row field on y) for --plot
     ops: tuple             # registry ops whose backends are the providers
@@ -270,13 +370,16 @@ class Suite:
 
 
 SUITES = {
-    "attention": Suite(attention_cases, attention_build, "tril", ("T", "rate"), ("attention",)),
-    "cross-entropy": Suite(cross_entropy_cases, cross_entropy_build, "torch", ("N", "peak_mb"),
-                           ("linear_cross_entropy", "cross_entropy"), LCE_EXTRA,
-                           isolate_on_cpu=True),
-    "embedding": Suite(embedding_cases, embedding_build, "torch", ("N", "rate"), ("embedding",)),
-    "transformer-block": Suite(transformer_block_cases, transformer_block_build, "torch",
-                               ("T", "rate"), ("transformer_block",)),
+    "attention": Suite(attention_cases, attention_build, attention_memory, "tril", ("T", "rate"),
+                       ("attention",)),
+    "cross-entropy": Suite(cross_entropy_cases, cross_entropy_build, cross_entropy_memory,
+                           "torch", ("N", "peak_mb"), ("linear_cross_entropy", "cross_entropy"),
+                           LCE_EXTRA, isolate_on_cpu=True),
+    "embedding": Suite(embedding_cases, embedding_build, embedding_memory, "torch",
+                       ("N", "rate"), ("embedding",)),
+    "transformer-block": Suite(transformer_block_cases, transformer_block_build,
+                               transformer_block_memory, "torch", ("T", "rate"),
+                               ("transformer_block",)),
 }
 
 
@@ -299,3 +402,7 @@ def check_providers(wanted: list[str], suites: list[str]) -> None:
 
 def build(case: Case, device: str) -> Built:
     return SUITES[case.suite].build(case, device)
+
+
+def memory(case: Case) -> float:
+    return SUITES[case.suite].memory(case)
