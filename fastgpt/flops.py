@@ -55,8 +55,9 @@ def cpu_matmul_peak_tflops(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -
     """The best TFLOP/s of square matmuls in ``dtype`` on this CPU over about ``seconds``
     (measured once per process): the size doubles from 256 while a call takes under 50 ms (up to
     2048), then that size repeats; the fastest call counts, as a peak should."""
+    gen = torch.Generator().manual_seed(0)   # the run's own random streams stay untouched
     n = 256
-    a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
     while True:
         t = time.perf_counter()
         torch.mm(a, b)
@@ -64,7 +65,7 @@ def cpu_matmul_peak_tflops(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -
         if took >= 0.05 or n >= 2048:
             break
         n *= 2
-        a, b = (torch.randn(n, n).to(dtype) for _ in range(2))
+        a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
     best, end = took, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()

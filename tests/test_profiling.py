@@ -214,3 +214,13 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
                                            r"pip install tensorboard"):
         run(tmp_path / "out", tensorboard=str(tmp_path / "tb"), overrides={"max_iters": 2})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cpu_probe_leaves_the_run_s_random_stream_alone():
+    """A probe the process measures once must not shift the dropout masks of the run that paid
+    for it: a second run in the same process (cached probe) would differ from the first."""
+    torch.manual_seed(5)
+    flops.cpu_matmul_peak_tflops(torch.float64, seconds=0.01)
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    torch.testing.assert_close(after, torch.rand(3))
