@@ -89,6 +89,16 @@ def _train_parser(sub) -> None:
                    help="auto (default: bfloat16 where the hardware has it natively), float32 "
                         "(exact fp32), bfloat16, float16 (CUDA only)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state over the "
+                        "processes (FSDP2; each block and the root), checkpoints as a sharded "
+                        "directory ckpt.dcp")
+    p.add_argument("--fsdp-reshard-after-forward", action=argparse.BooleanOptionalAction,
+                   default=True, help="free each block's gathered weights after its forward "
+                                      "and gather them again for the backward (less memory)")
+    p.add_argument("--activation-checkpointing", default="none", metavar="MODE",
+                   help="recompute activations in the backward: none, block (keep each "
+                        "block's input only) or selective (keep the matmul outputs too)")
     p.add_argument("--init-from", default=None, metavar="SOURCE",
                    help="start from GPT-2 weights: a Hugging Face GPT-2 folder (config.json + "
                         "model.safetensors or pytorch_model.bin) or gpt2, gpt2-medium, "
@@ -131,6 +141,8 @@ def _run_train(args) -> int:
         overrides[name] = getattr(args, name)
     opts = RunOptions(model=args.model, preset=args.preset, data=args.data, device=args.device,
                       init_from=args.init_from, dtype=args.dtype, compile=args.compile,
+                      fsdp=args.fsdp, fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
+                      activation_checkpointing=args.activation_checkpointing,
                       out_dir=args.out_dir,
                       resume=args.resume, overwrite=args.overwrite, seed=args.seed,
                       sample_chars=args.sample_chars, progress=args.progress,

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from fastgpt import ops
+from fastgpt import ops, recompute
 from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
 
@@ -77,11 +77,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln_1(x)), then + mlp(ln_2(.)): one fastgpt.ops.transformer_block call."""
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)): one fastgpt.ops.transformer_block call.
+    ``recompute`` is the activation checkpointing mode (fastgpt.recompute) of training steps."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.recompute = "none"
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
@@ -95,6 +97,11 @@ class Block(nn.Module):
                                 mlp.c_proj.weight, mlp.c_proj.bias)
 
     def forward(self, x):
+        if self.training and self.recompute != "none":
+            return recompute.run(self.recompute, self._block, x)
+        return self._block(x)
+
+    def _block(self, x):
         cfg = self.config
         return ops.transformer_block(x, self.weights(), cfg.n_head,
                                      dropout_p=cfg.dropout if self.training else 0.0,

@@ -139,7 +139,8 @@ class Stepper:
     * ``working copy``: the same without the extension; torch.optim.AdamW steps the masters
       after the gradients are copied to them and clipped, then the copy is refreshed;
     * ``scaler``: every other mode; torch.optim.AdamW on the model itself, through a GradScaler
-      (which scales only in float16).
+      (which scales only in float16). ``sharded``: the model is FSDP-sharded (fastgpt.sharding),
+      which always takes this mode, its parameters and optimizer state being DTensor shards.
 
     ``model`` is the module to run forward and backward; ``backward(loss)`` then ``step()`` (which
     also zeroes the gradients) make one update. ``state_dict()`` holds the optimizer's and the
@@ -147,10 +148,12 @@ class Stepper:
     """
 
     def __init__(self, master: torch.nn.Module, device_type: str, dtype: torch.dtype,
-                 t: TrainConfig):
+                 t: TrainConfig, sharded: bool = False):
         betas = (t.beta1, t.beta2)
-        self.low = (LowPrecisionCopy(master, dtype) if uses_working_copy(device_type, dtype)
-                    else None)
+        # a sharded model (fastgpt.sharding) computes in ``dtype`` through FSDP's mixed
+        # precision, so it needs no working copy: the ``scaler`` mode on DTensor parameters
+        self.low = (LowPrecisionCopy(master, dtype)
+                    if uses_working_copy(device_type, dtype) and not sharded else None)
         self.flat = (flat_adamw_or_none(optimizer_groups(master, t.weight_decay), self.low.pairs,
                                         t.learning_rate, betas, t.grad_clip)
                      if self.low is not None else None)
@@ -159,6 +162,14 @@ class Stepper:
         self.master, self.grad_clip = master, t.grad_clip
         self.model = master if self.low is None else self.low.model
         self.grad_norm: Optional[torch.Tensor] = None   # see step()
+
+    @property
+    def optimizer_name(self) -> str:
+        """Which optimizer steps, for the run's header and run row."""
+        if self.flat is not None:
+            return "fastgpt FlatAdamW (fp32 masters, bf16 working copy)"
+        kind = "fused" if self.optimizer.defaults.get("fused") else "foreach"
+        return f"torch.optim.AdamW ({kind})"
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -188,6 +199,8 @@ class Stepper:
                 norm = self.low.clip_grad_norm_(self.grad_clip)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(self.master.parameters(), self.grad_clip)
+                if hasattr(norm, "full_tensor"):   # sharded parameters: the global norm
+                    norm = norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.low is not None:

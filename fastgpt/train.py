@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from fastgpt import config as cfgmod
-from fastgpt import distributed, ops, profiling
-from fastgpt.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, write_atomically
+from fastgpt import distributed, ops, profiling, recompute, sharding
+from fastgpt.checkpoint import (CHECKPOINT_NAME, SHARDED_NAME, checkpoint_in, load_checkpoint, save_checkpoint,
+                                write_atomically)
 from fastgpt.device import describe, resolve_device
 from fastgpt.run_data import DataSource, open_source, spec_of_checkpoint
 from fastgpt.errors import FastGPTError
@@ -34,6 +35,8 @@ from fastgpt.flops import Throughput, throughput
 from fastgpt.generate import generate
 from fastgpt.model import build_model
 from fastgpt.pretrained import Pretrained, load_pretrained, specs_match
+from fastgpt.sharded_checkpoint import (load_full_optimizer, load_sharded, remove_stale,
+                                        save_sharded)
 from fastgpt.ops.labels import labelled
 from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype, resolve_dtype_name
 from fastgpt.tensorboard_log import ScalarLog, writer_class
@@ -54,6 +57,9 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"                    # see fastgpt.precision; float32 = exact fp32
     compile: bool = False
+    fsdp: bool = False                     # shard over torchrun's ranks (fastgpt.sharding)
+    fsdp_reshard_after_forward: bool = True
+    activation_checkpointing: str = "none"   # fastgpt.recompute.MODES
     out_dir: str = "out"
     resume: bool = False
     overwrite: bool = False
@@ -100,13 +106,14 @@ def check_backends(model_kind: str, m: cfgmod.GPTConfig) -> None:
 
 
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """The run directory's checkpoint is there with --resume and not there without it (unless
-    --overwrite). Checks only: nothing is created before every input has been validated."""
-    ckpt = out_dir / CHECKPOINT_NAME
-    if resume and not ckpt.exists():
-        raise FastGPTError(f"--resume given but {str(ckpt)!r} does not exist; train without "
-                           f"--resume first")
-    if not resume and ckpt.exists() and not overwrite:
+    """The run directory's checkpoint (ckpt.pt, or ckpt.dcp of an --fsdp run) is there with
+    --resume and not there without it (unless --overwrite). Checks only: nothing is created
+    before every input has been validated."""
+    ckpt = checkpoint_in(out_dir)
+    if resume and ckpt is None:
+        raise FastGPTError(f"--resume given but {str(out_dir / CHECKPOINT_NAME)!r} does not "
+                           f"exist; train without --resume first")
+    if not resume and ckpt is not None and not overwrite:
         raise FastGPTError(f"{str(ckpt)!r} already exists; pass --resume to continue that run, "
                            f"--overwrite to start over, or a different --out-dir")
 
@@ -302,7 +309,9 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     run = _setup(opts, world, device)
     # what MFU divides by: on a CPU a matmul probe, so measured before the run loads the machine
     rates = throughput(run.model, device, run.dtype, world.size) if world.is_main else None
-    info = describe_run(run, rates) if world.is_main else {}
+    # its probe forward is collective when sharded: every rank runs it, rank 0 keeps it
+    info = describe_run(run, rates) if world.is_main or run.sharded else {}
+    info = info if world.is_main else {}
     if info and opts.header:
         print(format_header(info), flush=True)
     progress = _Progress(run, t_start, info, rates)
@@ -319,7 +328,9 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
         print(f"profile of iterations {run.start_iter + opts.profile_wait}.."
               f"{run.start_iter + opts.profile_wait + opts.profile_steps - 1}: "
               + ", ".join(str(p) for p in profiler.written), flush=True)
-    sample = run.sample() if opts.sample_chars > 0 and world.is_main else ""
+    # sharded, every rank takes part in gathering the weights rank 0 samples with
+    sample = (run.sample() if opts.sample_chars > 0 and (world.is_main or run.sharded)
+              else "")
     return RunResult(iter_num=run.tcfg.max_iters, train_loss=run.losses["train"],
                      val_loss=run.losses["val"], best_val_loss=run.best_val,
                      wall_time=time.perf_counter() - t_start, out_dir=str(run.out_dir),
@@ -355,7 +366,10 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     dtype = parse_dtype(opts.dtype, device.type)
     out_dir = Path(opts.out_dir)
     check_out_dir(out_dir, opts.resume, opts.overwrite)
-    resumed = load_checkpoint(out_dir / CHECKPOINT_NAME) if opts.resume else None
+    recompute.check_mode(opts.activation_checkpointing)
+    sharded = _sharded(opts, world)
+    # a sharded run reads its own shards once the model is sharded (resume_from)
+    resumed = load_checkpoint(out_dir, consolidate=not sharded) if opts.resume else None
     source = open_source(opts.data)
     # --init-from gives the initial weights; a resumed run has its own
     pretrained = _pretrained(opts, source) if opts.init_from and resumed is None else None
@@ -370,19 +384,24 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
 
     torch.manual_seed(opts.seed)
     # the same initial weights on every rank: the seed's, or the pretrained ones
-    model = (build_model(model_kind, mcfg) if pretrained is None else pretrained.model).to(device)
+    model = build_model(model_kind, mcfg) if pretrained is None else pretrained.model
+    model = model if sharded else model.to(device)   # sharding moves only the shards there
     batches = BatchStream(dataset, tcfg.batch_size, device, world)   # the same on every rank
     make_out_dir(out_dir)   # every input is valid: only now is anything created on disk
     if world.enabled:
         torch.manual_seed(distributed.rank_seed(opts.seed, world.rank))   # each rank's own dropout
-    if resumed is not None:
+    if resumed is not None and "model" in resumed:
         model.load_state_dict(resumed["model"])
-    # `model` holds the fp32 master weights; on CPU in bf16 the stepper's bf16 copy computes
+    if sharded:
+        sharding.shard(model, device, world.size, dtype, opts.fsdp_reshard_after_forward)
+    # `model` holds the fp32 master weights (sharded: each rank its shards); on CPU in bf16
+    # unsharded, the stepper's bf16 copy computes
     run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, source=source,
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
-               stepper=Stepper(model, device.type, dtype, tcfg), batches=batches,
-               ctx=autocast(device.type, dtype), dtype=dtype,
-               init_from=resumed.get("init_from") if resumed is not None else opts.init_from)
+               stepper=Stepper(model, device.type, dtype, tcfg, sharded=sharded),
+               batches=batches, ctx=autocast(device.type, dtype), dtype=dtype,
+               init_from=resumed.get("init_from") if resumed is not None else opts.init_from,
+               sharded=sharded)
     if resumed is not None:
         run.resume_from(resumed)
     run.wrap_for_steps()
@@ -390,6 +409,16 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     if batches.pending is None:
         batches.prefetch()
     return run
+
+
+def _sharded(opts: RunOptions, world: distributed.World) -> bool:
+    """Whether the run shards (--fsdp under torchrun); --fsdp in one process is noted and
+    trains unsharded."""
+    if opts.fsdp and not world.enabled and opts.header:
+        logging.getLogger("fastgpt").warning(
+            "fastgpt: --fsdp with one process: there is nothing to shard over, training "
+            "unsharded (launch with torchrun --nproc_per_node=N to shard over N processes)")
+    return opts.fsdp and world.enabled
 
 
 def _pretrained(opts: RunOptions, source: DataSource) -> Pretrained:
@@ -467,6 +496,7 @@ class _Run:
     ctx: contextlib.AbstractContextManager   # autocast, or nothing
     dtype: torch.dtype                       # what the step computes in
     init_from: Optional[str] = None          # where the initial weights came from (--init-from)
+    sharded: bool = False                    # FSDP (fastgpt.sharding): every rank holds shards
     resumed: bool = False
     start_iter: int = 0
     best_val: float = float("inf")
@@ -477,10 +507,17 @@ class _Run:
 
     @property
     def ckpt_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return self.out_dir / (SHARDED_NAME if self.sharded else CHECKPOINT_NAME)
 
     def resume_from(self, resumed: dict) -> None:
-        self.stepper.load_state_dict(resumed)
+        if not self.sharded:
+            self.stepper.load_state_dict(resumed)
+        else:   # each rank loads its shards: from a sharded checkpoint, or from a full one
+            if "model" not in resumed:
+                load_sharded(resumed["sharded"], self.model, self.stepper.optimizer)
+            else:
+                load_full_optimizer(resumed["optimizer"], self.model, self.stepper.optimizer)
+            self.stepper.scaler.load_state_dict(resumed.get("scaler", {}))
         _resume_rng(resumed, self.world, self.device, self.batches)
         self.resumed, self.start_iter = True, resumed["iter_num"]
         self.best_val, self.last_ckpt_iter = resumed["best_val_loss"], resumed["iter_num"]
@@ -490,7 +527,8 @@ class _Run:
         """DDP (which averages the gradients over the ranks) and torch.compile, as asked; the
         estimates use the plain model."""
         model = self.stepper.model
-        if self.world.enabled:
+        recompute.apply(model, self.opts.activation_checkpointing)
+        if self.world.enabled and not self.sharded:   # FSDP's units average the gradients
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         model = model if self.ddp is None else self.ddp
@@ -540,9 +578,13 @@ class _Run:
         self.losses, self.best_val = losses, min(self.best_val, losses["val"])
         return losses
 
-    @torch.inference_mode()
     def estimate_loss(self) -> dict[str, float]:
-        """The mean loss over eval_iters batches of each split; the same on every rank."""
+        """The mean loss over eval_iters batches of each split; the same on every rank.
+        Sharded, under no_grad: FSDP's gathered weights must not become inference tensors."""
+        with torch.no_grad() if self.sharded else torch.inference_mode():
+            return self._estimate_loss()
+
+    def _estimate_loss(self) -> dict[str, float]:
         model, t = self.stepper.model, self.tcfg
         model.eval()
         out = {}
@@ -563,24 +605,32 @@ class _Run:
         return out
 
     def checkpoint(self, it: int) -> None:
-        """Rank 0 saves the state at the start of iteration ``it``."""
+        """Save the state at the start of iteration ``it``: rank 0 writes ckpt.pt, or, sharded,
+        every rank writes its shards of ckpt.dcp (fastgpt.sharded_checkpoint)."""
         world = self.world
         # every rank's RNG state goes in, so a resume with as many ranks goes on bit for bit
         ranks = ({"world_size": world.size,
                   "rng_ranks": distributed.all_gather(_rng_state(self.device, self.batches), world)}
                  if world.enabled else {})
-        if world.is_main:
-            save_checkpoint(self.ckpt_path, {
-                "model": self.model.state_dict(), **self.stepper.state_dict(),   # optimizer, scaler
-                "iter_num": it, "best_val_loss": self.best_val, "train_loss": self.losses["train"],
+        meta = self._checkpoint_meta(it, ranks)
+        if self.sharded:
+            save_sharded(self.out_dir, self.model, self.stepper.optimizer,
+                         {**meta, "scaler": self.stepper.scaler.state_dict()}, world)
+        elif world.is_main:
+            save_checkpoint(self.ckpt_path, {"model": self.model.state_dict(),
+                                             **self.stepper.state_dict(), **meta})
+            remove_stale(self.out_dir)   # a sharded checkpoint this run started from
+        self.last_ckpt_iter = it
+
+    def _checkpoint_meta(self, it: int, ranks: dict) -> dict:
+        """A checkpoint's state besides the model, optimizer and scaler."""
+        return {"iter_num": it, "best_val_loss": self.best_val, "train_loss": self.losses["train"],
                 "val_loss": self.losses["val"], "model_kind": self.model_kind,
                 "model_args": asdict(self.mcfg), "train_args": asdict(self.tcfg),
                 "tokenizer": self.source.spec, "init_from": self.init_from,
                 **({"vocab": self.source.spec["chars"]} if self.source.spec["kind"] == "char" else {}),
                 "dtype": resolve_dtype_name(self.opts.dtype, self.device.type),
-                "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks,
-            })
-        self.last_ckpt_iter = it
+                "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks}
 
     def sample(self) -> str:
         """opts.sample_chars tokens from the trained model, seeded by opts.seed, after a newline
@@ -588,12 +638,18 @@ class _Run:
         tokenizer = self.source.tokenizer
         if tokenizer is None:
             return ""
+        model = self.model
+        if self.sharded:   # the full weights, gathered to rank 0, which samples alone
+            model = sharding.gathered(model, self.model_kind, self.mcfg, self.world.rank,
+                                      self.device)
+            if model is None:
+                return ""
         first = tokenizer.eot_id if tokenizer.eot_id is not None else tokenizer.stoi.get("\n", 0)
         start = torch.tensor([[first]], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.opts.seed)
-        self.model.eval()
+        model.eval()
         with self.ctx:
-            ids = generate(self.model, start, self.opts.sample_chars, generator=gen,
+            ids = generate(model, start, self.opts.sample_chars, generator=gen,
                            vocab_size=tokenizer.vocab_size)
         return tokenizer.decode(ids[0, 1:].tolist() if tokenizer.eot_id is not None
                                 else ids[0].tolist())
@@ -610,7 +666,7 @@ def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
     with ops.registry.recording_choices() as backends, \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.ctx:
         run.stepper.model(x, x)
-    ckpt = run.ckpt_path
+    ckpt = checkpoint_in(run.out_dir)   # the one resumed from
     dtype, dtype_reason = resolve_dtype(opts.dtype, device.type)
     return dict(
         kind="run", iter=run.start_iter, model=run.model_kind,
@@ -620,7 +676,10 @@ def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
         data=opts.data or "the bundled text", vocab_size=m.vocab_size, init_from=run.init_from,
         device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
         dtype=dtype, dtype_reason=dtype_reason, backends=backends,
-        compile=opts.compile, world_size=run.world.size, batch_size=t.batch_size,
+        compile=opts.compile, world_size=run.world.size, fsdp=run.sharded,
+        activation_checkpointing=opts.activation_checkpointing,
+        optimizer=sharding.OPTIMIZER_NOTE if run.sharded else run.stepper.optimizer_name,
+        batch_size=t.batch_size,
         block_size=m.block_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         tokens_per_iter=cfgmod.tokens_per_iter(m, t),
         max_iters=t.max_iters, seed=opts.seed,
@@ -640,6 +699,11 @@ def format_header(info: dict) -> str:
              + (f", {info['world_size']} processes" if info["world_size"] > 1 else ""),
              f"  dtype {info['dtype']} ({info['dtype_reason']})"
              + (", torch.compile" if info["compile"] else ""),
+             ("  FSDP: weights, gradients and optimizer state sharded over "
+              f"{info['world_size']} processes; " if info.get("fsdp") else "  ")
+             + f"optimizer {info['optimizer']}"
+             + (f"; activation checkpointing {info['activation_checkpointing']}"
+                if info.get("activation_checkpointing", "none") != "none" else ""),
              "  backends: " + ", ".join(f"{op}={name}" for op, name in info["backends"].items()),
              f"  {info['batch_size']} x {info['block_size']} tokens x "
              f"{info['gradient_accumulation_steps']} accumulation = {info['tokens_per_iter']:,} "
