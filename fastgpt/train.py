@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from fastgpt import config as cfgmod
 from fastgpt import distributed, ops, profiling, recompute, sharding
-from fastgpt.checkpoint import (CHECKPOINT_NAME, SHARDED_NAME, checkpoint_in, load_checkpoint, save_checkpoint,
-                                write_atomically)
+from fastgpt.checkpoint import (CHECKPOINT_NAME, SHARDED_NAME, checkpoint_in, load_checkpoint,
+                                save_checkpoint, write_atomically)
 from fastgpt.device import describe, resolve_device
 from fastgpt.run_data import DataSource, open_source, spec_of_checkpoint
 from fastgpt.errors import FastGPTError
