@@ -8,9 +8,9 @@ and prints a markdown table:
 
 * state: the bytes this rank holds for parameters + gradients + optimizer state, counted from
   the tensors themselves (the local shards under FSDP);
-* activations: memory the forward leaves for the backward, measured as the growth of the
-  process's resident set (CPU) or of allocated memory (CUDA) from before the forward to its end,
-  on the last step;
+* activations: the tensor bytes the forward leaves for the backward, on the last step: on CPU
+  the profiler's allocation events over the forward (allocations minus frees: exact, whatever
+  malloc keeps resident), on CUDA the growth of memory_allocated;
 * peak: the peak resident set of the process (ru_maxrss; CPU) or max_memory_allocated (CUDA);
 * steps/s: median over the steps after the first.
 """
@@ -30,17 +30,26 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
-CONFIGS = {"ddp": [], "fsdp": ["fsdp"], "fsdp+ac": ["fsdp", "block"]}
+from fastgpt.profiling import quiet_stderr
+
+CONFIGS = {"ddp": [], "fsdp": ["fsdp"], "fsdp+ac": ["fsdp", "block"],
+           "fsdp+selective": ["fsdp", "selective"]}
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _mem(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss()
+def _forward(model, x, device: torch.device):
+    """(loss, tensor bytes the forward left allocated); see the module docstring."""
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        _, loss = model(x, x)
+        return loss, torch.cuda.memory_allocated(device) - before
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        _, loss = model(x, x)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    return loss, sum(e["args"]["Bytes"] for e in events if e.get("name") == "[memory]")
 
 
 def _state_bytes(model, optimizer) -> int:
@@ -55,8 +64,8 @@ def _state_bytes(model, optimizer) -> int:
 
 def _wrap(model, how: list[str], device, world_size: int):
     from fastgpt import recompute, sharding
-    if "block" in how:
-        recompute.apply(model, "block")
+    for mode in set(how) & {"block", "selective"}:
+        recompute.apply(model, mode)
     if "fsdp" in how:
         sharding.shard(model, device, world_size, torch.float32)
         return model
@@ -82,9 +91,7 @@ def rank_main(args) -> None:
     times, activations = [], 0
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        before = _mem(device)
-        _, loss = model(x, x)
-        activations = _mem(device) - before
+        loss, activations = _forward(model, x, device)
         loss.backward()
         optimizer.step()
         state = _state_bytes(model, optimizer)   # gradients still held
