@@ -9,7 +9,8 @@ count N and width C it times
             fastgpt::embedding_backward, deterministic);
   fwd+bwd:  lookup + backward through autograd,
 and prints medians with their p20-p80 spread (CPU: providers timed in alternating rounds, so
-load from other processes falls on both alike), GB/s moved and the speedup over torch.
+load from other processes falls on both alike), GB/s moved and the speedup over torch, each row
+as soon as it is measured.
 Bytes moved: fwd reads N rows and writes N rows (+ indices); bwd reads N gradient rows
 (+ indices) and writes the (V, C) gradient; fwd+bwd is their sum.
 

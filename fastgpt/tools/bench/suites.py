@@ -123,9 +123,9 @@ def _loop_skip(B: int, T: int, full: bool) -> str:
     rows, limit = B * T, LOOP_ROWS_FULL if full else LOOP_ROWS
     if rows <= limit:
         return ""
-    more = "" if full else f"; --full runs it up to {LOOP_ROWS_FULL}"
-    return (f"loop is a Python loop over B*T = {rows} rows, run up to {limit} rows (its time "
-            f"and profiled memory grow with the rows){more}")
+    where = "--full's" if full else f"the default's; --full runs up to {LOOP_ROWS_FULL}"
+    return (f"a Python loop over B*T = {rows} rows, slow and profiled op by op: over {limit} "
+            f"({where})")
 
 
 def attention_cases(args) -> list[Case]:
@@ -157,7 +157,8 @@ def attention_memory(case: Case) -> float:
     if case.provider == "loop":
         return base + B * T * LOOP_PROFILE_BYTES[case.mode]
     fwd, train = SCORES.get(case.provider, SCORES["tril"])   # an unknown provider: as tril
-    return base + (fwd if case.mode == "fwd" else train) * B * H * T * T * es
+    score_es = 4 if case.provider == "ext" else es   # ext keeps fp32 probabilities for backward
+    return base + (fwd if case.mode == "fwd" else train) * B * H * T * T * score_es
 
 
 def attention_build(case: Case, device: str) -> Built:
@@ -181,10 +182,12 @@ def attention_build(case: Case, device: str) -> Built:
 
 def cross_entropy_cases(args) -> list[Case]:
     # chunked keeps 2**24 logits at a time (333 rows at V=50304): N beyond that shows the saving
-    Ns = args.N or _grid(args, quick=[512, 1024], cpu=[512, 2048], cpu_full=[512, 1024, 2048],
+    # The CPU default: one N, at the quick width. Each CPU case is a fresh process (~15 s here
+    # before its first timed call, more with compile) that makes ~9 calls; at C=768 one fwd+bwd
+    # at N=2048 took 17-19 s on the 2-core AVX2 EPYC, and N in {512, 1024} at C=64 took 4.3 min
+    # in all. --quick sweeps N in {512, 1024} without compile; --full is the C=768 grid.
+    Ns = args.N or _grid(args, quick=[512, 1024], cpu=[1024], cpu_full=[512, 1024, 2048],
                          cuda=[1024, 4096, 8192, 16384])
-    # the CPU default's width is the quick one: at C=768 the matmuls dominate (one fwd+bwd at
-    # N=2048 took 17-19 s on the shared 2-core EPYC here, and a case makes ~7 calls)
     Cs = args.C or _grid(args, quick=[64], cpu=[64], cpu_full=[768], cuda=[768])
     Vs = args.V or [50304]
     dtype = _default_dtype(args)
