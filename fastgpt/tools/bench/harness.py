@@ -184,7 +184,7 @@ def free_memory(device: str) -> Optional[int]:
 
 
 def format_bytes(n: float) -> str:
-    """2.5 GB, 340 MB, 12 KB (binary units, as the table's peak MB)."""
+    """2.5 GB, 340.2 MB, 12 KB (binary units, as the table's peak MB)."""
     for unit, size in (("GB", 2 ** 30), ("MB", 2 ** 20)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
