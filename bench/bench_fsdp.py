@@ -30,9 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 
-from fastgpt.profiling import quiet_stderr
+from fastgpt.profiling import allocations
 
 CONFIGS = {"ddp": [], "fsdp": ["fsdp"], "fsdp+ac": ["fsdp", "block"],
            "fsdp+selective": ["fsdp", "selective"]}
@@ -44,12 +43,8 @@ def _forward(model, x, device: torch.device):
         before = torch.cuda.memory_allocated(device)
         _, loss = model(x, x)
         return loss, torch.cuda.memory_allocated(device) - before
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _, loss = model(x, x)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.loads(Path(f.name).read_text())["traceEvents"]
-    return loss, sum(e["args"]["Bytes"] for e in events if e.get("name") == "[memory]")
+    (_, loss), deltas = allocations(lambda: model(x, x))
+    return loss, sum(deltas)
 
 
 def _state_bytes(model, optimizer) -> int:

@@ -109,6 +109,24 @@ def test_bench_train_data():
     assert re.search(r"^   maps kept open \(reference\) +4 ", out, re.M), out
 
 
+def test_bench_labels():
+    code, out, err = _script("bench_labels.py", "--preset", "baby")
+    assert code == 0, err
+    # 10 calls with the torch block (attention separate), fewer where the fused block runs
+    assert "Backend.__call__" in out and re.search(r"\d+ backend calls, 2 labelled contexts", out)
+    assert "labels without a profiler:" in out and "% of the step" in out
+
+
+def test_bench_fsdp():
+    # two ranks on gloo, a tiny preset and block: every configuration runs and reports
+    code, out, err = _script("bench_fsdp.py", "--preset", "baby", "--block-size", "16",
+                             "--steps", "1")
+    assert code == 0, err
+    for config in ("| ddp |", "| fsdp |", "| fsdp+ac |", "| fsdp+selective |"):
+        assert config in out, out
+    assert "FSDP state per rank = 1.000 x (DDP's / 2)" in out
+
+
 def test_vs_nanogpt(tmp_path):
     # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
     nano = tmp_path / "nanoGPT"

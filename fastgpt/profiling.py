@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch.autograd import DeviceType
@@ -258,6 +261,19 @@ def quiet_stderr():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def allocations(fn: Callable[[], Any]) -> tuple[Any, list[int]]:
+    """``fn()`` under the profiler with memory recording: (its result, the bytes of every tensor
+    allocation (+) and free (-) during the call, in order). Tensor bytes exactly, whatever
+    malloc keeps resident; the CPU analogue of CUDA's allocator statistics."""
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    return out, [e["args"]["Bytes"] for e in memory]
 
 
 def _atomically(path: Path, write) -> None:

@@ -35,22 +35,22 @@ from __future__ import annotations
 import csv
 import dataclasses
 import importlib
+import itertools
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch._functorch.config
-from torch.profiler import ProfilerActivity, profile
 from tqdm import tqdm
 
 from fastgpt.peaks import matmul_peak_tflops, peak_bandwidth_gbs
+from fastgpt.profiling import allocations
 from fastgpt.tools.formatting import number
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -95,28 +95,11 @@ def time_group_ms(fns: dict[str, Callable], device: str, min_run_time: float = 0
 def _cpu_peak_bytes(fn: Callable) -> int:
     """Peak tensor bytes allocated during one call of ``fn`` above what was allocated before it,
     from the torch profiler's allocation events (the CPU analogue of max_memory_allocated)."""
-    # libkineto logs two lines per profile straight to fd 2: keep them out of the table
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+    _, deltas = allocations(fn)
     # A running sum of this session's allocation events. The profiler's "Total Allocated" is a
     # process-wide counter: a tensor allocated while profiling and freed outside a profile is
     # never subtracted, so every later measurement in the process would include it.
-    peak = running = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-        running += e["args"]["Bytes"]
-        peak = max(peak, running)
-    return peak
+    return max(itertools.accumulate(deltas, initial=0))
 
 
 def peak_memory_mb(fn: Callable, device: str) -> Optional[float]:
