@@ -146,3 +146,23 @@ def test_unknown_checkpointing_mode_is_one_line(tmp_path, capsys):
                            "are: none, block, selective")
     with pytest.raises(FastGPTError):
         run_here(tmp_path, activation_checkpointing="everything")
+
+
+def test_single_file_checkpoint_resumes_sharded(tmp_path, runs):
+    """One process -> two FSDP ranks: each rank takes its shards of the full checkpoint's
+    weights and AdamW state; the losses go on within float rounding."""
+    root, _ = runs
+    run_here(tmp_path / "one_then_fsdp", overrides={"max_iters": 10})
+    launch(tmp_path / "one_then_fsdp", "--fsdp", "--resume", "--max-iters", "20")
+    assert_losses(losses(tmp_path / "one_then_fsdp"), losses(root / "one"), rel=1e-5,
+                  from_iter=10)
+    assert (tmp_path / "one_then_fsdp" / SHARDED_NAME).is_symlink()
+    assert not (tmp_path / "one_then_fsdp" / "ckpt.pt").exists()
+
+
+def test_fsdp_under_torch_compile(tmp_path, runs):
+    """--compile --fsdp: the compiled model (torch.compile over the sharded one) trains the
+    same curve as the eager sharded run."""
+    root, _ = runs
+    launch(tmp_path, *flags(**STEPS), "--fsdp", "--compile")
+    assert_losses(losses(tmp_path), losses(root / "fsdp"), rel=1e-5)
