@@ -166,3 +166,19 @@ def test_fsdp_under_torch_compile(tmp_path, runs):
     root, _ = runs
     launch(tmp_path, *flags(**STEPS), "--fsdp", "--compile")
     assert_losses(losses(tmp_path), losses(root / "fsdp"), rel=1e-5)
+
+
+def test_fsdp_keeping_gathered_weights_trains_the_same(tmp_path, runs):
+    """--no-fsdp-reshard-after-forward keeps each block's gathered weights from the forward to
+    the backward: more memory, the same curve."""
+    root, _ = runs
+    launch(tmp_path, *flags(**STEPS), "--fsdp", "--no-fsdp-reshard-after-forward")
+    assert_losses(losses(tmp_path), losses(root / "fsdp"), rel=1e-5)
+
+
+def test_fsdp_batch_must_split_over_the_ranks(tmp_path):
+    done = torchrun(tmp_path / "run", *flags(batch_size=3, max_iters=2), "--fsdp")
+    assert done.returncode != 0
+    assert ("--batch-size 3 is the global batch per micro-step and must split evenly over the "
+            "2 ranks") in done.stderr
+    assert not (tmp_path / "run").exists()
