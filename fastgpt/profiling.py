@@ -96,12 +96,6 @@ def _descendants(event):
         stack.extend(e.cpu_children)
 
 
-def _device_us(event) -> float:
-    """Kernel time of a CPU event and the ops inside it (kineto ties each kernel to the op that
-    launched it)."""
-    return event.device_time_total
-
-
 def _nested_labels(event) -> list:
     """The labels directly inside ``event`` (not those inside them)."""
     out, stack = [], list(event.cpu_children)
@@ -116,13 +110,7 @@ def _nested_labels(event) -> list:
 
 def _owners(labels: list) -> dict[int, str]:
     """{sequence number of a forward op: the innermost label around it}."""
-    depth = {}
-    for e in labels:
-        d, p = 0, e.cpu_parent
-        while p is not None:
-            d += p.name.startswith(LABEL_PREFIX)
-            p = p.cpu_parent
-        depth[id(e)] = d
+    depth = {id(e): sum(p.name.startswith(LABEL_PREFIX) for p in _ancestors(e)) for e in labels}
     owner = {}
     for e in sorted(labels, key=lambda e: depth[id(e)]):   # inner labels overwrite outer ones
         for d in _descendants(e):
@@ -146,13 +134,15 @@ def breakdown(events) -> Breakdown:
         share = by[e.name]
         share.forward_us += e.time_range.elapsed_us() - sum(i.time_range.elapsed_us()
                                                             for i in inner)
-        share.device_us += _device_us(e) - sum(_device_us(i) for i in inner)
+        # kineto ties each kernel to the CPU op that launched it: device_time_total is the
+        # kernel time of an event and the ops inside it
+        share.device_us += e.device_time_total - sum(i.device_time_total for i in inner)
     owner = _owners(labels)
     for e in events:
         if e.name.startswith(BACKWARD_PREFIX) and not _inside(e, (BACKWARD_PREFIX,)):
             share = by[owner.get(e.sequence_nr, "other")]
             share.backward_us += e.time_range.elapsed_us()
-            share.device_us += _device_us(e)
+            share.device_us += e.device_time_total
     other = by["other"]
     labelled_us = sum(s.total_us for n, s in by.items() if n != "other")
     other.forward_us = max(0.0, out.step_us - labelled_us - other.backward_us)
@@ -162,14 +152,16 @@ def breakdown(events) -> Breakdown:
     return out
 
 
-def _inside(event, prefixes: tuple[str, ...]) -> bool:
-    """Whether ``event`` runs inside an event whose name starts with one of ``prefixes``."""
+def _ancestors(event):
     p = event.cpu_parent
     while p is not None:
-        if p.name.startswith(prefixes):
-            return True
+        yield p
         p = p.cpu_parent
-    return False
+
+
+def _inside(event, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``event`` runs inside an event whose name starts with one of ``prefixes``."""
+    return any(p.name.startswith(prefixes) for p in _ancestors(event))
 
 
 def format_breakdown(b: Breakdown, title: str) -> str:
