@@ -14,6 +14,12 @@ Every mode keeps fp32 master weights (what the optimizer updates and checkpoints
 * float16  - autocast with a GradScaler; CUDA only.
 * auto     - bfloat16 where the hardware multiplies it natively (CUDA with bf16 support, CPUs
              with avx512_bf16 or AMX), else float16 on CUDA and float32 on CPU.
+
+bfloat16 asked for on a CPU without native bf16 is refused (emulated_bf16_refusal): torch
+emulates its matmuls there: 75-155x slower than float32 on an AVX2 EPYC, at the baby preset's
+shapes and at 1024^3 (0.9-2.1 GFLOP/s against 140-180), which made a bf16 run 21x slower than
+float32 with no word why.
+FASTGPT_ALLOW_EMULATED_BF16=1 runs it anyway (the bf16 code path's tests do, for correctness).
 """
 
 from __future__ import annotations
@@ -21,22 +27,49 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 from typing import Optional
 
 import torch
 
 from fastgpt.config import TrainConfig
-from fastgpt.device import cpu_has_native_bf16
+from fastgpt.device import cpu_has_native_bf16, cpu_model, speed_flags
 from fastgpt.errors import FastGPTError
 from fastgpt.optim import flat_adamw_or_none, make_optimizer, optimizer_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+ALLOW_EMULATED_BF16_VAR = "FASTGPT_ALLOW_EMULATED_BF16"
+
+
+def emulated_bf16_allowed() -> bool:
+    """Whether FASTGPT_ALLOW_EMULATED_BF16 is 1 (unset or 0: no; anything else is an error)."""
+    value = os.environ.get(ALLOW_EMULATED_BF16_VAR, "")
+    if value not in ("", "0", "1"):
+        raise FastGPTError(f"{ALLOW_EMULATED_BF16_VAR}={value!r}: expected 1 (train in bfloat16 "
+                           f"on a CPU that emulates it) or 0 (unset: refuse)")
+    return value == "1"
+
+
+def emulated_bf16_refusal(name: str, device_type: str) -> Optional[str]:
+    """Why dtype ``name`` may not train on ``device_type``: bfloat16 on a CPU without native bf16
+    (see the module docstring), unless FASTGPT_ALLOW_EMULATED_BF16=1; None when it may."""
+    if (name != "bfloat16" or device_type != "cpu" or cpu_has_native_bf16()
+            or emulated_bf16_allowed()):
+        return None
+    return (f"bfloat16 on this CPU ({cpu_model()}: {speed_flags()}) is emulated: without "
+            f"avx512_bf16 or amx_bf16 its bfloat16 matmuls run tens of times slower than "
+            f"float32; use --dtype float32 (or auto), or set {ALLOW_EMULATED_BF16_VAR}=1 to run "
+            f"emulated bfloat16 anyway")
+
+
 def resolve_dtype(name: str, device_type: str) -> tuple[str, str]:
     """(dtype name, why): ``auto`` -> the fastest dtype this device trains well in; other names
     pass through as asked for."""
     if name != "auto":
+        if name == "bfloat16" and device_type == "cpu" and not cpu_has_native_bf16():
+            return name, f"asked for; emulated on this CPU ({ALLOW_EMULATED_BF16_VAR}=1)"
         return name, "asked for"
     if device_type == "cuda":
         if torch.cuda.is_bf16_supported():
@@ -52,14 +85,19 @@ def resolve_dtype_name(name: str, device_type: str) -> str:
 
 
 def parse_dtype(name: str, device_type: str) -> torch.dtype:
+    """The torch dtype a run on ``device_type`` trains in; FastGPTError for a name that is not a
+    dtype, float16 off CUDA, bfloat16 where the device lacks it or only emulates it."""
     name = resolve_dtype_name(name, device_type)
     if name not in DTYPES:
         raise FastGPTError(f"unknown dtype {name!r}; dtypes are: auto, {', '.join(DTYPES)}")
     if name == "float16" and device_type != "cuda":
         raise FastGPTError(f"--dtype float16 needs a CUDA device (device is {device_type}); "
-                           f"use bfloat16 or float32 on {device_type}")
+                           f"use float32 (or auto) on {device_type}")
     if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise FastGPTError("this GPU does not support bfloat16; use --dtype float16 or float32")
+    refusal = emulated_bf16_refusal(name, device_type)
+    if refusal is not None:
+        raise FastGPTError(f"--dtype {refusal}")
     return DTYPES[name]
 
 

@@ -81,4 +81,8 @@ def pytest_configure(config):
     # measured dispatch (on by default on CUDA) caches its choices under XDG_CACHE_HOME: tests
     # keep theirs out of the user's ~/.cache, and start from an empty cache
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastgpt-test-cache-")
+    # CI's CPUs may lack native bf16 (AVX2 only), where `--dtype bfloat16` is refused as too
+    # slow (fastgpt.precision); the tests run that code path for correctness, subprocesses too.
+    # tests/test_precision.py unsets it where it checks the refusal.
+    os.environ["FASTGPT_ALLOW_EMULATED_BF16"] = "1"
     register_skip_rule(config)

@@ -395,8 +395,9 @@ def md_check(r: Report) -> str:
 
 def md_train(r: Report) -> str:
     title = "## Training steps (`fastgpt bench train`)"
-    if not r.train:
-        return title + "\n\nNo results (see the stages above)."
+    measured_rows = [x for x in r.train if "skipped" not in x]
+    if not measured_rows:
+        return title + "\n\nNo results (see the stages above)." + _train_skips(r)
     p = r.train_plan
     why = ("the preset `fastgpt train` runs on CUDA" if r.cuda else
            "the CPU's default preset: one shakespeare-char step takes tens of seconds here")
@@ -404,14 +405,20 @@ def md_train(r: Report) -> str:
              f"{x['p20_ms']:.2f}-{x['p80_ms']:.2f}", f"{x['tokens_per_s']:.0f}",
              _times(x["speedup"]), number(x.get("tflops"), ".3g", "-"),
              number(None if x.get("mfu") is None else 100 * x["mfu"], ".1f", "unknown")]
-            for x in r.train]
+            for x in measured_rows]
     return (f"{title}\n\nPreset `{p.preset}` ({why}), {p.iters} steps per run x "
             f"{p.rounds} interleaved round(s), the first 20 steps of each run dropped as "
             f"warm-up.\n\n"
             + _table(["config", "dtype", "ms/iter", "p20-p80 ms", "tokens/s",
-                      f"vs {r.train[0]['config']}", "TFLOP/s", "MFU %"], rows)
+                      f"vs {measured_rows[0]['config']}", "TFLOP/s", "MFU %"], rows)
             + f"\n\nMFU: model FLOPs (fastgpt.flops) over "
-              f"{r.train[0].get('peak_source') or 'the peak'}.")
+              f"{measured_rows[0].get('peak_source') or 'the peak'}." + _train_skips(r))
+
+
+def _train_skips(r: Report) -> str:
+    """The configurations `fastgpt bench train` skipped here, and why ("" if none)."""
+    skips = [f"- `{x['config']}`: {x['skipped']}" for x in r.train if "skipped" in x]
+    return "\n\nSkipped:\n" + "\n".join(skips) if skips else ""
 
 
 def md_cuda_tests(r: Report) -> str:
