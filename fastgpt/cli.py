@@ -86,8 +86,14 @@ def _train_parser(sub) -> None:
                    "or a glob of llm.c .bin shards")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto",
-                   help="auto (default: bfloat16 where the hardware has it natively), float32 "
-                        "(exact fp32), bfloat16, float16 (CUDA only)")
+                   help="auto (default: bfloat16 where the hardware has it natively, else "
+                        "float32 on CPU, float16 on CUDA), float32, bfloat16 (refused on a CPU "
+                        "without native bf16, where it is emulated: tens of times slower), "
+                        "float16 (CUDA only)")
+    p.add_argument("--exact", action="store_true",
+                   help="train with nanoGPT's fp32 math step for step: float32, the torch "
+                        "transformer block and sdpa attention (the baby run's losses equal "
+                        "nanoGPT's to the 4 decimals both print)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state over the "
@@ -140,7 +146,8 @@ def _run_train(args) -> int:
     for flag, name in BACKEND_FLAGS.items():
         overrides[name] = getattr(args, name)
     opts = RunOptions(model=args.model, preset=args.preset, data=args.data, device=args.device,
-                      init_from=args.init_from, dtype=args.dtype, compile=args.compile,
+                      init_from=args.init_from, dtype=args.dtype, exact=args.exact,
+                      compile=args.compile,
                       fsdp=args.fsdp, fsdp_reshard_after_forward=args.fsdp_reshard_after_forward,
                       activation_checkpointing=args.activation_checkpointing,
                       out_dir=args.out_dir,

@@ -10,6 +10,7 @@ start of iteration ``iter_num``, and ``resume`` continues from there bit for bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -38,9 +39,12 @@ from fastgpt.pretrained import Pretrained, load_pretrained, specs_match
 from fastgpt.sharded_checkpoint import (load_full_optimizer, load_sharded, remove_stale,
                                         save_sharded)
 from fastgpt.ops.labels import labelled
-from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype, resolve_dtype_name
+from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype
 from fastgpt.tensorboard_log import ScalarLog, writer_class
 
+# what --exact pins besides float32: nanoGPT's unfused block and its attention (torch's sdpa),
+# whatever the defaults for float32 are (fastgpt.ops may make a fused block the CPU default)
+EXACT_BACKENDS = {"transformer_block": "torch", "attention": "sdpa"}
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 EVAL_GROUP = 4   # eval batches per forward pass
@@ -55,7 +59,9 @@ class RunOptions:
     init_from: Optional[str] = None        # start from GPT-2 weights: a Hugging Face folder or
                                            # a name (gpt2, ...; see fastgpt.pretrained)
     device: str = "auto"
-    dtype: str = "auto"                    # see fastgpt.precision; float32 = exact fp32
+    dtype: str = "auto"                    # see fastgpt.precision
+    exact: bool = False                    # nanoGPT's fp32 math step for step: float32 and
+                                           # EXACT_BACKENDS (auto resolves to float32)
     compile: bool = False
     fsdp: bool = False                     # shard over torchrun's ranks (fastgpt.sharding)
     fsdp_reshard_after_forward: bool = True
@@ -103,6 +109,38 @@ def check_backends(model_kind: str, m: cfgmod.GPTConfig) -> None:
                      ("embedding", m.embedding), ("transformer_block", m.transformer_block)):
         if name is not None:
             ops.registry.get(op, name)
+
+
+def check_exact(opts: RunOptions) -> RunOptions:
+    """``opts`` with --exact's backends pinned; FastGPTError when --exact comes with a --dtype
+    other than float32 (or auto) or a backend flag other than EXACT_BACKENDS'."""
+    if not opts.exact:
+        return opts
+    if opts.dtype not in ("auto", "float32"):
+        raise FastGPTError(f"--exact trains in float32 (nanoGPT's fp32 math); --dtype "
+                           f"{opts.dtype} conflicts with it: drop --dtype (or use float32)")
+    for name, backend in EXACT_BACKENDS.items():
+        asked = opts.overrides.get(name)
+        if asked not in (None, backend):
+            flag = "--" + name.replace("_", "-")
+            raise FastGPTError(f"--exact pins {flag} {backend} (nanoGPT's fp32 math); {flag} "
+                               f"{asked} conflicts with it: drop {flag} (or use {backend})")
+    return dataclasses.replace(opts, overrides={**opts.overrides, **EXACT_BACKENDS})
+
+
+def run_precision(opts: RunOptions, device_type: str,
+                  resumed: Optional[dict]) -> tuple[bool, str, str]:
+    """(exact, dtype name, why) of a run: --exact, or resuming an --exact run, trains in
+    float32 (a resumed one with another --dtype is an error); else --dtype resolved."""
+    if not (opts.exact or (resumed is not None and resumed.get("exact"))):
+        return (False, *resolve_dtype(opts.dtype, device_type))
+    if opts.exact:
+        return True, "float32", "--exact: nanoGPT's fp32 math step for step"
+    if opts.dtype not in ("auto", "float32"):
+        raise FastGPTError(f"the run in {opts.out_dir!r} trains with --exact (float32, "
+                           f"nanoGPT's fp32 math); --dtype {opts.dtype} conflicts with it: "
+                           f"resume without --dtype (or with float32)")
+    return True, "float32", "--exact, as the run it resumes: nanoGPT's fp32 math step for step"
 
 
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -363,17 +401,22 @@ def _loop(run: _Run, progress: _Progress,
 
 def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> _Run:
     """Data, configuration, model and optimizer; on --resume, the checkpoint's state."""
-    dtype = parse_dtype(opts.dtype, device.type)
+    opts = check_exact(opts)
+    parse_dtype(opts.dtype, device.type)   # a bad or refused --dtype stops before anything else
     out_dir = Path(opts.out_dir)
     check_out_dir(out_dir, opts.resume, opts.overwrite)
     recompute.check_mode(opts.activation_checkpointing)
     sharded = _sharded(opts, world)
     # a sharded run reads its own shards once the model is sharded (resume_from)
     resumed = load_checkpoint(out_dir, consolidate=not sharded) if opts.resume else None
+    exact, dtype_name, dtype_reason = run_precision(opts, device.type, resumed)
+    dtype = parse_dtype(dtype_name, device.type)
     source = open_source(opts.data)
     # --init-from gives the initial weights; a resumed run has its own
     pretrained = _pretrained(opts, source) if opts.init_from and resumed is None else None
     model_kind, mcfg, tcfg = _configure(opts, device, source, resumed, pretrained)
+    if exact:   # a resumed run keeps its checkpoint's backends, but not past --exact
+        mcfg = dataclasses.replace(mcfg, **EXACT_BACKENDS)
     check_backends(model_kind, mcfg)
     if opts.profile:
         profiling.check_window(opts.profile_wait, opts.profile_steps,
@@ -400,6 +443,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
                stepper=Stepper(model, device.type, dtype, tcfg, sharded=sharded),
                batches=batches, ctx=autocast(device.type, dtype), dtype=dtype,
+               dtype_reason=dtype_reason, exact=exact,
                init_from=resumed.get("init_from") if resumed is not None else opts.init_from,
                sharded=sharded)
     if resumed is not None:
@@ -495,6 +539,8 @@ class _Run:
     batches: BatchStream
     ctx: contextlib.AbstractContextManager   # autocast, or nothing
     dtype: torch.dtype                       # what the step computes in
+    dtype_reason: str = "asked for"          # why (fastgpt.precision.resolve_dtype)
+    exact: bool = False                      # --exact: nanoGPT's fp32 math (EXACT_BACKENDS)
     init_from: Optional[str] = None          # where the initial weights came from (--init-from)
     sharded: bool = False                    # FSDP (fastgpt.sharding): every rank holds shards
     resumed: bool = False
@@ -629,7 +675,7 @@ class _Run:
                 "model_args": asdict(self.mcfg), "train_args": asdict(self.tcfg),
                 "tokenizer": self.source.spec, "init_from": self.init_from,
                 **({"vocab": self.source.spec["chars"]} if self.source.spec["kind"] == "char" else {}),
-                "dtype": resolve_dtype_name(self.opts.dtype, self.device.type),
+                "dtype": str(self.dtype).removeprefix("torch."), "exact": self.exact,
                 "seed": self.opts.seed, "rng": _rng_state(self.device, self.batches), **ranks}
 
     def sample(self) -> str:
@@ -667,7 +713,6 @@ def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.ctx:
         run.stepper.model(x, x)
     ckpt = checkpoint_in(run.out_dir)   # the one resumed from
-    dtype, dtype_reason = resolve_dtype(opts.dtype, device.type)
     return dict(
         kind="run", iter=run.start_iter, model=run.model_kind,
         preset=(opts.preset or cfgmod.default_preset(device.type)) if not run.resumed
@@ -675,7 +720,8 @@ def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
         params=sum(p.numel() for p in run.model.parameters()),
         data=opts.data or "the bundled text", vocab_size=m.vocab_size, init_from=run.init_from,
         device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
-        dtype=dtype, dtype_reason=dtype_reason, backends=backends,
+        dtype=str(run.dtype).removeprefix("torch."), dtype_reason=run.dtype_reason,
+        exact=run.exact, backends=backends,
         compile=opts.compile, world_size=run.world.size, fsdp=run.sharded,
         activation_checkpointing=opts.activation_checkpointing,
         optimizer=sharding.OPTIMIZER_NOTE if run.sharded else run.stepper.optimizer_name,

@@ -95,6 +95,11 @@ def _bad(tmp_path, capsys, argv, match):
     (["--cross-entropy", "nope"], "unknown linear_cross_entropy backend 'nope'"),
     (["--dtype", "float8"], "unknown dtype 'float8'; dtypes are: auto, float32, bfloat16, float16"),
     (["--dtype", "float16", "--device", "cpu"], "--dtype float16 needs a CUDA device"),
+    (["--exact", "--dtype", "bfloat16"], "--exact trains in float32 (nanoGPT's fp32 math); "
+                                         "--dtype bfloat16 conflicts with it"),
+    (["--exact", "--transformer-block", "ext"], "--exact pins --transformer-block torch"),
+    (["--exact", "--attention", "tril"], "--attention tril conflicts with it: drop --attention "
+                                         "(or use sdpa)"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--n-head", "3"], "n_embd (16) must be divisible by n_head (3)"),
     (["--batch-size", "0"], "batch_size must be >= 1; got 0"),
@@ -102,6 +107,16 @@ def _bad(tmp_path, capsys, argv, match):
 def test_bad_train_options(tmp_path, capsys, extra, match):
     _bad(tmp_path, capsys, ["train", "--out-dir", str(tmp_path / "run"), *TINY, *extra], match)
     assert not (tmp_path / "run").exists()      # a failed start leaves nothing on disk
+
+
+def test_exact_trains_nanogpt_s_fp32_math(tmp_path):
+    out = tmp_path / "exact"
+    assert main(["train", "--exact", "--out-dir", str(out), "--sample-chars", "0", *TINY]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run_row = next(r for r in rows if r["kind"] == "run")
+    assert run_row["exact"] is True and run_row["dtype"] == "float32"
+    assert run_row["backends"]["transformer_block"] == "torch"
+    assert run_row["backends"]["attention"] == "sdpa"
 
 
 def test_train_help_lists_this_machines_backends_and_the_defaults(capsys):
@@ -117,6 +132,9 @@ def test_train_help_lists_this_machines_backends_and_the_defaults(capsys):
     assert "--seed SEED seed of the initial weights, batches and dropout (default: 1337)" in text
     assert "(default: out)" in text
     assert "--n-layer INT baby 4, shakespeare-char 6, gpt2-small 12" in text
+    assert "--exact train with nanoGPT's fp32 math step for step: float32, the torch " \
+           "transformer block and sdpa attention" in text
+    assert "exact fp32" not in text        # float32 alone is not exact: --exact is
 
 
 def test_bad_data_files(tmp_path, capsys):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fastgpt import ops, optim
+from fastgpt import ops, optim, precision
 from fastgpt.checkpoint import load_checkpoint
 from fastgpt.config import GPTConfig, TrainConfig
 from fastgpt.errors import FastGPTError
@@ -62,6 +62,7 @@ def test_a_run_says_what_it_is(tmp_path, capsys):
     assert rows[0] == first                          # the records open with what the run is
     assert first["preset"] == "baby" and first["model"] == "gpt" and first["iter"] == 0
     assert first["dtype"] == "float32" and first["dtype_reason"] == "asked for"
+    assert first["exact"] is False and load_checkpoint(tmp_path)["exact"] is False
     assert first["tokens_per_iter"] == TINY["batch_size"] * TINY["block_size"]
     assert first["params"] == sum(p.numel() for p in build_model(
         "gpt", GPTConfig(**load_checkpoint(tmp_path)["model_args"])).parameters())
@@ -74,6 +75,70 @@ def test_a_run_says_what_it_is(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("fastgpt train: gpt model") == 2 and "resuming from iteration 4" in out
     assert "backends: embedding=" in out and "dtype float32 (asked for)" in out
+
+
+def run_rows(out_dir):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "run"]
+
+
+EXACT = "--exact: nanoGPT's fp32 math step for step"
+
+
+def test_exact_trains_in_float32_with_the_torch_block_and_sdpa(tmp_path, monkeypatch, capsys):
+    """--exact is float32 even where auto picks bfloat16 (here a CPU said to have native bf16),
+    with the torch block and sdpa attention: the losses of float32 with those two named. The
+    run row, the header and the checkpoint say so; a resume without --exact keeps it."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    kw = {"max_iters": 4, "dropout": 0.0}
+    run(tmp_path / "exact", "auto", exact=True, overrides=kw)
+    run(tmp_path / "named", "float32", overrides={**kw, "transformer_block": "torch",
+                                                  "attention": "sdpa"})
+    assert step_losses(tmp_path / "exact") == step_losses(tmp_path / "named")   # bitwise
+    (row,) = run_rows(tmp_path / "exact")
+    assert (row["dtype"], row["dtype_reason"], row["exact"]) == ("float32", EXACT, True)
+    assert row["backends"]["transformer_block"] == "torch" and row["backends"]["attention"] == "sdpa"
+    assert f"dtype float32 ({EXACT})" in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "exact")
+    assert state["exact"] is True and state["dtype"] == "float32"
+    assert (state["model_args"]["transformer_block"], state["model_args"]["attention"]) == \
+        ("torch", "sdpa")
+    run(tmp_path / "exact", "auto", resume=True, overrides={"max_iters": 8})   # auto: bf16 here
+    again = run_rows(tmp_path / "exact")[1]
+    assert (again["dtype"], again["exact"], again["backends"]) == ("float32", True, row["backends"])
+    assert again["dtype_reason"] == ("--exact, as the run it resumes: nanoGPT's fp32 math step "
+                                     "for step")
+    assert load_checkpoint(tmp_path / "exact")["exact"] is True
+    with pytest.raises(FastGPTError, match=r"^the run in .* trains with --exact \(float32, "
+                                           r"nanoGPT's fp32 math\); --dtype bfloat16 conflicts "
+                                           r"with it: resume without --dtype \(or with float32\)$"):
+        run(tmp_path / "exact", "bfloat16", resume=True, overrides={"max_iters": 12})
+
+
+def test_exact_on_resume_pins_the_backends_of_a_run_that_was_not(tmp_path):
+    run(tmp_path, overrides={"max_iters": 4, "attention": "tril"})
+    run(tmp_path, exact=True, resume=True, overrides={"max_iters": 8})
+    first, again = run_rows(tmp_path)
+    assert first["backends"]["attention"] == "tril" and not first["exact"]
+    assert again["backends"]["attention"] == "sdpa" and again["exact"]
+    assert load_checkpoint(tmp_path)["model_args"]["attention"] == "sdpa"
+
+
+@pytest.mark.parametrize("dtype,overrides,message", [
+    ("bfloat16", {}, "--exact trains in float32 (nanoGPT's fp32 math); --dtype bfloat16 "
+                     "conflicts with it: drop --dtype (or use float32)"),
+    ("auto", {"transformer_block": "ext"},
+     "--exact pins --transformer-block torch (nanoGPT's fp32 math); --transformer-block ext "
+     "conflicts with it: drop --transformer-block (or use torch)"),
+    ("float32", {"attention": "tril"},
+     "--exact pins --attention sdpa (nanoGPT's fp32 math); --attention tril conflicts with it: "
+     "drop --attention (or use sdpa)"),
+])
+def test_exact_with_a_conflicting_flag_stops_before_anything(tmp_path, dtype, overrides, message):
+    with pytest.raises(FastGPTError) as e:
+        run(tmp_path / "run", dtype, exact=True, overrides=overrides)
+    assert str(e.value) == message
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_drops_the_rows_past_the_checkpoint(tmp_path):
