@@ -22,24 +22,38 @@ neither TFLOP/s nor MFU.
 MFU is the achieved model FLOP/s of one device over that device's dense peak for the dtype the
 step runs in: a GPU's data-sheet figure (fastgpt.peaks; an unknown GPU gives "MFU unknown", never
 a guess), or on a CPU the rate a one-second matmul probe in the run's dtype measures at start-up
-(measured, so it says what this CPU's matmul reaches now, load included). Under torchrun the
+(measured, so it says what this CPU's matmul reaches, load included). The probe's result is
+cached (cpu_peak_cache_path: beside measured dispatch's cache) per CPU model and flags, dtype,
+thread count and torch version, so only the first run of each measures it (it added 1.4-1.7 s to
+every CPU run); `fastgpt dispatch --clear` forgets it. Under torchrun the
 tokens/s is the global one and MFU is per device: the FLOP rate is divided by the world size once.
 """
 
 from __future__ import annotations
 
-import functools
+import datetime
+import hashlib
+import json
+import logging
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from fastgpt.device import describe
+from fastgpt.checkpoint import write_atomically
+from fastgpt.device import cpu_flags, cpu_model, describe, speed_flags
 from fastgpt.model import GPT
+from fastgpt.ops import measured
 from fastgpt.peaks import matmul_peak_tflops
 
+log = logging.getLogger("fastgpt")
+
 PROBE_SECONDS = 1.0
+PEAK_CACHE_NAME = "cpu_matmul_peak.json"
+PEAK_CACHE_FORMAT = "fastgpt-cpu-matmul-peak"
 
 
 def flops_per_token(model: torch.nn.Module) -> float:
@@ -50,11 +64,52 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 6.0 * model.num_params() + 6.0 * m.n_layer * m.n_embd * m.block_size
 
 
-@functools.cache
 def cpu_matmul_peak_tflops(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -> float:
-    """The best TFLOP/s of square matmuls in ``dtype`` on this CPU over about ``seconds``
-    (measured once per process): the size doubles from 256 while a call takes under 50 ms (up to
-    2048), then that size repeats; the fastest call counts, as a peak should."""
+    """This CPU's matmul peak in ``dtype`` (TFLOP/s): cached, else measured by ``probe``."""
+    return cpu_matmul_peak(dtype, seconds)[0]
+
+
+def cpu_matmul_peak(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -> tuple[float, bool]:
+    """(TFLOP/s, whether it was cached): the cache file's figure for this CPU, dtype, thread
+    count and torch (see peak_key), else a new ``probe`` of about ``seconds``, stored there. The
+    process keeps what it read or measured, so an unwritable cache measures once per process."""
+    key = peak_key(dtype)
+    if key in _SEEN:
+        return _SEEN[key], True
+    entry = _read_peaks().get(key)
+    if isinstance(entry, dict) and _is_rate(entry.get("tflops")):
+        _SEEN[key] = entry["tflops"]
+        return entry["tflops"], True
+    tflops, n = probe(dtype, seconds)
+    _SEEN[key] = tflops
+    _store_peak(key, dict(cpu=cpu_model(), flags=speed_flags(),
+                          dtype=str(dtype).removeprefix("torch."),
+                          threads=torch.get_num_threads(), torch=torch.__version__,
+                          tflops=tflops, size=n, seconds=seconds,
+                          measured=datetime.datetime.now().isoformat(timespec="seconds")))
+    return tflops, False
+
+
+_SEEN: dict[str, float] = {}   # this process's peaks, by peak_key
+
+
+def _is_rate(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def peak_key(dtype: torch.dtype) -> str:
+    """What a cached peak holds for: the CPU (model name, and every flag: hashed, the speed flags
+    spelled out), the dtype, torch's thread count and torch's version."""
+    flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:12]
+    return (f"{cpu_model()} ({speed_flags()}; flags {flags}) | "
+            f"{str(dtype).removeprefix('torch.')} | {torch.get_num_threads()} threads | "
+            f"torch {torch.__version__}")
+
+
+def probe(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -> tuple[float, int]:
+    """(the best TFLOP/s of square matmuls in ``dtype`` over about ``seconds``, their size): the
+    size doubles from 256 while a call takes under 50 ms (up to 2048), then that size repeats;
+    the fastest call counts, as a peak should."""
     gen = torch.Generator().manual_seed(0)   # the run's own random streams stay untouched
     n = 256
     a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
@@ -71,7 +126,68 @@ def cpu_matmul_peak_tflops(dtype: torch.dtype, seconds: float = PROBE_SECONDS) -
         t = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best / 1e12
+    return 2.0 * n ** 3 / best / 1e12, n
+
+
+# ---- the cache file ---------------------------------------------------------------------------
+
+def peak_cache_path() -> Path:
+    """$XDG_CACHE_HOME/fastgpt/cpu_matmul_peak.json (else ~/.cache/fastgpt/...): beside the
+    dispatch cache (fastgpt.ops.measured), cleared with it by `fastgpt dispatch --clear`."""
+    return measured.cache_path().with_name(PEAK_CACHE_NAME)
+
+
+def _read_peaks(warn: bool = True) -> dict:
+    """The cached peaks by key; {} (with a warning, if ``warn``) when the file is unreadable or
+    not ours."""
+    path = peak_cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        why = f"{type(e).__name__}: {e}"
+    else:
+        if (isinstance(data, dict) and data.get("format") == PEAK_CACHE_FORMAT
+                and isinstance(data.get("entries"), dict)):
+            return data["entries"]
+        why = f"not a {PEAK_CACHE_FORMAT} file"
+    if warn:
+        log.warning(f"fastgpt: ignoring the CPU matmul peak cache {path}: {why}; it will be "
+                    f"rewritten")
+    return {}
+
+
+def _write_peaks(entries: dict) -> None:
+    """Replace the file atomically; a cache that cannot be written is only a warning."""
+    path = peak_cache_path()
+    text = json.dumps({"format": PEAK_CACHE_FORMAT, "entries": entries}, indent=1)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        log.warning(f"fastgpt: cannot write the CPU matmul peak cache {path} ({e}); the peak is "
+                    f"measured again in each process")
+
+
+def _store_peak(key: str, entry: dict) -> None:
+    entries = _read_peaks(warn=False)   # again just before writing: another process may have added
+    entries[key] = entry
+    _write_peaks(entries)
+
+
+def read_peak_cache() -> dict[str, dict]:
+    """Every cached peak (any CPU, dtype, threads and torch), by key."""
+    return {k: e for k, e in _read_peaks().items() if isinstance(e, dict)}
+
+
+def clear_peak_cache() -> int:
+    """Forget every cached peak (in the file and in this process); returns how many the file
+    held."""
+    _SEEN.clear()
+    n = len(read_peak_cache())
+    peak_cache_path().unlink(missing_ok=True)
+    return n
 
 
 @dataclass(frozen=True)
@@ -101,9 +217,11 @@ def throughput(model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
     if not fpt:
         return Throughput(fpt, None, "no matmuls: no MFU", world_size)
     if device.type == "cpu":
-        peak = cpu_matmul_peak_tflops(dtype)
+        peak, cached = cpu_matmul_peak(dtype)
         return Throughput(fpt, peak, f"measured: {PROBE_SECONDS:g} s matmul probe in "
-                          f"{str(dtype).removeprefix('torch.')}, {peak:.3g} TFLOP/s", world_size)
+                          f"{str(dtype).removeprefix('torch.')}, {peak:.3g} TFLOP/s"
+                          + (" (cached; `fastgpt dispatch --clear` measures again)" if cached
+                             else ""), world_size)
     peak = matmul_peak_tflops(name, dtype)
     source = (f"data sheet: {peak:g} TFLOP/s" if peak is not None
               else f"MFU unknown: no data-sheet peak for {name!r}")

@@ -1,6 +1,7 @@
 """`fastgpt train --profile` (trace, per-op table), the FLOP count and MFU, TensorBoard scalars."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from fastgpt.cli import main
 from fastgpt.config import GPTConfig
 from fastgpt.errors import FastGPTError
 from fastgpt.model import GPT, BigramLanguageModel
-from fastgpt.ops import labels, registry
+from fastgpt.ops import labels, measured, registry
 from fastgpt.train import RunOptions, train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, batch_size=4, eval_iters=2,
@@ -220,7 +221,133 @@ def test_the_cpu_probe_leaves_the_run_s_random_stream_alone():
     """A probe the process measures once must not shift the dropout masks of the run that paid
     for it: a second run in the same process (cached probe) would differ from the first."""
     torch.manual_seed(5)
-    flops.cpu_matmul_peak_tflops(torch.float64, seconds=0.01)
+    flops.probe(torch.float64, seconds=0.01)
     after = torch.rand(3)
     torch.manual_seed(5)
     torch.testing.assert_close(after, torch.rand(3))
+
+
+# --- the CPU probe's cache --------------------------------------------------------------------
+
+@pytest.fixture
+def probes(monkeypatch, tmp_path):
+    """A cache folder of this test's own, no peak this process has seen, and a probe that counts
+    its calls and returns a new figure each time (so a figure read back shows which call made it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(flops, "_SEEN", {})
+    calls = []
+
+    def fake_probe(dtype, seconds=flops.PROBE_SECONDS):
+        calls.append((dtype, torch.get_num_threads()))
+        return 0.5 + len(calls), 256
+    monkeypatch.setattr(flops, "probe", fake_probe)
+    return calls
+
+
+def new_process(monkeypatch):
+    """What a later process sees: the cache file, none of this process's figures."""
+    monkeypatch.setattr(flops, "_SEEN", {})
+
+
+def test_the_probe_runs_once_then_its_figure_is_read_from_the_cache(probes, monkeypatch, tmp_path):
+    assert flops.peak_cache_path() == tmp_path / "cache" / "fastgpt" / "cpu_matmul_peak.json"
+    assert flops.peak_cache_path().parent == measured.cache_path().parent   # beside dispatch's
+    assert flops.cpu_matmul_peak(torch.float32) == (1.5, False)
+    assert flops.cpu_matmul_peak(torch.float32) == (1.5, True)
+    new_process(monkeypatch)
+    assert flops.cpu_matmul_peak(torch.float32) == (1.5, True)      # from the file, not timed
+    assert flops.cpu_matmul_peak_tflops(torch.float32) == 1.5
+    assert len(probes) == 1
+    (entry,) = json.loads(flops.peak_cache_path().read_text())["entries"].values()
+    assert entry["tflops"] == 1.5 and entry["dtype"] == "float32"
+    assert entry["threads"] == torch.get_num_threads() and entry["torch"] == torch.__version__
+
+
+def test_another_dtype_thread_count_torch_or_cpu_measures_again(probes, monkeypatch):
+    threads = torch.get_num_threads()
+    assert flops.cpu_matmul_peak_tflops(torch.float32) == 1.5
+    assert flops.cpu_matmul_peak_tflops(torch.bfloat16) == 2.5
+    try:
+        torch.set_num_threads(threads + 1)
+        assert flops.cpu_matmul_peak_tflops(torch.float32) == 3.5
+    finally:
+        torch.set_num_threads(threads)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "__version__", "9.9.9")
+        assert flops.cpu_matmul_peak_tflops(torch.float32) == 4.5
+    new_process(monkeypatch)
+    monkeypatch.setattr(flops, "probe", lambda dtype, seconds=1.0: pytest.fail("measured"))
+    assert flops.cpu_matmul_peak_tflops(torch.float32) == 1.5      # each key kept its figure
+    assert flops.cpu_matmul_peak_tflops(torch.bfloat16) == 2.5
+    monkeypatch.setattr(flops, "cpu_model", lambda: "Another CPU")
+    monkeypatch.setattr(flops, "probe", lambda dtype, seconds=1.0: (7.0, 256))
+    assert flops.cpu_matmul_peak_tflops(torch.float32) == 7.0
+    assert len(flops.read_peak_cache()) == 5
+    assert [c[1] for c in probes] == [threads, threads, threads + 1, threads]
+
+
+@pytest.mark.parametrize("content,why", [
+    ("{not json", "JSONDecodeError"),
+    ("[1, 2]", "not a fastgpt-cpu-matmul-peak file"),
+])
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(probes, caplog, content, why):
+    path = flops.peak_cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="fastgpt"):
+        assert flops.cpu_matmul_peak(torch.float32) == (1.5, False)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"fastgpt: ignoring the CPU matmul peak cache {path}: ")
+    assert why in warning and warning.endswith("it will be rewritten")
+    data = json.loads(path.read_text())                       # rewritten, with the new figure
+    assert data["format"] == "fastgpt-cpu-matmul-peak"
+    assert [e["tflops"] for e in data["entries"].values()] == [1.5]
+
+
+def test_an_entry_without_a_rate_is_measured_again(probes, monkeypatch):
+    flops.cpu_matmul_peak(torch.float32)
+    path = flops.peak_cache_path()
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["tflops"] = -1
+    path.write_text(json.dumps(data))
+    new_process(monkeypatch)
+    assert flops.cpu_matmul_peak(torch.float32) == (2.5, False)
+
+
+def test_an_unwritable_cache_warns_and_measures_once_per_process(probes, monkeypatch, tmp_path,
+                                                                 caplog):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))   # no folder can go there
+    with caplog.at_level(logging.WARNING, logger="fastgpt"):
+        assert flops.cpu_matmul_peak(torch.float32) == (1.5, False)
+        assert flops.cpu_matmul_peak(torch.float32) == (1.5, True)
+    assert len(probes) == 1
+    assert any("cannot write the CPU matmul peak cache" in r.getMessage() for r in caplog.records)
+
+
+def test_the_header_says_a_peak_was_cached(probes):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    first = flops.throughput(model, torch.device("cpu"), torch.float32)
+    again = flops.throughput(model, torch.device("cpu"), torch.float32)
+    assert first.peak_source == "measured: 1 s matmul probe in float32, 1.5 TFLOP/s"
+    assert again.peak_source == ("measured: 1 s matmul probe in float32, 1.5 TFLOP/s (cached; "
+                                 "`fastgpt dispatch --clear` measures again)")
+    assert again.peak_tflops == 1.5 and len(probes) == 1
+
+
+def test_dispatch_lists_and_clears_the_cached_peaks(probes, capsys):
+    flops.cpu_matmul_peak(torch.float32)
+    assert main(["dispatch"]) == 0
+    out = capsys.readouterr().out
+    assert f"# 1 cached CPU matmul peak(s) in {flops.peak_cache_path()}" in out
+    assert f"{flops.peak_key(torch.float32)}: 1.5 TFLOP/s" in out
+    assert main(["dispatch", "--clear"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 0 cached choice(s)" in out
+    assert f"removed 1 cached CPU matmul peak(s) from {flops.peak_cache_path()}" in out
+    assert not flops.peak_cache_path().exists()
+    assert flops.cpu_matmul_peak(torch.float32) == (2.5, False)    # measured again
+    with pytest.raises(SystemExit):
+        main(["dispatch", "--help"])
+    assert "cached CPU matmul peaks" in " ".join(capsys.readouterr().out.split())

@@ -1,9 +1,11 @@
 """`fastgpt dispatch`: the backend choices measured dispatch has cached on this machine
-(fastgpt.ops.measured), one row per signature with every candidate's time; `--clear` forgets
-them, so the next run measures again."""
+(fastgpt.ops.measured), one row per signature with every candidate's time, and the CPU matmul
+peaks a training run's MFU divides by (fastgpt.flops); `--clear` forgets both, so the next run
+measures again."""
 
 from __future__ import annotations
 
+from fastgpt import flops
 from fastgpt.ops import measured
 from fastgpt.tools.formatting import number
 
@@ -34,7 +36,9 @@ def add_dispatch_parser(sub) -> None:
                        description="Measured dispatch times each candidate backend the first time "
                        "an op meets a new signature and caches the fastest (on CUDA by default; "
                        f"on the CPU with {measured.MODE_VAR}=measure). This prints that cache.")
-    p.add_argument("--clear", action="store_true", help="forget every cached choice")
+    p.add_argument("--clear", action="store_true",
+                   help="forget every cached choice, and the cached CPU matmul peaks (the "
+                        "probe `fastgpt train` times for MFU on a CPU)")
     p.set_defaults(run=_run)
 
 
@@ -43,9 +47,15 @@ def _run(args) -> int:
     if args.clear:
         removed = measured.clear_cache()
         print(f"removed {removed} cached choice(s) from {path}")
+        print(f"removed {flops.clear_peak_cache()} cached CPU matmul peak(s) from "
+              f"{flops.peak_cache_path()}")
         return 0
     entries = list(measured.read_cache().values())
     print(f"# {len(entries)} cached choice(s) in {path} (this torch, triton and fastgpt)")
     if entries:
         print(format_table(entries))
+    peaks = flops.read_peak_cache()
+    print(f"# {len(peaks)} cached CPU matmul peak(s) in {flops.peak_cache_path()}")
+    for key, e in sorted(peaks.items()):
+        print(f"{key}: {e.get('tflops', float('nan')):.3g} TFLOP/s ({e.get('measured', '?')})")
     return 0
