@@ -32,6 +32,7 @@
 // vectorise sqrt (exact either way).
 #pragma GCC optimize("fp-contract=off")
 
+#include "cpu_isa.h"
 #include "vec_cpu.h"
 
 #include <ATen/ATen.h>
@@ -82,7 +83,6 @@ __attribute__((always_inline)) inline vfloat fma16(vfloat a, vfloat b, vfloat c)
 template <typename raw_t>
 __attribute__((always_inline)) inline double sum_squares_body(const raw_t* g, int64_t begin,
                                                               int64_t end) {
-  typedef float vfloat8 __attribute__((vector_size(32)));
   typedef double vdouble8 __attribute__((vector_size(64)));
   vdouble8 a0{}, a1{}, a2{}, a3{}, a4{}, a5{}, a6{}, a7{};
   auto add = [](vdouble8& lo_acc, vdouble8& hi_acc, vfloat x) __attribute__((always_inline)) {
@@ -161,27 +161,21 @@ __attribute__((always_inline)) inline void update_body(const Segment& s, const r
   }
 }
 
-// One multiversioned copy per grad dtype (GCC does not clone templates); unlike vec_cpu.h's
-// FASTGPT_CLONES the AVX2 copy targets haswell, for FMA. The AVX-512 clone has
-// FMA and sqrt for 16 lanes, the haswell one (AVX2 + FMA) for 8, the baseline calls fmaf.
-#define FASTGPT_FMA_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-FASTGPT_FMA_CLONES double sum_squares(const float* g, int64_t begin, int64_t end) {
-  return sum_squares_body(g, begin, end);
+// One copy per instruction set (cpu_isa.h) inlines the bodies above: FMA and sqrt on 16 lanes
+// with AVX-512, on 8 with AVX2 + FMA; the baseline copy calls fmaf.
+template <typename grad_t>
+double sum_squares(const grad_t* g, int64_t begin, int64_t end) {
+  double total = 0.0;
+  dispatch([&]<Isa>() __attribute__((always_inline)) { total = sum_squares_body(g, begin, end); });
+  return total;
 }
-FASTGPT_FMA_CLONES double sum_squares(const uint16_t* g, int64_t begin, int64_t end) {
-  return sum_squares_body(g, begin, end);
+template <typename grad_t>
+void update(const Segment& s, const grad_t* grad, float clip, bool clips, float* param,
+            float* exp_avg, float* exp_avg_sq, uint16_t* work, int64_t begin, int64_t end) {
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
+  });
 }
-FASTGPT_FMA_CLONES void update(const Segment& s, const float* grad, float clip, bool clips,
-                           float* param, float* exp_avg, float* exp_avg_sq, uint16_t* work,
-                           int64_t begin, int64_t end) {
-  update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
-}
-FASTGPT_FMA_CLONES void update(const Segment& s, const uint16_t* grad, float clip, bool clips,
-                           float* param, float* exp_avg, float* exp_avg_sq, uint16_t* work,
-                           int64_t begin, int64_t end) {
-  update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
-}
-#undef FASTGPT_FMA_CLONES
 
 void check_flat(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), OP_NAME ": ", name, " must be on the CPU; got ",

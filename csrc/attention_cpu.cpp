@@ -8,13 +8,13 @@
 // dev machine: forward 475 us -> 337 us, backward 596 us -> 427 us (aten path incl. its copies).
 //
 // Algorithm, per (batch, head), heads spread over threads with at::parallel_for. Inputs are
-// widened to fp32 scratch copies (D zero-padded to 16, 32, 64 or 128: Dv vectors of 16 lanes),
-// with k (and v in the backward) transposed so that 16 keys form one vector.
+// widened to fp32 scratch copies (D zero-padded to 16, 32, 64 or 128 floats),
+// with k (and v in the backward) transposed so that consecutive keys form one vector.
 //   forward, for each block of 4 query rows i:
 //     S = scale * q k^T over keys j < (last row of the block) + 1, in register tiles of
-//         4 rows x 64 keys (outer products over d);
+//         4 rows x (1-4 vectors of) keys (outer products over d);
 //     P = softmax over j <= i (max-subtracted exp, vectorised, see vec_cpu.h), 0 for j > i;
-//     out_i = sum_j P_ij v_j (4 rows x Dv vectors of accumulators).
+//     out_i = sum_j P_ij v_j (4 rows x a few vectors of accumulators per column tile).
 //   backward, with P saved by the forward:
 //     dP = dout v^T (the same tiles as S), dS_ij = scale * P_ij (dP_ij - sum_j P_ij dP_ij),
 //     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j:
@@ -24,8 +24,10 @@
 // Limits: float32 and bfloat16 with D <= 128 take this path; other dtypes (float16, float64) or
 // larger D use the batched-matmul path below (aten bmm/softmax, probabilities in the input
 // dtype), which is also the float64 reference of the gradchecks. Memory is O(T^2) per head
-// (P), as in the batched-matmul path. Register tiles assume AVX-512 (32 vector registers);
-// the AVX2 and baseline copies are correct but spill.
+// (P), as in the batched-matmul path. Register tiles are sized per instruction set (Tiles
+// below; cpu_isa.h picks the copy at run time): 16-lane vectors and 4 x 64 score tiles on
+// AVX-512, 8-lane vectors and 4 x 16 tiles on AVX2 + FMA, 4-lane ones on SSE2. (With AVX-512's
+// tiles on AVX2 the kernel spilled and ran 5-10x slower than aten's SDPA.)
 // Precision: every product and sum in fp32 (bf16 inputs are widened exactly); outputs round
 // once to the input dtype. exp has a relative error of about 2e-7.
 
@@ -41,15 +43,36 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 #include "vec_cpu.h"
 
 namespace fastgpt {
 namespace attention_detail {
 using namespace vec;
 
-constexpr int64_t kRows = 4;      // query rows (or keys) per register tile
-constexpr int64_t kKeyVecs = 4;   // key vectors of 16 per score tile: 4 x 64 scores
+constexpr int64_t kRows = 4;    // query rows (or keys) per register tile
+constexpr int64_t kPad = 16;    // P's rows and the widened head rows pad to multiples of 16
 constexpr int64_t kMaxD = 128;
+
+// Register tiles per instruction set (cpu_isa.h): V's lanes; key vectors per score tile
+// (4 rows x key_vecs accumulators), value vectors per output tile (4 rows x out_vecs) and per
+// dk/dv tile (2 x 4 keys x grad_vecs): at most 16 of AVX-512's 32 registers, 8 of the 16 of
+// AVX2 and SSE2, so that no tile spills.
+template <Isa I>
+struct Tiles {   // AVX2
+  using V = Vec<8>;
+  static constexpr int key_vecs = 2, out_vecs = 2, grad_vecs = 1;
+};
+template <>
+struct Tiles<Isa::kAvx512> {
+  using V = Vec<16>;
+  static constexpr int key_vecs = 4, out_vecs = 4, grad_vecs = 2;
+};
+template <>
+struct Tiles<Isa::kBaseline> {
+  using V = Vec<4>;
+  static constexpr int key_vecs = 2, out_vecs = 2, grad_vecs = 1;
+};
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -61,7 +84,7 @@ struct Rows {
 };
 
 // rows [0, n) of src into dst (row stride Dp, fp32, times `mul`); d >= D and rows n..n_pad are 0
-template <typename raw_t>
+template <class V, typename raw_t>
 __attribute__((always_inline)) inline void widen_rows(Rows<const raw_t> src, int64_t n,
                                                       int64_t n_pad, int64_t D, int64_t Dp,
                                                       float mul, float* dst) {
@@ -70,7 +93,7 @@ __attribute__((always_inline)) inline void widen_rows(Rows<const raw_t> src, int
     int64_t d = 0;
     if (i < n) {
       const raw_t* s = src.p + i * src.row_stride;
-      for (; d + kLanes <= D; d += kLanes) store16(row + d, load16(s + d) * mul);
+      for (; d + V::lanes <= D; d += V::lanes) storev<V>(row + d, loadv<V>(s + d) * mul);
       for (; d < D; ++d) row[d] = load(s, d) * mul;
     }
     for (; d < Dp; ++d) row[d] = 0.0f;
@@ -88,211 +111,238 @@ __attribute__((always_inline)) inline void transpose_rows(Rows<const raw_t> src,
   }
 }
 
-// the first D lanes of a row of Dv accumulators into dst, rounded to raw_t
-template <int Dv, typename raw_t>
-__attribute__((always_inline)) inline void store_row(raw_t* dst, const vfloat (&acc)[Dv],
-                                                     int64_t D) {
-  for (int c = 0; c < Dv; ++c) {
-    const int64_t d0 = c * kLanes;
-    if (d0 + kLanes <= D) {
-      store16(dst + d0, acc[c]);
+// Nv accumulators (columns [d0, d0 + Nv * lanes) of a row) into dst, for d < D, rounded to raw_t
+template <class V, int Nv, typename raw_t>
+__attribute__((always_inline)) inline void store_row(raw_t* dst, const typename V::f (&acc)[Nv],
+                                                     int64_t d0, int64_t D) {
+  for (int c = 0; c < Nv; ++c) {
+    const int64_t d = d0 + c * V::lanes;
+    if (d + V::lanes <= D) {
+      storev<V>(dst + d, acc[c]);
     } else {
-      for (int64_t d = d0; d < D; ++d) store(dst, d, acc[c][d - d0]);
+      for (int64_t e = d; e < D; ++e) store(dst, e, acc[c][e - d]);
     }
   }
 }
 
 // A (rows x D, row stride Dp) times Bt (D x Tp, the transposed right operand) for 4 rows and
-// key vectors [c0, c0 + Nv): out[r * Tp + j] for j in [16 c0, 16 (c0 + Nv))
-template <int Nv>
+// key vectors [c0, c0 + Nv): out[r * Tp + j] for j in [lanes * c0, lanes * (c0 + Nv))
+template <class V, int Nv>
 __attribute__((always_inline)) inline void score_tile(const float* a, int64_t Dp, const float* bt,
                                                       int64_t Tp, int64_t D, int64_t c0,
                                                       float* out) {
-  vfloat acc[kRows][Nv] = {};
-  const float* b = bt + c0 * kLanes;
+  typename V::f acc[kRows][Nv] = {};
+  const float* b = bt + c0 * V::lanes;
   for (int64_t d = 0; d < D; ++d) {
-    vfloat bv[Nv];
-    for (int c = 0; c < Nv; ++c) bv[c] = load16(b + d * Tp + c * kLanes);
+    typename V::f bv[Nv];
+    for (int c = 0; c < Nv; ++c) bv[c] = loadv<V>(b + d * Tp + c * V::lanes);
     for (int r = 0; r < kRows; ++r) {
       const float ad = a[r * Dp + d];
       for (int c = 0; c < Nv; ++c) acc[r][c] += ad * bv[c];
     }
   }
   for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < Nv; ++c) store16(out + r * Tp + (c0 + c) * kLanes, acc[r][c]);
+    for (int c = 0; c < Nv; ++c) storev<V>(out + r * Tp + (c0 + c) * V::lanes, acc[r][c]);
 }
 
 // score_tile over key vectors [0, nv) for the 4 rows at a
+template <Isa I>
 __attribute__((always_inline)) inline void scores(const float* a, int64_t Dp, const float* bt,
                                                   int64_t Tp, int64_t D, int64_t nv, float* out) {
+  using V = typename Tiles<I>::V;
+  constexpr int Nv = Tiles<I>::key_vecs;
   int64_t c = 0;
-  for (; c + kKeyVecs <= nv; c += kKeyVecs) score_tile<kKeyVecs>(a, Dp, bt, Tp, D, c, out);
-  for (; c < nv; ++c) score_tile<1>(a, Dp, bt, Tp, D, c, out);
+  for (; c + Nv <= nv; c += Nv) score_tile<V, Nv>(a, Dp, bt, Tp, D, c, out);
+  for (; c < nv; ++c) score_tile<V, 1>(a, Dp, bt, Tp, D, c, out);
 }
 
-// out[r] = sum_{j < n} w[r * w_stride + j] * m[j] (m: rows of Dv vectors), for 4 rows
-template <int Dv>
+// dst row i0 + r = sum_{j < n} w[r * w_stride + j] * m[j] (m: rows of Dp floats), for the
+// `rows` <= 4 rows at w; column tiles of out_vecs vectors, those past D skipped
+template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t w_stride,
-                                                         const float* m, int64_t n,
-                                                         vfloat (&out)[kRows][Dv]) {
-  for (int r = 0; r < kRows; ++r)
-    for (int c = 0; c < Dv; ++c) out[r][c] = vfloat{};
-  for (int64_t j = 0; j < n; ++j) {
-    vfloat mv[Dv];
-    for (int c = 0; c < Dv; ++c) mv[c] = load16(m + j * Dv * kLanes + c * kLanes);
-    for (int r = 0; r < kRows; ++r) {
-      const float wj = w[r * w_stride + j];
-      for (int c = 0; c < Dv; ++c) out[r][c] += wj * mv[c];
+                                                         const float* m, int64_t n, int64_t rows,
+                                                         Rows<raw_t> dst, int64_t i0, int64_t D) {
+  using V = typename Tiles<I>::V;
+  constexpr int64_t L = V::lanes;
+  constexpr int Nv = std::min<int64_t>(Tiles<I>::out_vecs, Dp / L);
+  for (int64_t c0 = 0; c0 * L < D; c0 += Nv) {
+    typename V::f acc[kRows][Nv] = {};
+    for (int64_t j = 0; j < n; ++j) {
+      typename V::f mv[Nv];
+      for (int c = 0; c < Nv; ++c) mv[c] = loadv<V>(m + j * Dp + (c0 + c) * L);
+      for (int r = 0; r < kRows; ++r) {
+        const float wj = w[r * w_stride + j];
+        for (int c = 0; c < Nv; ++c) acc[r][c] += wj * mv[c];
+      }
     }
+    for (int64_t r = 0; r < rows; ++r)
+      store_row<V, Nv>(dst.p + (i0 + r) * dst.row_stride, acc[r], c0 * L, D);
   }
 }
 
-__attribute__((always_inline)) inline vint lane_index() {
-  return vint{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+// lanes 0, 1, ..., L - 1 plus `first`
+template <class V>
+__attribute__((always_inline)) inline typename V::i lane_index(int32_t first) {
+  typename V::i idx;
+  for (int l = 0; l < V::lanes; ++l) idx[l] = first + l;
+  return idx;
 }
 
 // row s (scores of keys 0..i, nv vectors) -> softmax probabilities, 0 for keys j > i
+template <class V>
 __attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t i, int64_t nv) {
-  const vfloat neg_inf = vfloat{} - std::numeric_limits<float>::infinity();
-  vfloat vmax = neg_inf;
+  using F = typename V::f;
+  constexpr int64_t L = V::lanes;
+  const F neg_inf = F{} - std::numeric_limits<float>::infinity();
+  F vmax = neg_inf;
   for (int64_t c = 0; c < nv; ++c) {
-    const vint keep = lane_index() + int32_t(c * kLanes) <= int32_t(i);
-    const vfloat v = keep ? load16(s + c * kLanes) : neg_inf;
+    const typename V::i keep = lane_index<V>(int32_t(c * L)) <= int32_t(i);
+    const F v = keep ? loadv<V>(s + c * L) : neg_inf;
     vmax = vmax > v ? vmax : v;
   }
   float m = vmax[0];
-  for (int l = 1; l < kLanes; ++l) m = std::max(m, vmax[l]);
-  vfloat vsum = {};
+  for (int l = 1; l < L; ++l) m = std::max(m, vmax[l]);
+  F vsum = {};
   for (int64_t c = 0; c < nv; ++c) {
-    const vint keep = lane_index() + int32_t(c * kLanes) <= int32_t(i);
-    const vfloat e = exp_nonpositive<vfloat, vuint, vint>(load16(s + c * kLanes) - m);
-    const vfloat p = keep ? e : vfloat{};
+    const typename V::i keep = lane_index<V>(int32_t(c * L)) <= int32_t(i);
+    const F e = exp_nonpositive<F, typename V::u, typename V::i>(loadv<V>(s + c * L) - m);
+    const F p = keep ? e : F{};
     vsum += p;
-    store16(s + c * kLanes, p);
+    storev<V>(s + c * L, p);
   }
-  float sum = 0.0f;
-  for (int l = 0; l < kLanes; ++l) sum += vsum[l];
-  const float inv = 1.0f / sum;
-  for (int64_t c = 0; c < nv; ++c) store16(s + c * kLanes, load16(s + c * kLanes) * inv);
+  const float inv = 1.0f / hsum<V>(vsum);
+  for (int64_t c = 0; c < nv; ++c) storev<V>(s + c * L, loadv<V>(s + c * L) * inv);
 }
 
 // one head forward; scratch holds at least forward_scratch(T, Dp) floats
 inline int64_t forward_scratch(int64_t T, int64_t Dp) {
-  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
   return Tr * Dp + Dp * Tp + T * Dp + kRows * Tp;
 }
 
-template <int Dv, typename raw_t>
+template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void forward_head(Rows<const raw_t> q, Rows<const raw_t> k,
                                                         Rows<const raw_t> v, Rows<raw_t> out,
                                                         float* probs, int64_t T, int64_t D,
                                                         float scale, float* scratch) {
-  constexpr int64_t Dp = Dv * kLanes;
-  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  using V = typename Tiles<I>::V;
+  constexpr int64_t L = V::lanes;
+  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
   float* qs = scratch;          // (Tr, Dp): scale * q
   float* kt = qs + Tr * Dp;     // (D, Tp): k^T
   float* vs = kt + Dp * Tp;     // (T, Dp)
   float* s = vs + T * Dp;       // (4, Tp): one tile's scores, then probabilities
-  widen_rows(q, T, Tr, D, Dp, scale, qs);
+  widen_rows<V>(q, T, Tr, D, Dp, scale, qs);
   transpose_rows(k, T, Tp, D, kt);
-  widen_rows(v, T, T, D, Dp, 1.0f, vs);
+  widen_rows<V>(v, T, T, D, Dp, 1.0f, vs);
   for (int64_t i0 = 0; i0 < T; i0 += kRows) {
     const int64_t rows = std::min(kRows, T - i0), keys = i0 + rows;
-    const int64_t nv = (keys + kLanes - 1) / kLanes;
-    scores(qs + i0 * Dp, Dp, kt, Tp, D, nv, s);
+    const int64_t nv = (keys + L - 1) / L;
+    scores<I>(qs + i0 * Dp, Dp, kt, Tp, D, nv, s);
     for (int64_t r = 0; r < rows; ++r) {
-      causal_softmax_row(s + r * Tp, i0 + r, nv);
+      causal_softmax_row<V>(s + r * Tp, i0 + r, nv);
       if (probs != nullptr) {   // the rest of the row as 0, so the saved tensor is all defined
         float* row = probs + (i0 + r) * Tp;
-        std::copy(s + r * Tp, s + r * Tp + nv * kLanes, row);
-        std::fill(row + nv * kLanes, row + Tp, 0.0f);
+        std::copy(s + r * Tp, s + r * Tp + nv * L, row);
+        std::fill(row + nv * L, row + Tp, 0.0f);
       }
     }
-    vfloat acc[kRows][Dv];
-    weighted_rows<Dv>(s, Tp, vs, keys, acc);
-    for (int64_t r = 0; r < rows; ++r) store_row<Dv>(out.p + (i0 + r) * out.row_stride, acc[r], D);
+    weighted_rows<I, Dp>(s, Tp, vs, keys, rows, out, i0, D);
   }
 }
 
 inline int64_t backward_scratch(int64_t T, int64_t Dp) {
-  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
   return Tr * Dp + Dp * Tp + 2 * T * Dp + Tr * Tp + kRows * Tp;
 }
 
-template <int Dv, typename raw_t>
+// dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time. Reads
+// P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
+// row i (j0 is a multiple of 4, rows are written up to a multiple of the lanes past their
+// block).
+template <Isa I, int Dp, typename raw_t>
+__attribute__((always_inline)) inline void key_grads(const float* probs, const float* ds,
+                                                     const float* dos, const float* qs,
+                                                     Rows<raw_t> dk, Rows<raw_t> dv, int64_t T,
+                                                     int64_t Tp, int64_t D) {
+  using V = typename Tiles<I>::V;
+  constexpr int64_t L = V::lanes;
+  constexpr int Nv = std::min<int64_t>(Tiles<I>::grad_vecs, Dp / L);
+  for (int64_t j0 = 0; j0 < T; j0 += kRows) {
+    const int64_t nkeys = std::min(kRows, T - j0);
+    for (int64_t c0 = 0; c0 * L < D; c0 += Nv) {
+      typename V::f acc_v[kRows][Nv] = {}, acc_k[kRows][Nv] = {};
+      for (int64_t i = j0; i < T; ++i) {
+        typename V::f dov[Nv], qv[Nv];
+        for (int c = 0; c < Nv; ++c) {
+          dov[c] = loadv<V>(dos + i * Dp + (c0 + c) * L);
+          qv[c] = loadv<V>(qs + i * Dp + (c0 + c) * L);
+        }
+        for (int jj = 0; jj < kRows; ++jj) {
+          const float pij = probs[i * Tp + j0 + jj], dsij = ds[i * Tp + j0 + jj];
+          for (int c = 0; c < Nv; ++c) {
+            acc_v[jj][c] += pij * dov[c];
+            acc_k[jj][c] += dsij * qv[c];
+          }
+        }
+      }
+      for (int64_t jj = 0; jj < nkeys; ++jj) {
+        store_row<V, Nv>(dv.p + (j0 + jj) * dv.row_stride, acc_v[jj], c0 * L, D);
+        store_row<V, Nv>(dk.p + (j0 + jj) * dk.row_stride, acc_k[jj], c0 * L, D);
+      }
+    }
+  }
+}
+
+template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void backward_head(
     Rows<const raw_t> dout, Rows<const raw_t> q, Rows<const raw_t> k, Rows<const raw_t> v,
     const float* probs, Rows<raw_t> dq, Rows<raw_t> dk, Rows<raw_t> dv, int64_t T, int64_t D,
     float scale, float* scratch) {
-  constexpr int64_t Dp = Dv * kLanes;
-  const int64_t Tp = round_up(T, kLanes), Tr = round_up(T, kRows);
+  using V = typename Tiles<I>::V;
+  constexpr int64_t L = V::lanes;
+  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
   float* dos = scratch;         // (Tr, Dp): dout
   float* vt = dos + Tr * Dp;    // (D, Tp): v^T
   float* ks = vt + Dp * Tp;     // (T, Dp)
   float* qs = ks + T * Dp;      // (T, Dp)
   float* ds = qs + T * Dp;      // (Tr, Tp): dS, rows >= T stay 0
   float* dp = ds + Tr * Tp;     // (4, Tp): one tile of dP
-  widen_rows(dout, T, Tr, D, Dp, 1.0f, dos);
+  widen_rows<V>(dout, T, Tr, D, Dp, 1.0f, dos);
   transpose_rows(v, T, Tp, D, vt);
-  widen_rows(k, T, T, D, Dp, 1.0f, ks);
-  widen_rows(q, T, T, D, Dp, 1.0f, qs);
+  widen_rows<V>(k, T, T, D, Dp, 1.0f, ks);
+  widen_rows<V>(q, T, T, D, Dp, 1.0f, qs);
   std::fill(ds + T * Tp, ds + Tr * Tp, 0.0f);
   for (int64_t i0 = 0; i0 < T; i0 += kRows) {
     const int64_t rows = std::min(kRows, T - i0), keys = i0 + rows;
-    const int64_t nv = (keys + kLanes - 1) / kLanes;
-    scores(dos + i0 * Dp, Dp, vt, Tp, D, nv, dp);
+    const int64_t nv = (keys + L - 1) / L;
+    scores<I>(dos + i0 * Dp, Dp, vt, Tp, D, nv, dp);
     for (int64_t r = 0; r < rows; ++r) {
       const float* p = probs + (i0 + r) * Tp;
       const float* dpr = dp + r * Tp;
-      vfloat vdot = {};
-      for (int64_t c = 0; c < nv; ++c) vdot += load16(p + c * kLanes) * load16(dpr + c * kLanes);
-      float dot = 0.0f;
-      for (int l = 0; l < kLanes; ++l) dot += vdot[l];
+      typename V::f vdot = {};
+      for (int64_t c = 0; c < nv; ++c) vdot += loadv<V>(p + c * L) * loadv<V>(dpr + c * L);
+      const float dot = hsum<V>(vdot);
       float* dsr = ds + (i0 + r) * Tp;
       for (int64_t c = 0; c < nv; ++c) {
-        const vfloat pv = load16(p + c * kLanes);
-        store16(dsr + c * kLanes, pv * (load16(dpr + c * kLanes) - dot) * scale);
+        const typename V::f pv = loadv<V>(p + c * L);
+        storev<V>(dsr + c * L, pv * (loadv<V>(dpr + c * L) - dot) * scale);
       }
     }
-    vfloat acc[kRows][Dv];
-    weighted_rows<Dv>(ds + i0 * Tp, Tp, ks, keys, acc);
-    for (int64_t r = 0; r < rows; ++r) store_row<Dv>(dq.p + (i0 + r) * dq.row_stride, acc[r], D);
+    weighted_rows<I, Dp>(ds + i0 * Tp, Tp, ks, keys, rows, dq, i0, D);
   }
-  // dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time. Reads
-  // P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
-  // row i (j0 is a multiple of 4, rows are written up to a multiple of 16 past their block).
-  for (int64_t j0 = 0; j0 < T; j0 += kRows) {
-    const int64_t nkeys = std::min(kRows, T - j0);
-    vfloat acc_v[kRows][Dv] = {}, acc_k[kRows][Dv] = {};
-    for (int64_t i = j0; i < T; ++i) {
-      vfloat dov[Dv], qv[Dv];
-      for (int c = 0; c < Dv; ++c) {
-        dov[c] = load16(dos + i * Dp + c * kLanes);
-        qv[c] = load16(qs + i * Dp + c * kLanes);
-      }
-      for (int jj = 0; jj < kRows; ++jj) {
-        const float pij = probs[i * Tp + j0 + jj], dsij = ds[i * Tp + j0 + jj];
-        for (int c = 0; c < Dv; ++c) {
-          acc_v[jj][c] += pij * dov[c];
-          acc_k[jj][c] += dsij * qv[c];
-        }
-      }
-    }
-    for (int64_t jj = 0; jj < nkeys; ++jj) {
-      store_row<Dv>(dv.p + (j0 + jj) * dv.row_stride, acc_v[jj], D);
-      store_row<Dv>(dk.p + (j0 + jj) * dk.row_stride, acc_k[jj], D);
-    }
-  }
+  key_grads<I, Dp>(probs, ds, dos, qs, dk, dv, T, Tp, D);
 }
 
-// Per-dtype entry points (one target_clones copy each), dispatching on Dv. A head's tensors
-// are addressed as base + b * stride_b + h * stride_h; `st` holds (b, h, row) per tensor.
+// Per-dtype entry points, dispatching on the instruction set (cpu_isa.h) and on Dp. A head's
+// tensors are addressed as base + b * stride_b + h * stride_h; `st` holds (b, h, row) per
+// tensor.
 struct HeadLayout {
   int64_t B, H, T, D;
-  // vectors of 16 lanes per padded row: D rounds up to 16, 32, 64 or 128
-  int64_t vectors() const {
-    const int64_t Dv = round_up(D, kLanes) / kLanes;
-    return Dv <= 1 ? 1 : Dv <= 2 ? 2 : Dv <= 4 ? 4 : 8;
+  // D padded to 16, 32, 64 or 128 floats
+  int64_t padded_d() const {
+    const int64_t Dp = round_up(D, kPad);
+    return Dp <= 16 ? 16 : Dp <= 32 ? 32 : Dp <= 64 ? 64 : 128;
   }
 };
 
@@ -303,73 +353,52 @@ __attribute__((always_inline)) inline Rows<raw_t> head_rows(raw_t* base, const i
   return {base + bh / L.H * st[t][0] + bh % L.H * st[t][1], st[t][2]};
 }
 
-// calls body.template operator()<Dv>() with the compile-time vector count of L
+// calls body.template operator()<Dp>() with the compile-time padded head size of L
 template <typename Body>
-__attribute__((always_inline)) inline void with_vectors(HeadLayout L, Body&& body) {
-  switch (L.vectors()) {
-    case 1: body.template operator()<1>(); break;
-    case 2: body.template operator()<2>(); break;
-    case 4: body.template operator()<4>(); break;
-    default: body.template operator()<8>(); break;
+__attribute__((always_inline)) inline void with_padded_d(HeadLayout L, Body&& body) {
+  switch (L.padded_d()) {
+    case 16: body.template operator()<16>(); break;
+    case 32: body.template operator()<32>(); break;
+    case 64: body.template operator()<64>(); break;
+    default: body.template operator()<128>(); break;
   }
 }
 
 template <typename raw_t>
-__attribute__((always_inline)) inline void forward_heads(const raw_t* q, const raw_t* k,
-                                                         const raw_t* v, raw_t* out, float* probs,
-                                                         const int64_t (*st)[3], HeadLayout L,
-                                                         float scale, int64_t begin, int64_t end) {
-  std::vector<float> scratch(forward_scratch(L.T, L.vectors() * kLanes));
-  const int64_t Tp = round_up(L.T, kLanes);
-  for (int64_t bh = begin; bh < end; ++bh) {
-    float* pr = probs == nullptr ? nullptr : probs + bh * L.T * Tp;
-    with_vectors(L, [&]<int Dv>() __attribute__((always_inline)) {
-      forward_head<Dv>(head_rows(q, st, 0, bh, L), head_rows(k, st, 1, bh, L),
-                       head_rows(v, st, 2, bh, L), head_rows(out, st, 3, bh, L), pr, L.T, L.D,
-                       scale, scratch.data());
+void forward_range(const raw_t* q, const raw_t* k, const raw_t* v, raw_t* out, float* probs,
+                   const int64_t (*st)[3], HeadLayout L, float scale, int64_t begin,
+                   int64_t end) {
+  std::vector<float> scratch(forward_scratch(L.T, L.padded_d()));
+  const int64_t Tp = round_up(L.T, kPad);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    with_padded_d(L, [&]<int Dp>() __attribute__((always_inline)) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        float* pr = probs == nullptr ? nullptr : probs + bh * L.T * Tp;
+        forward_head<I, Dp>(head_rows(q, st, 0, bh, L), head_rows(k, st, 1, bh, L),
+                            head_rows(v, st, 2, bh, L), head_rows(out, st, 3, bh, L), pr, L.T,
+                            L.D, scale, scratch.data());
+      }
     });
-  }
+  });
 }
 
 template <typename raw_t>
-__attribute__((always_inline)) inline void backward_heads(
-    const raw_t* dout, const raw_t* q, const raw_t* k, const raw_t* v, const float* probs,
-    raw_t* dq, raw_t* dk, raw_t* dv, const int64_t (*st)[3], HeadLayout L, float scale,
-    int64_t begin, int64_t end) {
-  std::vector<float> scratch(backward_scratch(L.T, L.vectors() * kLanes));
-  const int64_t Tp = round_up(L.T, kLanes);
-  for (int64_t bh = begin; bh < end; ++bh) {
-    with_vectors(L, [&]<int Dv>() __attribute__((always_inline)) {
-      backward_head<Dv>(head_rows(dout, st, 0, bh, L), head_rows(q, st, 1, bh, L),
-                        head_rows(k, st, 2, bh, L), head_rows(v, st, 3, bh, L),
-                        probs + bh * L.T * Tp, head_rows(dq, st, 4, bh, L),
-                        head_rows(dk, st, 5, bh, L), head_rows(dv, st, 6, bh, L), L.T, L.D,
-                        scale, scratch.data());
+void backward_range(const raw_t* dout, const raw_t* q, const raw_t* k, const raw_t* v,
+                    const float* probs, raw_t* dq, raw_t* dk, raw_t* dv, const int64_t (*st)[3],
+                    HeadLayout L, float scale, int64_t begin, int64_t end) {
+  std::vector<float> scratch(backward_scratch(L.T, L.padded_d()));
+  const int64_t Tp = round_up(L.T, kPad);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    with_padded_d(L, [&]<int Dp>() __attribute__((always_inline)) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        backward_head<I, Dp>(head_rows(dout, st, 0, bh, L), head_rows(q, st, 1, bh, L),
+                             head_rows(k, st, 2, bh, L), head_rows(v, st, 3, bh, L),
+                             probs + bh * L.T * Tp, head_rows(dq, st, 4, bh, L),
+                             head_rows(dk, st, 5, bh, L), head_rows(dv, st, 6, bh, L), L.T, L.D,
+                             scale, scratch.data());
+      }
     });
-  }
-}
-
-FASTGPT_CLONES void forward_range(const float* q, const float* k, const float* v, float* out,
-                                  float* probs, const int64_t (*st)[3], HeadLayout L, float scale,
-                                  int64_t begin, int64_t end) {
-  forward_heads(q, k, v, out, probs, st, L, scale, begin, end);
-}
-FASTGPT_CLONES void forward_range(const uint16_t* q, const uint16_t* k, const uint16_t* v,
-                                  uint16_t* out, float* probs, const int64_t (*st)[3],
-                                  HeadLayout L, float scale, int64_t begin, int64_t end) {
-  forward_heads(q, k, v, out, probs, st, L, scale, begin, end);
-}
-FASTGPT_CLONES void backward_range(const float* dout, const float* q, const float* k,
-                                   const float* v, const float* probs, float* dq, float* dk,
-                                   float* dv, const int64_t (*st)[3], HeadLayout L, float scale,
-                                   int64_t begin, int64_t end) {
-  backward_heads(dout, q, k, v, probs, dq, dk, dv, st, L, scale, begin, end);
-}
-FASTGPT_CLONES void backward_range(const uint16_t* dout, const uint16_t* q, const uint16_t* k,
-                                   const uint16_t* v, const float* probs, uint16_t* dq,
-                                   uint16_t* dk, uint16_t* dv, const int64_t (*st)[3],
-                                   HeadLayout L, float scale, int64_t begin, int64_t end) {
-  backward_heads(dout, q, k, v, probs, dq, dk, dv, st, L, scale, begin, end);
+  });
 }
 
 // t itself when its D dimension has stride 1 (all the fused kernel needs), else a copy
@@ -429,7 +458,7 @@ at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_
     const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
     TORCH_INTERNAL_ASSERT(out.stride(3) == 1);
     at::Tensor probs;
-    if (save) probs = at::empty({B * H, T, attention_detail::round_up(T, 16)},
+    if (save) probs = at::empty({B * H, T, attention_detail::round_up(T, attention_detail::kPad)},
                                 q.options().dtype(at::kFloat));
     if (q.scalar_type() == at::kFloat) {
       attention_detail::forward_fused<float>(q, k, v, scale, out,
@@ -481,7 +510,7 @@ void causal_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
 
 at::Tensor causal_attention_saved_like(const at::Tensor& q) {
   const int64_t BH = q.size(0) * q.size(1), T = q.size(2);
-  return fused_path(q) ? at::empty({BH, T, attention_detail::round_up(T, 16)},
+  return fused_path(q) ? at::empty({BH, T, attention_detail::round_up(T, attention_detail::kPad)},
                                    q.options().dtype(at::kFloat).device(at::kMeta))
                        : at::empty({BH, T, T}, q.options().device(at::kMeta));
 }

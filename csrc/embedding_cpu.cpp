@@ -29,8 +29,8 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu_isa.h"
 #include "huge_pages.h"
-#include "vec_cpu.h"
 
 namespace fastgpt {
 namespace {
@@ -70,15 +70,15 @@ __attribute__((always_inline)) inline bool gather_range(const char* weight, cons
   return ok;
 }
 
-FASTGPT_CLONES bool gather_range_long(const char* weight, const int64_t* idx, char* out,
-                                      int64_t begin, int64_t end, int64_t num_weights,
-                                      int64_t row_bytes) {
-  return gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
-}
-FASTGPT_CLONES bool gather_range_int(const char* weight, const int32_t* idx, char* out,
-                                     int64_t begin, int64_t end, int64_t num_weights,
-                                     int64_t row_bytes) {
-  return gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
+// one copy per instruction set (cpu_isa.h): the fixed-size row copies use its widest moves
+template <typename index_t>
+bool gather_range_isa(const char* weight, const index_t* idx, char* out, int64_t begin,
+                      int64_t end, int64_t num_weights, int64_t row_bytes) {
+  bool ok = true;
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    ok = gather_range(weight, idx, out, begin, end, num_weights, row_bytes);
+  });
+  return ok;
 }
 
 template <typename index_t>
@@ -88,12 +88,7 @@ void gather_rows(const char* weight, const index_t* idx, char* out, int64_t n,
   // ~32k elements per task, torch's own grain for memory-bound loops
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, row_elems));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    bool ok;
-    if constexpr (std::is_same_v<index_t, int64_t>)
-      ok = gather_range_long(weight, idx, out, begin, end, num_weights, row_bytes);
-    else
-      ok = gather_range_int(weight, idx, out, begin, end, num_weights, row_bytes);
-    if (!ok) bad.store(true, std::memory_order_relaxed);
+    if (!gather_range_isa(weight, idx, out, begin, end, num_weights, row_bytes)) bad.store(true, std::memory_order_relaxed);
   });
   if (bad.load()) {  // name the first bad index, as the backward does
     check_every_index("fastgpt::embedding_forward", idx, n, num_weights);

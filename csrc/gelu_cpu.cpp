@@ -1,6 +1,7 @@
 // Exact (erf) GELU with its derivative in one pass; see gelu_cpu.h.
 
 #include "gelu_cpu.h"
+#include "cpu_isa.h"
 #include "vec_cpu.h"
 
 #include <ATen/ATen.h>
@@ -56,23 +57,21 @@ __attribute__((always_inline)) inline void scale_by_derivative_body(
   for (; i < end; ++i) store(out, i, load(grad, i) * deriv[i]);
 }
 
-// One multiversioned copy per dtype (GCC does not clone templates): each inlines the body
-// above, so it is vectorised for the ISA of its clone.
-FASTGPT_CLONES void gelu_with_derivative_range(const float* h, float* out, float* deriv,
-                                               int64_t begin, int64_t end) {
-  gelu_with_derivative_body(h, out, deriv, begin, end);
+// One copy per instruction set (cpu_isa.h) inlines the bodies above, so the 16-lane vectors are
+// lowered to AVX-512, AVX2 + FMA or SSE2 registers.
+template <typename raw_t>
+void gelu_with_derivative_range(const raw_t* h, raw_t* out, float* deriv, int64_t begin,
+                                int64_t end) {
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    gelu_with_derivative_body(h, out, deriv, begin, end);
+  });
 }
-FASTGPT_CLONES void gelu_with_derivative_range(const uint16_t* h, uint16_t* out,
-                                               float* deriv, int64_t begin, int64_t end) {
-  gelu_with_derivative_body(h, out, deriv, begin, end);
-}
-FASTGPT_CLONES void scale_by_derivative_range(const float* grad, const float* deriv, float* out,
-                                              int64_t begin, int64_t end) {
-  scale_by_derivative_body(grad, deriv, out, begin, end);
-}
-FASTGPT_CLONES void scale_by_derivative_range(const uint16_t* grad, const float* deriv,
-                                              uint16_t* out, int64_t begin, int64_t end) {
-  scale_by_derivative_body(grad, deriv, out, begin, end);
+template <typename raw_t>
+void scale_by_derivative_range(const raw_t* grad, const float* deriv, raw_t* out, int64_t begin,
+                               int64_t end) {
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    scale_by_derivative_body(grad, deriv, out, begin, end);
+  });
 }
 
 }  // namespace gelu_detail

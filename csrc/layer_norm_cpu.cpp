@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "vec_cpu.h"
 
 namespace fastgpt {
@@ -106,27 +107,22 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
   }
 }
 
-FASTGPT_CLONES void forward_range(const float* x, const float* w, const float* b, float* y,
-                                  float* mean, float* rstd, int64_t C, float eps, int64_t begin,
-                                  int64_t end) {
-  forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
+// One copy per instruction set (cpu_isa.h) inlines the row loops above, so the 16-lane vectors
+// are lowered to AVX-512, AVX2 + FMA or SSE2 registers.
+template <typename raw_t>
+void forward_range(const raw_t* x, const raw_t* w, const raw_t* b, raw_t* y, float* mean,
+                   float* rstd, int64_t C, float eps, int64_t begin, int64_t end) {
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
+  });
 }
-FASTGPT_CLONES void forward_range(const uint16_t* x, const uint16_t* w, const uint16_t* b,
-                                  uint16_t* y,
-                                  float* mean, float* rstd, int64_t C, float eps, int64_t begin,
-                                  int64_t end) {
-  forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
-}
-FASTGPT_CLONES void backward_range(const float* dy, const float* x, const float* mean,
-                                   const float* rstd, const float* w, float* dx, float* dw_part,
-                                   float* db_part, int64_t C, int64_t begin, int64_t end) {
-  backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
-}
-FASTGPT_CLONES void backward_range(const uint16_t* dy, const uint16_t* x, const float* mean,
-                                   const float* rstd, const uint16_t* w, uint16_t* dx,
-                                   float* dw_part, float* db_part, int64_t C, int64_t begin,
-                                   int64_t end) {
-  backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
+template <typename raw_t>
+void backward_range(const raw_t* dy, const raw_t* x, const float* mean, const float* rstd,
+                    const raw_t* w, raw_t* dx, float* dw_part, float* db_part, int64_t C,
+                    int64_t begin, int64_t end) {
+  dispatch([&]<Isa>() __attribute__((always_inline)) {
+    backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
+  });
 }
 
 bool fused_path(const at::Tensor& x) {
@@ -194,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward(
     double eps) {
   if (!fused_path(x)) return at::native_layer_norm(x, {x.size(1)}, weight, bias, eps);
   TORCH_INTERNAL_ASSERT(x.dim() == 2 && x.is_contiguous());
-  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t N = x.size(0);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({N, 1}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N, 1}, x.options().dtype(at::kFloat));

@@ -43,6 +43,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu_isa.h"
+
 TORCH_LIBRARY(fastgpt, m) {
   m.def("embedding_forward(Tensor weight, Tensor indices, int padding_idx) -> Tensor");
   m.def("embedding_backward(Tensor grad_out, Tensor indices, SymInt num_weights, "
@@ -68,6 +72,8 @@ TORCH_LIBRARY(fastgpt, m) {
         "Tensor(d!) working, Tensor(e!) steps, Tensor?[] grads, int[] offsets, int[] group, "
         "float[] lr, float[] weight_decay, float[] beta1, float[] beta2, float[] eps, "
         "float max_norm) -> Tensor");
+  // the instruction set the CPU kernels use now: avx512, avx2 or baseline (csrc/cpu_isa.h)
+  m.def("cpu_isa() -> str", [] { return std::string(fastgpt::isa_name(fastgpt::cpu_isa())); });
 }
 
 // `import fastgpt._C` loads this library, which runs the registrations above; the module

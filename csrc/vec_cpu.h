@@ -1,8 +1,9 @@
-// Vector helpers for the CPU kernels (gelu_cpu.cpp, attention_cpu.cpp, layer_norm_cpu.cpp).
+// Vector helpers for the CPU kernels (gelu, attention, layer_norm, adamw).
 //
 // Kernels are written over GCC vector extensions: a vfloat is 16 floats, which each
-// target_clones copy lowers to AVX-512, AVX2 or SSE2. bfloat16 data is passed as its raw 16
-// bits (at::BFloat16 is a class, which GCC's vectoriser will not load or store).
+// instruction set's copy (cpu_isa.h) lowers to AVX-512, AVX2 or SSE2 registers. bfloat16 data
+// is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser will not load
+// or store).
 #pragma once
 
 #include <cstdint>
@@ -11,10 +12,6 @@
 
 namespace fastgpt {
 namespace vec {
-
-// one multiversioned copy of each function marked with it; GCC does not clone templates, so
-// the marked functions are plain ones that inline always_inline templates
-#define FASTGPT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 // Math helpers are written once over a "float" type F that is either float or vfloat, with U
 // the matching unsigned type and I the signed integer type.
@@ -96,6 +93,47 @@ __attribute__((always_inline)) inline void store16(float* p, vfloat v) {
 __attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
   const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
   std::memcpy(p, &h, sizeof h);
+}
+
+// L lanes of fp32 and the matching integer and bf16 vectors, for kernels whose register tiles
+// are sized per instruction set (cpu_isa.h): Vec<16> for AVX-512, Vec<8> for AVX2, Vec<4> for
+// SSE2, so that a tile of accumulators fits the register file instead of spilling.
+template <int L>
+struct Vec {
+  static constexpr int64_t lanes = L;
+  typedef float f __attribute__((vector_size(4 * L)));
+  typedef uint32_t u __attribute__((vector_size(4 * L)));
+  typedef int32_t i __attribute__((vector_size(4 * L)));
+  typedef uint16_t h __attribute__((vector_size(2 * L)));
+};
+
+template <class V>
+__attribute__((always_inline)) inline typename V::f loadv(const float* p) {
+  typename V::f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V>
+__attribute__((always_inline)) inline typename V::f loadv(const uint16_t* p) {
+  typename V::h h;
+  std::memcpy(&h, p, sizeof h);
+  return from_bits<typename V::f>(__builtin_convertvector(h, typename V::u) << 16);
+}
+template <class V>
+__attribute__((always_inline)) inline void storev(float* p, typename V::f v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <class V>
+__attribute__((always_inline)) inline void storev(uint16_t* p, typename V::f v) {
+  const typename V::h h =
+      __builtin_convertvector(bfloat16_bits<typename V::u>(v), typename V::h);
+  std::memcpy(p, &h, sizeof h);
+}
+template <class V>
+__attribute__((always_inline)) inline float hsum(typename V::f v) {
+  float s = 0.0f;
+  for (int l = 0; l < V::lanes; ++l) s += v[l];
+  return s;
 }
 
 }  // namespace vec
