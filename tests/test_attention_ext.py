@@ -115,9 +115,12 @@ def test_default_order_on_cpu():
     q, k, v = qkv(1, 2, 8, 16, BF16, requires_grad=False)
     args = {"scale": None, "dropout_p": 0.0}
     assert registry.choose("attention", "cpu", (q, k, v), args, dtype=BF16).name == "ext"
-    # float32 keeps SDPA, nanoGPT's attention: --dtype float32 reproduces its run exactly
+    # float32 too (`fastgpt train --exact` pins SDPA, nanoGPT's attention), and SDPA where the
+    # kernel cannot run (dropout)
     q32, k32, v32 = (t.float() for t in (q, k, v))
-    assert registry.choose("attention", "cpu", (q32, k32, v32), args, dtype=F32).name == "sdpa"
+    assert registry.choose("attention", "cpu", (q32, k32, v32), args, dtype=F32).name == "ext"
+    assert registry.choose("attention", "cpu", (q32, k32, v32), {**args, "dropout_p": 0.1},
+                           dtype=F32).name == "sdpa"
     # dropout goes elsewhere quietly, and an explicit request says why it cannot
     assert registry.choose("attention", "cpu", (q, k, v), {**args, "dropout_p": 0.1},
                            dtype=BF16).name != "ext"

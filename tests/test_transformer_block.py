@@ -195,14 +195,14 @@ def _f32(C=16, bias=False):
     return torch.randn(2, 5, C, generator=gen), w
 
 
-def test_default_is_ext_for_bfloat16_and_torch_for_float32_on_cpu():
+def test_default_is_ext_on_cpu_in_every_dtype():
     x, w = _f32()
     xb, wb = x.bfloat16(), _map(torch.Tensor.bfloat16, w)
     assert registry.choose("transformer_block", "cpu", (xb, wb, 2), {"dropout_p": 0.0},
                            dtype=torch.bfloat16).name == "ext"
-    # float32 keeps the torch block: --dtype float32 reproduces nanoGPT's run exactly
+    # float32 too: `fastgpt train --exact` pins the torch block, nanoGPT's math
     assert registry.choose("transformer_block", "cpu", (x, w, 2), {"dropout_p": 0.0},
-                           dtype=torch.float32).name == "torch"
+                           dtype=torch.float32).name == "ext"
 
 
 def test_dropout_and_named_attention_backends_go_to_torch():
