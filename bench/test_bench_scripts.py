@@ -148,6 +148,29 @@ def test_vs_nanogpt(tmp_path):
                      out), out
 
 
+def test_vs_nanogpt_per_iteration(tmp_path):
+    # a stand-in for nanoGPT's train.py that logs its iterations as nanoGPT does: 50 ms each,
+    # the first (with its evaluation) 900 ms, which the median must leave out
+    nano = tmp_path / "nanoGPT"
+    nano.mkdir()
+    (nano / "train.py").write_text(
+        "import sys\n"
+        "assert 'config/train_shakespeare_char.py' in sys.argv and '--eval_iters=1' in sys.argv\n"
+        "iters = next(int(a.split('=')[1]) for a in sys.argv if a.startswith('--max_iters='))\n"
+        "for i in range(iters + 1):\n"
+        "    print(f'iter {i}: loss 2.5000, time {900.0 if i == 0 else 50.0:.2f}ms, mfu 1.00%')\n")
+    tiny = "--n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 4 --dropout 0"
+    code, out, err = _script("vs_nanogpt.py", "--nanogpt", str(nano), "--rounds", "2",
+                             "--preset", "shakespeare-char", "--iters", "5",
+                             "--fastgpt-args", tiny, cwd=tmp_path)
+    assert code == 0, err
+    assert re.search(r"^nanoGPT +50\.0 ms/iter +rounds: 50\.0 50\.0$", out, re.M), out
+    fast = re.search(r"^fastgpt +([\d.]+) ms/iter", out, re.M)
+    assert fast and 0 < float(fast.group(1)) < 1000, out
+    assert re.search(r"^per round: [\d.]+x, [\d.]+x$", out, re.M), out
+    assert re.search(r"fastgpt is [\d.]+x faster than nanoGPT per iteration", out), out
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")
                                           if not p.name.startswith(("test_", "conftest"))))
 def test_every_script_is_tested_here(script):
