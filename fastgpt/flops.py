@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import math
 import time
@@ -43,7 +42,6 @@ from typing import Optional
 
 import torch
 
-from fastgpt.checkpoint import write_atomically
 from fastgpt.device import cpu_flags, cpu_model, describe, speed_flags
 from fastgpt.model import GPT
 from fastgpt.ops import measured
@@ -141,30 +139,18 @@ def _read_peaks(warn: bool = True) -> dict:
     """The cached peaks by key; {} (with a warning, if ``warn``) when the file is unreadable or
     not ours."""
     path = peak_cache_path()
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        why = f"{type(e).__name__}: {e}"
-    else:
-        if (isinstance(data, dict) and data.get("format") == PEAK_CACHE_FORMAT
-                and isinstance(data.get("entries"), dict)):
-            return data["entries"]
-        why = f"not a {PEAK_CACHE_FORMAT} file"
-    if warn:
+    entries, why = measured.read_entries(path, PEAK_CACHE_FORMAT)
+    if why is not None and warn:
         log.warning(f"fastgpt: ignoring the CPU matmul peak cache {path}: {why}; it will be "
                     f"rewritten")
-    return {}
+    return entries
 
 
 def _write_peaks(entries: dict) -> None:
     """Replace the file atomically; a cache that cannot be written is only a warning."""
     path = peak_cache_path()
-    text = json.dumps({"format": PEAK_CACHE_FORMAT, "entries": entries}, indent=1)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: f.write(text.encode()))
+        measured.write_entries(path, PEAK_CACHE_FORMAT, entries)
     except OSError as e:
         log.warning(f"fastgpt: cannot write the CPU matmul peak cache {path} ({e}); the peak is "
                     f"measured again in each process")

@@ -149,23 +149,44 @@ def _warn_once(key, message: str) -> None:
         log.warning(message)
 
 
-def _read_file() -> dict:
-    """Every entry in the cache file, of any versions; {} (with a warning) if it is unreadable."""
-    path = cache_path()
+def read_entries(path: Path, fmt: str) -> tuple[dict, Optional[str]]:
+    """The "entries" of a cache file written by write_entries in format ``fmt``, and None; or {}
+    and why the file was ignored (unreadable, or not a ``fmt`` file). A missing file is {}, None.
+    Shared with fastgpt.flops' CPU matmul peak cache."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        return {}, None
     except (OSError, ValueError) as e:
-        _warn_once(("cache", str(path)), f"fastgpt: ignoring the dispatch cache {path}: "
-                                         f"{type(e).__name__}: {e}; it will be rewritten")
-        return {}
-    if not (isinstance(data, dict) and data.get("format") == CACHE_FORMAT
+        return {}, f"{type(e).__name__}: {e}"
+    if not (isinstance(data, dict) and data.get("format") == fmt
             and isinstance(data.get("entries"), dict)):
-        _warn_once(("cache", str(path)), f"fastgpt: ignoring the dispatch cache {path}: not a "
-                                         f"{CACHE_FORMAT} file; it will be rewritten")
-        return {}
-    return data["entries"]
+        return {}, f"not a {fmt} file"
+    return data["entries"], None
+
+
+def write_entries(path: Path, fmt: str, entries: dict) -> None:
+    """Replace the cache file atomically (a temporary file in the same folder, then rename);
+    raises OSError when it cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": fmt, "entries": entries}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_file() -> dict:
+    """Every entry in the cache file, of any versions; {} (with a warning) if it is unreadable."""
+    path = cache_path()
+    entries, why = read_entries(path, CACHE_FORMAT)
+    if why is not None:
+        _warn_once(("cache", str(path)), f"fastgpt: ignoring the dispatch cache {path}: {why}; it "
+                                         f"will be rewritten")
+    return entries
 
 
 def read_cache() -> dict[str, dict]:
@@ -176,14 +197,9 @@ def read_cache() -> dict[str, dict]:
 
 
 def _write_file(entries: dict) -> None:
-    """Replace the file atomically (a temporary file in the same folder, then rename)."""
     path = cache_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dispatch-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1)
-        os.replace(tmp, path)
+        write_entries(path, CACHE_FORMAT, entries)
     except OSError as e:
         _warn_once(("write", str(path)), f"fastgpt: cannot write the dispatch cache {path} "
                                          f"({e}); choices are measured again in each process")
