@@ -25,12 +25,6 @@ using namespace vec;
 
 constexpr int64_t kRowBlock = 64;   // rows per backward task and per partial column sum
 
-__attribute__((always_inline)) inline float hsum(vfloat v) {
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-}
-
 // w and b have x's dtype (the block's weights all do); b may be null (no bias)
 template <typename raw_t>
 __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const raw_t* w,
@@ -43,7 +37,7 @@ __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const ra
     raw_t* yr = y + r * C;
     vfloat vs = {};
     for (int64_t c = 0; c < Cv; c += kLanes) vs += load16(xr + c);
-    float s = hsum(vs);
+    float s = hsum<V16>(vs);
     for (int64_t c = Cv; c < C; ++c) s += load(xr, c);
     const float mu = s / C;
     vfloat vq = {};
@@ -51,7 +45,7 @@ __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const ra
       const vfloat d = load16(xr + c) - mu;
       vq += d * d;
     }
-    float q = hsum(vq);
+    float q = hsum<V16>(vq);
     for (int64_t c = Cv; c < C; ++c) q += (load(xr, c) - mu) * (load(xr, c) - mu);
     const float rs = 1.0f / std::sqrt(q / C + eps);
     for (int64_t c = 0; c < Cv; c += kLanes) {
@@ -87,7 +81,7 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
       store16(dw_part + c, load16(dw_part + c) + d * xh);
       store16(db_part + c, load16(db_part + c) + d);
     }
-    float sg = hsum(vg), sgx = hsum(vgx);
+    float sg = hsum<V16>(vg), sgx = hsum<V16>(vgx);
     for (int64_t c = Cv; c < C; ++c) {
       const float d = load(dyr, c), xh = (load(xr, c) - mu) * rs, g = d * load(w, c);
       sg += g;

@@ -18,7 +18,6 @@ namespace vec {
 typedef float vfloat __attribute__((vector_size(64)));
 typedef uint32_t vuint __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint16_t vhalf __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 16;
 
 template <typename U, typename F>
@@ -77,24 +76,6 @@ __attribute__((always_inline)) inline F exp_nonpositive(F x) {
   return p * from_bits<F>(as_bits<U>(ni + 127) << 23);   // * 2^n
 }
 
-__attribute__((always_inline)) inline vfloat load16(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-__attribute__((always_inline)) inline vfloat load16(const uint16_t* p) {
-  vhalf h;
-  std::memcpy(&h, p, sizeof h);
-  return from_bits<vfloat>(__builtin_convertvector(h, vuint) << 16);
-}
-__attribute__((always_inline)) inline void store16(float* p, vfloat v) {
-  std::memcpy(p, &v, sizeof v);
-}
-__attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) {
-  const vhalf h = __builtin_convertvector(bfloat16_bits<vuint>(v), vhalf);
-  std::memcpy(p, &h, sizeof h);
-}
-
 // L lanes of fp32 and the matching integer and bf16 vectors, for kernels whose register tiles
 // are sized per instruction set (cpu_isa.h): Vec<16> for AVX-512, Vec<8> for AVX2, Vec<4> for
 // SSE2, so that a tile of accumulators fits the register file instead of spilling.
@@ -135,6 +116,13 @@ __attribute__((always_inline)) inline float hsum(typename V::f v) {
   for (int l = 0; l < V::lanes; ++l) s += v[l];
   return s;
 }
+
+// the 16-lane vfloat of the elementwise kernels (gelu, layer_norm, adamw): Vec<16>
+using V16 = Vec<kLanes>;
+__attribute__((always_inline)) inline vfloat load16(const float* p) { return loadv<V16>(p); }
+__attribute__((always_inline)) inline vfloat load16(const uint16_t* p) { return loadv<V16>(p); }
+__attribute__((always_inline)) inline void store16(float* p, vfloat v) { storev<V16>(p, v); }
+__attribute__((always_inline)) inline void store16(uint16_t* p, vfloat v) { storev<V16>(p, v); }
 
 }  // namespace vec
 }  // namespace fastgpt
