@@ -127,14 +127,21 @@ def test_bench_fsdp():
     assert "FSDP state per rank = 1.000 x (DDP's / 2)" in out
 
 
-def test_vs_nanogpt(tmp_path):
-    # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
+def _stand_in_nanogpt(tmp_path, body: str):
+    """A nanoGPT checkout whose train.py reads --max_iters into `iters`, then runs ``body``."""
     nano = tmp_path / "nanoGPT"
     nano.mkdir()
     (nano / "train.py").write_text(
         "import sys\n"
         "iters = next(int(a.split('=')[1]) for a in sys.argv if a.startswith('--max_iters='))\n"
-        "print(f'step {iters}: train loss 1.2345, val loss 1.5000')\n")
+        + body)
+    return nano
+
+
+def test_vs_nanogpt(tmp_path):
+    # a stand-in for nanoGPT's train.py that prints its last eval line as nanoGPT does
+    nano = _stand_in_nanogpt(tmp_path,
+                             "print(f'step {iters}: train loss 1.2345, val loss 1.5000')\n")
     tiny = "--n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 4 --eval-iters 1"
     code, out, err = _script("vs_nanogpt.py", "--nanogpt", str(nano), "--rounds", "1",
                              "--iters", "4", "--fastgpt-args", tiny, cwd=tmp_path)
@@ -151,12 +158,9 @@ def test_vs_nanogpt(tmp_path):
 def test_vs_nanogpt_per_iteration(tmp_path):
     # a stand-in for nanoGPT's train.py that logs its iterations as nanoGPT does: 50 ms each,
     # the first (with its evaluation) 900 ms, which the median must leave out
-    nano = tmp_path / "nanoGPT"
-    nano.mkdir()
-    (nano / "train.py").write_text(
-        "import sys\n"
+    nano = _stand_in_nanogpt(
+        tmp_path,
         "assert 'config/train_shakespeare_char.py' in sys.argv and '--eval_iters=1' in sys.argv\n"
-        "iters = next(int(a.split('=')[1]) for a in sys.argv if a.startswith('--max_iters='))\n"
         "for i in range(iters + 1):\n"
         "    print(f'iter {i}: loss 2.5000, time {900.0 if i == 0 else 50.0:.2f}ms, mfu 1.00%')\n")
     tiny = "--n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 4 --dropout 0"
