@@ -1,5 +1,6 @@
 // fastgpt::flat_adamw_step_: gradient clipping, AdamW and the bf16 working-copy refresh in one
-// op, for CPU training with fp32 master weights (fastgpt/optim.py).
+// op, for CPU training with fp32 master weights (fastgpt/optim.py); without a working copy (an
+// empty `working`: float32 training) the same step reads the masters' own grads.
 //
 // Why: the unfused step makes five passes over every parameter element (bf16 grads to an fp32
 // buffer, their norm, the clip multiply, AdamW, the fp32 -> bf16 copy), each an op over ~30
@@ -24,8 +25,7 @@
 //   the norm, summed in double, is at least as accurate as clip_grad_norm_'s and may differ from
 //   it in the last bits. bf16 rounding is round to nearest even, as .to(torch.bfloat16).
 // Limits: CPU; contiguous buffers; no amsgrad, maximize or grad scaling (Python checks). The
-//   AVX-512 clone is the fast one; the haswell clone does the FMAs lane by lane, the baseline
-//   one calls fmaf.
+//   AVX-512 and AVX2 copies (cpu_isa.h) are the fast ones; the baseline copy calls fmaf.
 
 // torch's kernel rounds every product and sum except its explicit FMAs: keep GCC from fusing
 // others (-ffp-contract=fast is its default for C++). setup.py's -fno-math-errno lets GCC
@@ -37,6 +37,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,10 +73,29 @@ struct Block {
   int64_t begin, end;      // relative to the segment's first element
 };
 
-__attribute__((always_inline)) inline vfloat fma16(vfloat a, vfloat b, vfloat c) {
-  vfloat r;
-  for (int k = 0; k < kLanes; ++k) r[k] = __builtin_fmaf(a[k], b[k], c[k]);
+// a * b + c rounded once, lane by lane, on one register of instruction set I (NativeVec). GCC
+// does not vectorise a lane loop of fmaf over computed vectors (it issued one scalar FMA per
+// lane), so the AVX2 and AVX-512 copies use the instructions. Those two are not always_inline:
+// a function with a target attribute cannot be forced into update_body (which has none); GCC
+// inlines them once update_body sits inside the copy of the same target.
+template <Isa I>
+__attribute__((always_inline)) inline typename NativeVec<I>::f fmav(typename NativeVec<I>::f a,
+                                                                   typename NativeVec<I>::f b,
+                                                                   typename NativeVec<I>::f c) {
+  typename NativeVec<I>::f r;
+  for (int k = 0; k < NativeVec<I>::lanes; ++k) r[k] = __builtin_fmaf(a[k], b[k], c[k]);
   return r;
+}
+template <>
+FASTGPT_TARGET_AVX2 inline NativeVec<Isa::kAvx2>::f fmav<Isa::kAvx2>(NativeVec<Isa::kAvx2>::f a,
+                                                                    NativeVec<Isa::kAvx2>::f b,
+                                                                    NativeVec<Isa::kAvx2>::f c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+template <>
+FASTGPT_TARGET_AVX512 inline NativeVec<Isa::kAvx512>::f fmav<Isa::kAvx512>(
+    NativeVec<Isa::kAvx512>::f a, NativeVec<Isa::kAvx512>::f b, NativeVec<Isa::kAvx512>::f c) {
+  return _mm512_fmadd_ps(a, b, c);
 }
 
 // sum of g^2 over [begin, end), in double: 8-lane halves (a 16-lane double vector would live on
@@ -113,32 +133,37 @@ __attribute__((always_inline)) inline double sum_squares_body(const raw_t* g, in
 
 // AdamW on [begin, end) of one segment; torch's vector body (blocks of 16 from the tensor's
 // start) up to vec_end, its tail loop after
-template <typename raw_t>
+template <Isa I, typename raw_t>
 __attribute__((always_inline)) inline void update_body(const Segment& s, const raw_t* grad,
                                                        float clip, bool clips, float* param,
                                                        float* exp_avg, float* exp_avg_sq,
                                                        uint16_t* work, int64_t begin,
                                                        int64_t end) {
+  // torch's body covers blocks of 16 from the tensor's start; they are computed here in
+  // registers of the instruction set's width (the arithmetic is per lane, so the same), since
+  // GCC moves 16-lane vectors through the stack on AVX2
+  using V = NativeVec<I>;
+  using F = typename V::f;
   const int64_t vec_end = std::min(end, s.numel - s.numel % kLanes);
   const int64_t tail8_end = s.numel - s.numel % 8;
   int64_t i = begin;
-  for (; i < vec_end; i += kLanes) {
-    vfloat g = load16(grad + i);
+  for (; i < vec_end; i += V::lanes) {
+    F g = loadv<V>(grad + i);
     if (clips) g = g * clip;
-    vfloat p = load16(param + i);
+    F p = loadv<V>(param + i);
     if (s.decays) p = p * s.decay;
-    vfloat m = load16(exp_avg + i);
-    m = fma16(vfloat{} + s.lerp_coeff, g - m, s.lerp_from_m ? m : g);
-    vfloat v = load16(exp_avg_sq + i);
-    v = fma16(s.one_minus_beta2 * g, g, v * s.beta2);
-    vfloat sq;
-    for (int k = 0; k < kLanes; ++k) sq[k] = __builtin_sqrtf(v[k]);
-    const vfloat denom = sq / s.bias_correction2_sqrt + s.eps;
+    F m = loadv<V>(exp_avg + i);
+    m = fmav<I>(F{} + s.lerp_coeff, g - m, s.lerp_from_m ? m : g);
+    F v = loadv<V>(exp_avg_sq + i);
+    v = fmav<I>(s.one_minus_beta2 * g, g, v * s.beta2);
+    F sq;
+    for (int k = 0; k < V::lanes; ++k) sq[k] = __builtin_sqrtf(v[k]);
+    const F denom = sq / s.bias_correction2_sqrt + s.eps;
     p = p + s.neg_step_size * m / denom;
-    store16(exp_avg + i, m);
-    store16(exp_avg_sq + i, v);
-    store16(param + i, p);
-    store16(work + i, p);
+    storev<V>(exp_avg + i, m);
+    storev<V>(exp_avg_sq + i, v);
+    storev<V>(param + i, p);
+    if (work != nullptr) storev<V>(work + i, p);
   }
   for (; i < end; ++i) {
     float g = load(grad, i);
@@ -157,12 +182,12 @@ __attribute__((always_inline)) inline void update_body(const Segment& s, const r
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     param[i] = p;
-    store(work, i, p);
+    if (work != nullptr) store(work, i, p);
   }
 }
 
 // One copy per instruction set (cpu_isa.h) inlines the bodies above: FMA and sqrt on 16 lanes
-// with AVX-512, on 8 with AVX2 + FMA; the baseline copy calls fmaf.
+// with AVX-512, on 8 with AVX2 + FMA; the baseline copy calls fmaf (SSE2 has no FMA).
 template <typename grad_t>
 double sum_squares(const grad_t* g, int64_t begin, int64_t end) {
   double total = 0.0;
@@ -172,8 +197,8 @@ double sum_squares(const grad_t* g, int64_t begin, int64_t end) {
 template <typename grad_t>
 void update(const Segment& s, const grad_t* grad, float clip, bool clips, float* param,
             float* exp_avg, float* exp_avg_sq, uint16_t* work, int64_t begin, int64_t end) {
-  dispatch([&]<Isa>() __attribute__((always_inline)) {
-    update_body(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    update_body<I>(s, grad, clip, clips, param, exp_avg, exp_avg_sq, work, begin, end);
   });
 }
 
@@ -216,7 +241,8 @@ void check_inputs(const at::Tensor& master, const at::Tensor& exp_avg,
   check_flat(master, "master", at::kFloat, total);
   check_flat(exp_avg, "exp_avg", at::kFloat, total);
   check_flat(exp_avg_sq, "exp_avg_sq", at::kFloat, total);
-  check_flat(working, "working", at::kBFloat16, total);
+  // an empty working copy: float32 training, nothing to refresh
+  check_flat(working, "working", at::kBFloat16, working.numel() == 0 ? 0 : total);
   check_flat(steps, "steps", at::kFloat, n);
 }
 
@@ -322,15 +348,17 @@ float clip_factor(float norm, double max_norm) {
   return coeff > 1.0f ? 1.0f : coeff;
 }
 
-// Pass 2: AdamW on every block, writing the master, both moments and the bf16 working copy;
-// a block's update reads no other block's data, so the blocks run in any order.
+// Pass 2: AdamW on every block, writing the master, both moments and the bf16 working copy (if
+// any); a block's update reads no other block's data, so the blocks run in any order.
 void update_pass(const std::vector<Segment>& segs, const std::vector<Block>& blocks,
                  float clip, bool clips, at::Tensor& master, at::Tensor& exp_avg,
                  at::Tensor& exp_avg_sq, at::Tensor& working) {
   float* param = master.mutable_data_ptr<float>();
   float* m = exp_avg.mutable_data_ptr<float>();
   float* v = exp_avg_sq.mutable_data_ptr<float>();
-  uint16_t* work = reinterpret_cast<uint16_t*>(working.mutable_data_ptr<at::BFloat16>());
+  uint16_t* work = working.numel() == 0
+                       ? nullptr
+                       : reinterpret_cast<uint16_t*>(working.mutable_data_ptr<at::BFloat16>());
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), kGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const Block& k = blocks[b];
@@ -338,10 +366,10 @@ void update_pass(const std::vector<Segment>& segs, const std::vector<Block>& blo
       const int64_t o = s.offset;
       if (s.grad_bf16) {
         update(s, static_cast<const uint16_t*>(s.grad), clip, clips, param + o, m + o, v + o,
-               work + o, k.begin, k.end);
+               work ? work + o : nullptr, k.begin, k.end);
       } else {
         update(s, static_cast<const float*>(s.grad), clip, clips, param + o, m + o, v + o,
-               work + o, k.begin, k.end);
+               work ? work + o : nullptr, k.begin, k.end);
       }
     }
   });

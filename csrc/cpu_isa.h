@@ -18,6 +18,10 @@ enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 
+// lanes of one fp32 register of instruction set I (vec_cpu.h's Vec<L> is sized with it)
+template <Isa I>
+constexpr int kIsaLanes = I == Isa::kAvx512 ? 16 : I == Isa::kAvx2 ? 8 : 4;
+
 #define FASTGPT_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #define FASTGPT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 

@@ -31,15 +31,17 @@ __attribute__((always_inline)) inline void gelu_math(F x, F& g, F& d) {
   d = cdf + x * e * kInvSqrt2Pi;
 }
 
-template <typename scalar_t>
+// V: the instruction set's own width (NativeVec), not 16 lanes: GCC lowers a comparison of
+// 16-lane vectors (exp_nonpositive's clamp) to 16 scalar compares on AVX2
+template <class V, typename scalar_t>
 __attribute__((always_inline)) inline void gelu_with_derivative_body(
     const scalar_t* h, scalar_t* out, float* deriv, int64_t begin, int64_t end) {
   int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) {
-    vfloat g, d;
-    gelu_math<vfloat, vuint, vint>(load16(h + i), g, d);
-    store16(out + i, g);
-    store16(deriv + i, d);
+  for (; i + V::lanes <= end; i += V::lanes) {
+    typename V::f g, d;
+    gelu_math<typename V::f, typename V::u, typename V::i>(loadv<V>(h + i), g, d);
+    storev<V>(out + i, g);
+    storev<V>(deriv + i, d);
   }
   for (; i < end; ++i) {
     float g, d;
@@ -57,13 +59,13 @@ __attribute__((always_inline)) inline void scale_by_derivative_body(
   for (; i < end; ++i) store(out, i, load(grad, i) * deriv[i]);
 }
 
-// One copy per instruction set (cpu_isa.h) inlines the bodies above, so the 16-lane vectors are
+// One copy per instruction set (cpu_isa.h) inlines the bodies above, so the vectors are
 // lowered to AVX-512, AVX2 + FMA or SSE2 registers.
 template <typename raw_t>
 void gelu_with_derivative_range(const raw_t* h, raw_t* out, float* deriv, int64_t begin,
                                 int64_t end) {
-  dispatch([&]<Isa>() __attribute__((always_inline)) {
-    gelu_with_derivative_body(h, out, deriv, begin, end);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    gelu_with_derivative_body<NativeVec<I>>(h, out, deriv, begin, end);
   });
 }
 template <typename raw_t>

@@ -28,7 +28,8 @@
 // flat_adamw_step_(master, exp_avg, exp_avg_sq, working, steps, grads, offsets, group, lr,
 //                  weight_decay, beta1, beta2, eps, max_norm) -> grad norm (0-d; NaN if no clip)
 //   Clip the grads to max_norm (max_norm <= 0: no clipping), one AdamW step of the flat fp32
-//   master weights and moments, and the new bf16 working copy, in place. Tensor i owns
+//   master weights and moments, and the new bf16 working copy (none if `working` is empty), in
+//   place. Tensor i owns
 //   [offsets[i], offsets[i+1]) of the flat buffers, grads[i] is its gradient (None: skipped) and
 //   group[i] indexes the per-group lr, weight_decay, beta1, beta2, eps; steps holds each
 //   tensor's step count (CPU only, csrc/adamw_cpu.cpp).

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cpu_isa.h"
+
 namespace fastgpt {
 namespace vec {
 
@@ -116,6 +118,12 @@ __attribute__((always_inline)) inline float hsum(typename V::f v) {
   for (int l = 0; l < V::lanes; ++l) s += v[l];
   return s;
 }
+
+// one register of instruction set I (cpu_isa.h). Kernels that compare or select lanes use it:
+// GCC lowers a comparison of wider vectors lane by lane (16 scalar compares for 16 lanes on
+// AVX2), while arithmetic on them splits into whole registers.
+template <Isa I>
+using NativeVec = Vec<kIsaLanes<I>>;
 
 // the 16-lane vfloat of the elementwise kernels (gelu, layer_norm, adamw): Vec<16>
 using V16 = Vec<kLanes>;

@@ -173,7 +173,8 @@ class Stepper:
 
     * ``flat``: bf16 on CPU; a bf16 working copy (LowPrecisionCopy) runs forward and backward and
       FlatAdamW clips, steps the fp32 masters and refreshes the copy in one C++ op (no scaler:
-      bf16 needs no loss scaling);
+      bf16 needs no loss scaling). float32 on CPU takes FlatAdamW too, without a working copy
+      (unless ``exact``: nanoGPT's torch.optim.AdamW and clip_grad_norm_, step for step);
     * ``working copy``: the same without the extension; torch.optim.AdamW steps the masters
       after the gradients are copied to them and clipped, then the copy is refreshed;
     * ``scaler``: every other mode; torch.optim.AdamW on the model itself, through a GradScaler
@@ -186,15 +187,18 @@ class Stepper:
     """
 
     def __init__(self, master: torch.nn.Module, device_type: str, dtype: torch.dtype,
-                 t: TrainConfig, sharded: bool = False):
+                 t: TrainConfig, sharded: bool = False, exact: bool = False):
         betas = (t.beta1, t.beta2)
         # a sharded model (fastgpt.sharding) computes in ``dtype`` through FSDP's mixed
         # precision, so it needs no working copy: the ``scaler`` mode on DTensor parameters
         self.low = (LowPrecisionCopy(master, dtype)
                     if uses_working_copy(device_type, dtype) and not sharded else None)
-        self.flat = (flat_adamw_or_none(optimizer_groups(master, t.weight_decay), self.low.pairs,
+        flat_fp32 = (device_type == "cpu" and dtype == torch.float32 and not sharded
+                     and not exact)
+        self.flat = (flat_adamw_or_none(optimizer_groups(master, t.weight_decay),
+                                        None if self.low is None else self.low.pairs,
                                         t.learning_rate, betas, t.grad_clip)
-                     if self.low is not None else None)
+                     if self.low is not None or flat_fp32 else None)
         self.optimizer = self.flat or make_optimizer(master, t.learning_rate, t.weight_decay, betas)
         self.scaler = grad_scaler(device_type, dtype)
         self.master, self.grad_clip = master, t.grad_clip
@@ -205,7 +209,8 @@ class Stepper:
     def optimizer_name(self) -> str:
         """Which optimizer steps, for the run's header and run row."""
         if self.flat is not None:
-            return "fastgpt FlatAdamW (fp32 masters, bf16 working copy)"
+            return ("fastgpt FlatAdamW (fp32 masters, bf16 working copy)" if self.low is not None
+                    else "fastgpt FlatAdamW (fp32)")
         kind = "fused" if self.optimizer.defaults.get("fused") else "foreach"
         return f"torch.optim.AdamW ({kind})"
 

@@ -441,7 +441,7 @@ def _setup(opts: RunOptions, world: distributed.World, device: torch.device) -> 
     # unsharded, the stepper's bf16 copy computes
     run = _Run(opts=opts, world=world, device=device, out_dir=out_dir, source=source,
                model_kind=model_kind, mcfg=mcfg, tcfg=tcfg, model=model,
-               stepper=Stepper(model, device.type, dtype, tcfg, sharded=sharded),
+               stepper=Stepper(model, device.type, dtype, tcfg, sharded=sharded, exact=exact),
                batches=batches, ctx=autocast(device.type, dtype), dtype=dtype,
                dtype_reason=dtype_reason, exact=exact,
                init_from=resumed.get("init_from") if resumed is not None else opts.init_from,

@@ -107,6 +107,35 @@ def test_steps_match_torch_fused_adamw(max_norm):
     assert flat.state_dict()["state"][5]["step"] == 4   # SHAPES[2] (flat index 5) skipped once
 
 
+@pytest.mark.parametrize("max_norm", [0.0, 0.5], ids=["no-clip", "clip"])
+def test_without_a_working_copy_steps_the_masters_from_their_own_grads(max_norm):
+    """float32 training: pairs=None; the masters' fp32 grads are read and zeroed, nothing else
+    is written, and the update is torch's fused AdamW's given the same clipped grads."""
+    masters, _, refs, groups = _pair()
+    flat = FlatAdamW(groups(masters), None, lr=3e-3, betas=BETAS, max_grad_norm=max_norm)
+    ref = torch.optim.AdamW(groups(refs), lr=3e-3, betas=BETAS, fused=True)
+    assert flat._work.numel() == 0
+    for scale, missing in [(1.0, ()), (3.0, (2,)), (0.1, ())]:
+        grads = [None if i in missing else torch.randn(s) * scale for i, s in enumerate(SHAPES)]
+        for m, r, g in zip(masters, refs, grads):
+            m.grad = g
+            r.grad = None if g is None else g.clone()
+        flat.step()
+        if max_norm > 0:
+            exact = torch.cat([g.double().flatten() for g in grads if g is not None]).norm()
+            assert abs(flat.last_grad_norm.double() - exact) <= 1e-6 * exact
+            _clip_like_ours(refs, max_norm, flat.last_grad_norm)
+        ref.step()
+        for i, (m, r) in enumerate(zip(masters, refs)):
+            _assert_same(m.detach(), r.detach(), f"param {i}")
+        flat.zero_grad(set_to_none=True)
+        assert all(m.grad is None for m in masters)
+    ours, theirs = flat.state_dict()["state"], ref.state_dict()["state"]
+    for k in theirs:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            _assert_same(ours[k][key], theirs[k][key], f"state {k} {key}")
+
+
 def test_clipping_matches_clip_grad_norm():
     """End to end against clip_grad_norm_ + AdamW: equal up to the norm's last-ulp difference."""
     flat, ref, masters, work, refs = _make(max_grad_norm=1.0)
@@ -256,7 +285,7 @@ def test_fallback_when_the_extension_is_missing(monkeypatch, caplog):
             assert optim.flat_adamw_or_none(groups(masters), zip(masters, work), 1e-3, BETAS,
                                             1.0) is None
     assert [r.message for r in caplog.records].count(
-        "fastgpt: the bf16 optimizer step runs torch.optim.AdamW (not built (test))") == 1
+        "fastgpt: the CPU optimizer step runs torch.optim.AdamW (not built (test))") == 1
 
 
 def test_training_does_not_import_dynamo():

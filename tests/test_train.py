@@ -189,12 +189,12 @@ def test_bf16_without_the_extension_matches_flat_adamw(tmp_path, monkeypatch):
     assert b[11] < b[0]
 
 
-def _stepper_run(dtype, steps=2):
+def _stepper_run(dtype, steps=2, exact=False):
     """A tiny GPT stepped ``steps`` times by a Stepper (grad_clip small enough to clip)."""
     torch.manual_seed(0)
     model = build_model("gpt", GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8,
                                          vocab_size=11))
-    stepper = Stepper(model, "cpu", dtype, TrainConfig(grad_clip=0.1))
+    stepper = Stepper(model, "cpu", dtype, TrainConfig(grad_clip=0.1), exact=exact)
     x = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
         _, loss = stepper.model(x, x)
@@ -203,21 +203,44 @@ def _stepper_run(dtype, steps=2):
     return model, stepper
 
 
-def test_stepper_in_float32_is_torch_adamw_with_clipping():
-    model, stepper = _stepper_run(torch.float32)
-    assert stepper.model is model and stepper.flat is None
+def _torch_adamw_with_clipping(steps=2):
+    """_stepper_run's model stepped by torch.optim.AdamW(fused) + clip_grad_norm_ (nanoGPT's)."""
     torch.manual_seed(0)
     ref = build_model("gpt", GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=11))
     opt = optim.make_optimizer(ref, 1e-3, 0.1, (0.9, 0.99))
     x = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
-    for _ in range(2):
+    for _ in range(steps):
         ref(x, x)[1].backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return ref
+
+
+def test_stepper_in_float32_exact_is_torch_adamw_with_clipping():
+    model, stepper = _stepper_run(torch.float32, exact=True)
+    assert stepper.model is model and stepper.flat is None
+    ref = _torch_adamw_with_clipping()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))   # bitwise
     assert all(p.grad is None for p in model.parameters())
     assert set(stepper.state_dict()) == {"optimizer", "scaler"}   # the checkpoint's keys
+
+
+@pytest.mark.parametrize("extension", [True, False])
+def test_stepper_in_float32_takes_flat_adamw(monkeypatch, extension):
+    """FlatAdamW without a working copy: torch's AdamW + clip_grad_norm_ up to the clip
+    factor's last bits (its norm is summed in double); torch's AdamW without the extension."""
+    if not extension:
+        monkeypatch.setattr(optim, "unavailable", lambda: "pretend it is not built")
+    model, stepper = _stepper_run(torch.float32)
+    assert stepper.model is model and (stepper.flat is not None) == extension
+    assert stepper.optimizer_name == ("fastgpt FlatAdamW (fp32)" if extension
+                                      else "torch.optim.AdamW (fused)")
+    ref = _torch_adamw_with_clipping()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    assert set(stepper.state_dict()) == {"optimizer", "scaler"}
 
 
 @pytest.mark.parametrize("extension", [True, False])
