@@ -32,7 +32,8 @@ __attribute__((always_inline)) inline void gelu_math(F x, F& g, F& d) {
 }
 
 // V: the instruction set's own width (NativeVec), not 16 lanes: GCC lowers a comparison of
-// 16-lane vectors (exp_nonpositive's clamp) to 16 scalar compares on AVX2
+// 16-lane vectors (exp_nonpositive's clamp) to 16 scalar compares on AVX2, and moves them
+// through the stack
 template <class V, typename scalar_t>
 __attribute__((always_inline)) inline void gelu_with_derivative_body(
     const scalar_t* h, scalar_t* out, float* deriv, int64_t begin, int64_t end) {
@@ -51,11 +52,12 @@ __attribute__((always_inline)) inline void gelu_with_derivative_body(
   }
 }
 
-template <typename scalar_t>
+template <class V, typename scalar_t>
 __attribute__((always_inline)) inline void scale_by_derivative_body(
     const scalar_t* grad, const float* deriv, scalar_t* out, int64_t begin, int64_t end) {
   int64_t i = begin;
-  for (; i + kLanes <= end; i += kLanes) store16(out + i, load16(grad + i) * load16(deriv + i));
+  for (; i + V::lanes <= end; i += V::lanes)
+    storev<V>(out + i, loadv<V>(grad + i) * loadv<V>(deriv + i));
   for (; i < end; ++i) store(out, i, load(grad, i) * deriv[i]);
 }
 
@@ -71,8 +73,8 @@ void gelu_with_derivative_range(const raw_t* h, raw_t* out, float* deriv, int64_
 template <typename raw_t>
 void scale_by_derivative_range(const raw_t* grad, const float* deriv, raw_t* out, int64_t begin,
                                int64_t end) {
-  dispatch([&]<Isa>() __attribute__((always_inline)) {
-    scale_by_derivative_body(grad, deriv, out, begin, end);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    scale_by_derivative_body<NativeVec<I>>(grad, deriv, out, begin, end);
   });
 }
 

@@ -26,31 +26,33 @@ using namespace vec;
 constexpr int64_t kRowBlock = 64;   // rows per backward task and per partial column sum
 
 // w and b have x's dtype (the block's weights all do); b may be null (no bias)
-template <typename raw_t>
+template <class V, typename raw_t>
 __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const raw_t* w,
                                                         const raw_t* b, raw_t* y, float* mean,
                                                         float* rstd, int64_t C, float eps,
                                                         int64_t begin, int64_t end) {
-  const int64_t Cv = C / kLanes * kLanes;
+  using F = typename V::f;
+  constexpr int64_t L = V::lanes;
+  const int64_t Cv = C / L * L;
   for (int64_t r = begin; r < end; ++r) {
     const raw_t* xr = x + r * C;
     raw_t* yr = y + r * C;
-    vfloat vs = {};
-    for (int64_t c = 0; c < Cv; c += kLanes) vs += load16(xr + c);
-    float s = hsum<V16>(vs);
+    F vs = {};
+    for (int64_t c = 0; c < Cv; c += L) vs += loadv<V>(xr + c);
+    float s = hsum<V>(vs);
     for (int64_t c = Cv; c < C; ++c) s += load(xr, c);
     const float mu = s / C;
-    vfloat vq = {};
-    for (int64_t c = 0; c < Cv; c += kLanes) {
-      const vfloat d = load16(xr + c) - mu;
+    F vq = {};
+    for (int64_t c = 0; c < Cv; c += L) {
+      const F d = loadv<V>(xr + c) - mu;
       vq += d * d;
     }
-    float q = hsum<V16>(vq);
+    float q = hsum<V>(vq);
     for (int64_t c = Cv; c < C; ++c) q += (load(xr, c) - mu) * (load(xr, c) - mu);
     const float rs = 1.0f / std::sqrt(q / C + eps);
-    for (int64_t c = 0; c < Cv; c += kLanes) {
-      const vfloat v = (load16(xr + c) - mu) * rs * load16(w + c);
-      store16(yr + c, b != nullptr ? v + load16(b + c) : v);
+    for (int64_t c = 0; c < Cv; c += L) {
+      const F v = (loadv<V>(xr + c) - mu) * rs * loadv<V>(w + c);
+      storev<V>(yr + c, b != nullptr ? v + loadv<V>(b + c) : v);
     }
     for (int64_t c = Cv; c < C; ++c) {
       const float v = (load(xr, c) - mu) * rs * load(w, c);
@@ -62,26 +64,28 @@ __attribute__((always_inline)) inline void forward_rows(const raw_t* x, const ra
 }
 
 // rows [begin, end): dx, and the column sums of dy * xhat and dy into dw_part and db_part
-template <typename raw_t>
+template <class V, typename raw_t>
 __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const raw_t* x,
                                                          const float* mean, const float* rstd,
                                                          const raw_t* w, raw_t* dx,
                                                          float* dw_part, float* db_part,
                                                          int64_t C, int64_t begin, int64_t end) {
-  const int64_t Cv = C / kLanes * kLanes;
+  using F = typename V::f;
+  constexpr int64_t L = V::lanes;
+  const int64_t Cv = C / L * L;
   for (int64_t c = 0; c < C; ++c) dw_part[c] = db_part[c] = 0.0f;
   for (int64_t r = begin; r < end; ++r) {
     const raw_t *dyr = dy + r * C, *xr = x + r * C;
     const float mu = mean[r], rs = rstd[r];
-    vfloat vg = {}, vgx = {};
-    for (int64_t c = 0; c < Cv; c += kLanes) {
-      const vfloat d = load16(dyr + c), xh = (load16(xr + c) - mu) * rs, g = d * load16(w + c);
+    F vg = {}, vgx = {};
+    for (int64_t c = 0; c < Cv; c += L) {
+      const F d = loadv<V>(dyr + c), xh = (loadv<V>(xr + c) - mu) * rs, g = d * loadv<V>(w + c);
       vg += g;
       vgx += g * xh;
-      store16(dw_part + c, load16(dw_part + c) + d * xh);
-      store16(db_part + c, load16(db_part + c) + d);
+      storev<V>(dw_part + c, loadv<V>(dw_part + c) + d * xh);
+      storev<V>(db_part + c, loadv<V>(db_part + c) + d);
     }
-    float sg = hsum<V16>(vg), sgx = hsum<V16>(vgx);
+    float sg = hsum<V>(vg), sgx = hsum<V>(vgx);
     for (int64_t c = Cv; c < C; ++c) {
       const float d = load(dyr, c), xh = (load(xr, c) - mu) * rs, g = d * load(w, c);
       sg += g;
@@ -90,9 +94,9 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
       db_part[c] += d;
     }
     const float a = sg / C, bb = sgx / C;
-    for (int64_t c = 0; c < Cv; c += kLanes) {
-      const vfloat xh = (load16(xr + c) - mu) * rs;
-      store16(dx + r * C + c, (load16(dyr + c) * load16(w + c) - a - xh * bb) * rs);
+    for (int64_t c = 0; c < Cv; c += L) {
+      const F xh = (loadv<V>(xr + c) - mu) * rs;
+      storev<V>(dx + r * C + c, (loadv<V>(dyr + c) * loadv<V>(w + c) - a - xh * bb) * rs);
     }
     for (int64_t c = Cv; c < C; ++c) {
       const float xh = (load(xr, c) - mu) * rs;
@@ -101,21 +105,21 @@ __attribute__((always_inline)) inline void backward_rows(const raw_t* dy, const 
   }
 }
 
-// One copy per instruction set (cpu_isa.h) inlines the row loops above, so the 16-lane vectors
-// are lowered to AVX-512, AVX2 + FMA or SSE2 registers.
+// One copy per instruction set (cpu_isa.h) inlines the row loops above with vectors of its own
+// width (NativeVec: 16-lane vectors went through the stack on AVX2).
 template <typename raw_t>
 void forward_range(const raw_t* x, const raw_t* w, const raw_t* b, raw_t* y, float* mean,
                    float* rstd, int64_t C, float eps, int64_t begin, int64_t end) {
-  dispatch([&]<Isa>() __attribute__((always_inline)) {
-    forward_rows(x, w, b, y, mean, rstd, C, eps, begin, end);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    forward_rows<NativeVec<I>>(x, w, b, y, mean, rstd, C, eps, begin, end);
   });
 }
 template <typename raw_t>
 void backward_range(const raw_t* dy, const raw_t* x, const float* mean, const float* rstd,
                     const raw_t* w, raw_t* dx, float* dw_part, float* db_part, int64_t C,
                     int64_t begin, int64_t end) {
-  dispatch([&]<Isa>() __attribute__((always_inline)) {
-    backward_rows(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
+  dispatch([&]<Isa I>() __attribute__((always_inline)) {
+    backward_rows<NativeVec<I>>(dy, x, mean, rstd, w, dx, dw_part, db_part, C, begin, end);
   });
 }
 
