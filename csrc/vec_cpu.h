@@ -1,9 +1,12 @@
 // Vector helpers for the CPU kernels (gelu, attention, layer_norm, adamw).
 //
-// Kernels are written over GCC vector extensions: a vfloat is 16 floats, which each
-// instruction set's copy (cpu_isa.h) lowers to AVX-512, AVX2 or SSE2 registers. bfloat16 data
-// is passed as its raw 16 bits (at::BFloat16 is a class, which GCC's vectoriser will not load
-// or store).
+// Kernels are written over GCC vector extensions, Vec<L>: L floats, which each instruction
+// set's copy (cpu_isa.h) lowers to its registers. Kernels use NativeVec<I>, one register of the
+// copy's set (16 lanes on AVX-512, 8 on AVX2, 4 on SSE2): GCC 12 lowers wider vectors well only
+// for plain arithmetic; their comparisons and selects become one scalar instruction per lane,
+// and they often go via the stack (measured on AVX2, 16 lanes against 8: GELU ~3x slower,
+// AdamW's step, with its FMAs issued lane by lane, 4.4x). bfloat16 data is passed as its raw 16
+// bits (at::BFloat16 is a class, which GCC's vectoriser will not load or store).
 #pragma once
 
 #include <cstdint>
@@ -125,7 +128,8 @@ __attribute__((always_inline)) inline float hsum(typename V::f v) {
 template <Isa I>
 using NativeVec = Vec<kIsaLanes<I>>;
 
-// the 16-lane vfloat of the elementwise kernels (gelu, layer_norm, adamw): Vec<16>
+// 16 lanes (Vec<16>) on every instruction set: AdamW's sum of squares, whose double
+// accumulators are laid out for it
 using V16 = Vec<kLanes>;
 __attribute__((always_inline)) inline vfloat load16(const float* p) { return loadv<V16>(p); }
 __attribute__((always_inline)) inline vfloat load16(const uint16_t* p) { return loadv<V16>(p); }

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional
 
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from fastgpt.errors import FastGPTError
 
@@ -118,6 +117,8 @@ def _checked(state: dict, path: Path) -> dict:
 
 def _consolidate(path: Path) -> dict:
     """A sharded checkpoint's model and optimizer as full tensors, in this process."""
+    # imported here: torch.distributed.checkpoint takes over a second to import
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     with tempfile.TemporaryDirectory(prefix="fastgpt-dcp-") as tmp:
         try:
             dcp_to_torch_save(path, Path(tmp) / "full.pt")

@@ -92,8 +92,8 @@ def _train_parser(sub) -> None:
                         "float16 (CUDA only)")
     p.add_argument("--exact", action="store_true",
                    help="train with nanoGPT's fp32 math step for step: float32, the torch "
-                        "transformer block and sdpa attention (the baby run's losses equal "
-                        "nanoGPT's to the 4 decimals both print)")
+                        "transformer block, sdpa attention and torch's AdamW (the baby run's "
+                        "losses equal nanoGPT's to the 4 decimals both print)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard weights, gradients and optimizer state over the "

@@ -11,8 +11,10 @@ the masters, both moments and the working copy are views of one flat tensor each
 working copy's bf16 grads are read where autograd left them.
 
 In float32 (no working copy) the same op replaces torch's clip_grad_norm_ (a norm per tensor, a
-norm of norms, a multiply per tensor) and fused AdamW (Python around ~30 tensors): ~3.6 ms of a
-~55 ms baby step on a 2-core AVX2 EPYC, where the op takes a fraction of a millisecond.
+norm of norms, a multiply per tensor) and fused AdamW (Python around ~30 tensors): in the baby
+preset's profile on a 2-core AVX2 EPYC the optimizer's share of a step went from 3.6 ms to
+1.0 ms (the op alone: 0.77 ms for its 0.8M parameters), and a float32 run no longer imports
+torch._dynamo at start-up.
 
 It is a drop-in for torch.optim.AdamW(fused=True) + clip_grad_norm_ in that loop:
 ``param_groups`` (lr, betas, eps, weight_decay per group, settable), ``step()``,

@@ -24,15 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
 
 from fastgpt import distributed
 from fastgpt.checkpoint import (CHECKPOINT_NAME, FORMAT, META_NAME, SHARDED_NAME,
                                 write_atomically)
 
 PREFIX = f".{SHARDED_NAME}."
+# torch.distributed.checkpoint is imported where it is used: importing it takes over a second,
+# which every run paid at start-up, sharded or not
 
 
 def save_sharded(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -42,6 +41,7 @@ def save_sharded(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
                                   world)[0]   # rank 0's name, on every rank
     target = out_dir / name
     model_state, optimizer_state = _state(model, optimizer)
+    import torch.distributed.checkpoint as dcp
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=target)
     if world.is_main:
         write_atomically(target / META_NAME, lambda f: torch.save({"format": FORMAT, **meta}, f))
@@ -53,6 +53,7 @@ def save_sharded(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """The sharded model's and optimizer's state dicts (parameter names as keys)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     fresh = not optimizer.state
     model_state, optimizer_state = get_state_dict(model, optimizer)
     if fresh:
@@ -97,6 +98,8 @@ def load_sharded(path: str | Path, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint into a sharded model and its optimizer (every rank calls this;
     DCP reads each rank's part, whatever the world size that wrote it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=Path(path).resolve())
@@ -108,6 +111,8 @@ def load_full_optimizer(state: dict, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer) -> None:
     """Load a single-file checkpoint's optimizer state (keyed by index, full tensors) into the
     optimizer of a sharded model: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
     names = {p: n for n, p in model.named_parameters()}
     order = [names[p] for g in optimizer.param_groups for p in g["params"]]
     by_name = {"state": {order[i]: v for i, v in state["state"].items()},

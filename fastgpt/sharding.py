@@ -21,10 +21,9 @@ fp32 shards (no unsharded gradients are kept between micro-steps), so memory sta
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from fastgpt.config import GPTConfig
 from fastgpt.model import Block, build_model
@@ -33,8 +32,15 @@ OPTIMIZER_NOTE = ("torch.optim.AdamW over the sharded parameters (FSDP; fastgpt'
                   "whole parameters)")
 
 
+# torch.distributed's FSDP and checkpoint modules are imported where they are used: importing
+# them takes ~1.7 s, which every run paid at start-up before, sharded or not.
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+
 def mixed_precision(dtype: torch.dtype) -> MixedPrecisionPolicy:
     """Compute in ``dtype``, reduce gradients in fp32; the sharded masters stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     return MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
                                 reduce_dtype=torch.float32)
 
@@ -44,6 +50,8 @@ def shard(model: torch.nn.Module, device: torch.device, world_size: int, dtype: 
     """Shard ``model`` in place over the ``world_size`` ranks of the process group: each Block,
     then the root. Its parameters move to ``device`` (only the local shards stay there).
     Returns the number of FSDP units."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh(device.type, (world_size,))
     policy = mixed_precision(dtype)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
@@ -68,6 +76,7 @@ def gathered(model: torch.nn.Module, kind: str, config: GPTConfig, rank: int,
              device: torch.device):
     """An unsharded copy of a sharded model on rank 0 (None on the others), for sampling in
     one process. Every rank calls this: the full weights are gathered to rank 0's CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                  cpu_offload=True))
     if rank != 0:

@@ -43,7 +43,8 @@ from fastgpt.precision import Stepper, autocast, parse_dtype, resolve_dtype
 from fastgpt.tensorboard_log import ScalarLog, writer_class
 
 # what --exact pins besides float32: nanoGPT's unfused block and its attention (torch's sdpa),
-# whatever the defaults for float32 are (fastgpt.ops may make a fused block the CPU default)
+# whatever the defaults for float32 are (fastgpt.ops may make a fused block the CPU default);
+# it also keeps torch.optim.AdamW with clip_grad_norm_ (precision.Stepper)
 EXACT_BACKENDS = {"transformer_block": "torch", "attention": "sdpa"}
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
@@ -60,8 +61,9 @@ class RunOptions:
                                            # a name (gpt2, ...; see fastgpt.pretrained)
     device: str = "auto"
     dtype: str = "auto"                    # see fastgpt.precision
-    exact: bool = False                    # nanoGPT's fp32 math step for step: float32 and
-                                           # EXACT_BACKENDS (auto resolves to float32)
+    exact: bool = False                    # nanoGPT's fp32 math step for step: float32,
+                                           # EXACT_BACKENDS and torch's AdamW (auto resolves
+                                           # to float32)
     compile: bool = False
     fsdp: bool = False                     # shard over torchrun's ranks (fastgpt.sharding)
     fsdp_reshard_after_forward: bool = True

@@ -288,12 +288,15 @@ def test_fallback_when_the_extension_is_missing(monkeypatch, caplog):
         "fastgpt: the CPU optimizer step runs torch.optim.AdamW (not built (test))") == 1
 
 
-def test_training_does_not_import_dynamo():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_training_does_not_import_dynamo_or_fsdp(dtype):
+    """Nor torch.distributed's checkpoint and FSDP modules (~1.7 s to import) when unsharded."""
     code = ("import sys, tempfile; from fastgpt.train import RunOptions, train; "
-            "train(RunOptions(out_dir=tempfile.mkdtemp(), dtype='bfloat16', device='cpu', "
+            f"train(RunOptions(out_dir=tempfile.mkdtemp(), dtype='{dtype}', device='cpu', "
             "progress=False, sample_chars=0, overrides=dict(max_iters=2, eval_interval=2, "
             "eval_iters=1, n_layer=1, n_embd=16, n_head=2, block_size=8, batch_size=2))); "
-            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))")
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', "
+            "'torch.distributed.checkpoint', 'torch.distributed.fsdp') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          timeout=600)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
