@@ -133,7 +133,7 @@ def test_train_help_lists_this_machines_backends_and_the_defaults(capsys):
     assert "(default: out)" in text
     assert "--n-layer INT baby 4, shakespeare-char 6, gpt2-small 12" in text
     assert "--exact train with nanoGPT's fp32 math step for step: float32, the torch " \
-           "transformer block and sdpa attention" in text
+           "transformer block, sdpa attention and torch's AdamW" in text
     assert "exact fp32" not in text        # float32 alone is not exact: --exact is
 
 
