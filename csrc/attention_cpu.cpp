@@ -54,24 +54,19 @@ constexpr int64_t kRows = 4;    // query rows (or keys) per register tile
 constexpr int64_t kPad = 16;    // P's rows and the widened head rows pad to multiples of 16
 constexpr int64_t kMaxD = 128;
 
-// Register tiles per instruction set (cpu_isa.h): V's lanes; key vectors per score tile
-// (4 rows x key_vecs accumulators), value vectors per output tile (4 rows x out_vecs) and per
-// dk/dv tile (2 x 4 keys x grad_vecs): at most 16 of AVX-512's 32 registers, 8 of the 16 of
-// AVX2 and SSE2, so that no tile spills.
+// Register tiles per instruction set (cpu_isa.h): V, one register of the set (NativeVec); key
+// vectors per score tile (4 rows x key_vecs accumulators), value vectors per output tile
+// (4 rows x out_vecs) and per dk/dv tile (2 x 4 keys x grad_vecs): at most 16 of AVX-512's 32
+// registers, 8 of the 16 of AVX2 and SSE2, so that no tile spills.
 template <Isa I>
-struct Tiles {   // AVX2
-  using V = Vec<8>;
+struct Tiles {   // AVX2 and SSE2
+  using V = NativeVec<I>;
   static constexpr int key_vecs = 2, out_vecs = 2, grad_vecs = 1;
 };
 template <>
 struct Tiles<Isa::kAvx512> {
-  using V = Vec<16>;
+  using V = NativeVec<Isa::kAvx512>;
   static constexpr int key_vecs = 4, out_vecs = 4, grad_vecs = 2;
-};
-template <>
-struct Tiles<Isa::kBaseline> {
-  using V = Vec<4>;
-  static constexpr int key_vecs = 2, out_vecs = 2, grad_vecs = 1;
 };
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
