@@ -44,6 +44,7 @@
 
 #include "checks.h"
 #include "cpu_isa.h"
+#include "dropout_cpu.h"
 #include "vec_cpu.h"
 
 namespace fastgpt {
@@ -209,6 +210,20 @@ __attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t 
   for (int64_t c = 0; c < nv; ++c) storev<V>(s + c * L, loadv<V>(s + c * L) * inv);
 }
 
+// dropout of one row of probabilities (nv vectors, in place): P' = P * keep / (1 - p), the
+// mask of row `key` (dropout_cpu.h)
+template <class V>
+__attribute__((always_inline)) inline void drop_row(float* s, int64_t nv, uint32_t key,
+                                                    const dropout::Params& d) {
+  constexpr int64_t L = V::lanes;
+  for (int64_t c = 0; c < nv; ++c) {
+    const typename V::i bits = (typename V::i)dropout::column_bits(
+        key, (typename V::u)lane_index<V>(int32_t(c * L)));
+    const typename V::f v = loadv<V>(s + c * L) * d.scale;
+    storev<V>(s + c * L, bits >= d.threshold ? v : typename V::f{});
+  }
+}
+
 // one head forward; scratch holds at least forward_scratch(T, Dp) floats
 inline int64_t forward_scratch(int64_t T, int64_t Dp) {
   const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
@@ -219,7 +234,8 @@ template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void forward_head(Rows<const raw_t> q, Rows<const raw_t> k,
                                                         Rows<const raw_t> v, Rows<raw_t> out,
                                                         float* probs, int64_t T, int64_t D,
-                                                        float scale, float* scratch) {
+                                                        float scale, const dropout::Params* drop,
+                                                        uint64_t row0, float* scratch) {
   using V = typename Tiles<I>::V;
   constexpr int64_t L = V::lanes;
   const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
@@ -241,18 +257,44 @@ __attribute__((always_inline)) inline void forward_head(Rows<const raw_t> q, Row
         std::copy(s + r * Tp, s + r * Tp + nv * L, row);
         std::fill(row + nv * L, row + Tp, 0.0f);
       }
+      if (drop != nullptr)   // P' for the output; the saved P stays undropped
+        drop_row<V>(s + r * Tp, nv, dropout::row_key(drop->seed, row0 + i0 + r), *drop);
     }
     weighted_rows<I, Dp>(s, Tp, vs, keys, rows, out, i0, D);
   }
 }
 
-inline int64_t backward_scratch(int64_t T, int64_t Dp) {
-  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
-  return Tr * Dp + Dp * Tp + 2 * T * Dp + Tr * Tp + kRows * Tp;
+// the backward of softmax then dropout for one row: with P' = P * keep / (1 - p) and dP' the
+// gradient of P', dP = dP' * keep / (1 - p) and dS = scale * P * (dP - sum_j P_j dP_j)
+// = scale * (P' dP' - P * sum_j P'_j dP'_j); writes P' (for dv) to pd and dS to ds
+template <class V>
+__attribute__((always_inline)) inline void dropped_softmax_grad_row(
+    const float* p, const float* dpr, int64_t nv, uint32_t key, const dropout::Params& d,
+    float scale, float* pd, float* ds) {
+  constexpr int64_t L = V::lanes;
+  typename V::f vdot = {};
+  for (int64_t c = 0; c < nv; ++c) {
+    const typename V::i bits = (typename V::i)dropout::column_bits(
+        key, (typename V::u)lane_index<V>(int32_t(c * L)));
+    const typename V::f kept = loadv<V>(p + c * L) * d.scale;
+    const typename V::f pdv = bits >= d.threshold ? kept : typename V::f{};
+    storev<V>(pd + c * L, pdv);
+    vdot += pdv * loadv<V>(dpr + c * L);
+  }
+  const float dot = hsum<V>(vdot);
+  for (int64_t c = 0; c < nv; ++c) {
+    const typename V::f g = loadv<V>(pd + c * L) * loadv<V>(dpr + c * L);
+    storev<V>(ds + c * L, (g - loadv<V>(p + c * L) * dot) * scale);
+  }
 }
 
-// dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time. Reads
-// P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
+inline int64_t backward_scratch(int64_t T, int64_t Dp) {
+  const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
+  return Tr * Dp + Dp * Tp + 2 * T * Dp + 2 * Tr * Tp + kRows * Tp;
+}
+
+// dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time (P:
+// after dropout, if any). Reads P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
 // row i (j0 is a multiple of 4, rows are written up to a multiple of the lanes past their
 // block).
 template <Isa I, int Dp, typename raw_t>
@@ -293,7 +335,7 @@ template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void backward_head(
     Rows<const raw_t> dout, Rows<const raw_t> q, Rows<const raw_t> k, Rows<const raw_t> v,
     const float* probs, Rows<raw_t> dq, Rows<raw_t> dk, Rows<raw_t> dv, int64_t T, int64_t D,
-    float scale, float* scratch) {
+    float scale, const dropout::Params* drop, uint64_t row0, float* scratch) {
   using V = typename Tiles<I>::V;
   constexpr int64_t L = V::lanes;
   const int64_t Tp = round_up(T, kPad), Tr = round_up(T, kRows);
@@ -302,7 +344,8 @@ __attribute__((always_inline)) inline void backward_head(
   float* ks = vt + Dp * Tp;     // (T, Dp)
   float* qs = ks + T * Dp;      // (T, Dp)
   float* ds = qs + T * Dp;      // (Tr, Tp): dS, rows >= T stay 0
-  float* dp = ds + Tr * Tp;     // (4, Tp): one tile of dP
+  float* pd = ds + Tr * Tp;     // (Tr, Tp): P' = P after dropout (with dropout only)
+  float* dp = pd + Tr * Tp;     // (4, Tp): one tile of dP
   widen_rows<V>(dout, T, Tr, D, Dp, 1.0f, dos);
   transpose_rows(v, T, Tp, D, vt);
   widen_rows<V>(k, T, T, D, Dp, 1.0f, ks);
@@ -315,10 +358,15 @@ __attribute__((always_inline)) inline void backward_head(
     for (int64_t r = 0; r < rows; ++r) {
       const float* p = probs + (i0 + r) * Tp;
       const float* dpr = dp + r * Tp;
+      float* dsr = ds + (i0 + r) * Tp;
+      if (drop != nullptr) {
+        dropped_softmax_grad_row<V>(p, dpr, nv, dropout::row_key(drop->seed, row0 + i0 + r),
+                                    *drop, scale, pd + (i0 + r) * Tp, dsr);
+        continue;
+      }
       typename V::f vdot = {};
       for (int64_t c = 0; c < nv; ++c) vdot += loadv<V>(p + c * L) * loadv<V>(dpr + c * L);
       const float dot = hsum<V>(vdot);
-      float* dsr = ds + (i0 + r) * Tp;
       for (int64_t c = 0; c < nv; ++c) {
         const typename V::f pv = loadv<V>(p + c * L);
         storev<V>(dsr + c * L, pv * (loadv<V>(dpr + c * L) - dot) * scale);
@@ -326,7 +374,7 @@ __attribute__((always_inline)) inline void backward_head(
     }
     weighted_rows<I, Dp>(ds + i0 * Tp, Tp, ks, keys, rows, dq, i0, D);
   }
-  key_grads<I, Dp>(probs, ds, dos, qs, dk, dv, T, Tp, D);
+  key_grads<I, Dp>(drop != nullptr ? pd : probs, ds, dos, qs, dk, dv, T, Tp, D);
 }
 
 // Per-dtype entry points, dispatching on the instruction set (cpu_isa.h) and on Dp. A head's
@@ -361,8 +409,8 @@ __attribute__((always_inline)) inline void with_padded_d(HeadLayout L, Body&& bo
 
 template <typename raw_t>
 void forward_range(const raw_t* q, const raw_t* k, const raw_t* v, raw_t* out, float* probs,
-                   const int64_t (*st)[3], HeadLayout L, float scale, int64_t begin,
-                   int64_t end) {
+                   const int64_t (*st)[3], HeadLayout L, float scale,
+                   const dropout::Params* drop, int64_t begin, int64_t end) {
   std::vector<float> scratch(forward_scratch(L.T, L.padded_d()));
   const int64_t Tp = round_up(L.T, kPad);
   dispatch([&]<Isa I>() __attribute__((always_inline)) {
@@ -371,7 +419,7 @@ void forward_range(const raw_t* q, const raw_t* k, const raw_t* v, raw_t* out, f
         float* pr = probs == nullptr ? nullptr : probs + bh * L.T * Tp;
         forward_head<I, Dp>(head_rows(q, st, 0, bh, L), head_rows(k, st, 1, bh, L),
                             head_rows(v, st, 2, bh, L), head_rows(out, st, 3, bh, L), pr, L.T,
-                            L.D, scale, scratch.data());
+                            L.D, scale, drop, uint64_t(bh * L.T), scratch.data());
       }
     });
   });
@@ -380,7 +428,8 @@ void forward_range(const raw_t* q, const raw_t* k, const raw_t* v, raw_t* out, f
 template <typename raw_t>
 void backward_range(const raw_t* dout, const raw_t* q, const raw_t* k, const raw_t* v,
                     const float* probs, raw_t* dq, raw_t* dk, raw_t* dv, const int64_t (*st)[3],
-                    HeadLayout L, float scale, int64_t begin, int64_t end) {
+                    HeadLayout L, float scale, const dropout::Params* drop, int64_t begin,
+                    int64_t end) {
   std::vector<float> scratch(backward_scratch(L.T, L.padded_d()));
   const int64_t Tp = round_up(L.T, kPad);
   dispatch([&]<Isa I>() __attribute__((always_inline)) {
@@ -390,7 +439,7 @@ void backward_range(const raw_t* dout, const raw_t* q, const raw_t* k, const raw
                              head_rows(k, st, 2, bh, L), head_rows(v, st, 3, bh, L),
                              probs + bh * L.T * Tp, head_rows(dq, st, 4, bh, L),
                              head_rows(dk, st, 5, bh, L), head_rows(dv, st, 6, bh, L), L.T, L.D,
-                             scale, scratch.data());
+                             scale, drop, uint64_t(bh * L.T), scratch.data());
       }
     });
   });
@@ -412,7 +461,7 @@ raw_t* raw(const at::Tensor& t) {
 
 template <typename raw_t>
 void forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                   const at::Tensor& out, float* probs) {
+                   const at::Tensor& out, float* probs, const dropout::Params* drop) {
   const HeadLayout L{q.size(0), q.size(1), q.size(2), q.size(3)};
   int64_t st[4][3];
   const at::Tensor* ts[4] = {&q, &k, &v, &out};
@@ -420,14 +469,15 @@ void forward_fused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     for (int d = 0; d < 3; ++d) st[t][d] = ts[t]->stride(d);
   at::parallel_for(0, L.B * L.H, 1, [&](int64_t begin, int64_t end) {
     forward_range(raw<const raw_t>(q), raw<const raw_t>(k), raw<const raw_t>(v), raw<raw_t>(out),
-                  probs, st, L, float(scale), begin, end);
+                  probs, st, L, float(scale), drop, begin, end);
   });
 }
 
 template <typename raw_t>
 void backward_fused(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                     const at::Tensor& v, const at::Tensor& probs, double scale,
-                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                    const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
+                    const dropout::Params* drop) {
   const HeadLayout L{q.size(0), q.size(1), q.size(2), q.size(3)};
   int64_t st[7][3];
   const at::Tensor* ts[7] = {&dout, &q, &k, &v, &dq, &dk, &dv};
@@ -436,7 +486,7 @@ void backward_fused(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   at::parallel_for(0, L.B * L.H, 1, [&](int64_t begin, int64_t end) {
     backward_range(raw<const raw_t>(dout), raw<const raw_t>(q), raw<const raw_t>(k),
                    raw<const raw_t>(v), probs.const_data_ptr<float>(), raw<raw_t>(dq),
-                   raw<raw_t>(dk), raw<raw_t>(dv), st, L, float(scale), begin, end);
+                   raw<raw_t>(dk), raw<raw_t>(dv), st, L, float(scale), drop, begin, end);
   });
 }
 
@@ -445,9 +495,15 @@ void backward_fused(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 using attention_detail::fused_path;
 using attention_detail::unit_stride_d;
 
+// the dropout mask of the batched-matmul path, (B*H, T, T) in `like`'s dtype, times 1 / (1 - p)
+at::Tensor scaled_keep(const dropout::Params& d, int64_t BH, int64_t T, const at::Tensor& like) {
+  return dropout::keep_mask(d.seed, BH * T, T, d.p).view({BH, T, T}).to(like.scalar_type()) *
+         (1.0 / (1.0 - d.p));
+}
+
 at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                     const at::Tensor& v_in, double scale, const at::Tensor& out,
-                                    bool save) {
+                                    bool save, const dropout::Params* drop) {
   const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), D = q_in.size(3);
   if (fused_path(q_in)) {
     const at::Tensor q = unit_stride_d(q_in), k = unit_stride_d(k_in), v = unit_stride_d(v_in);
@@ -456,11 +512,11 @@ at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_
     if (save) probs = at::empty({B * H, T, attention_detail::round_up(T, attention_detail::kPad)},
                                 q.options().dtype(at::kFloat));
     if (q.scalar_type() == at::kFloat) {
-      attention_detail::forward_fused<float>(q, k, v, scale, out,
-                                             save ? probs.mutable_data_ptr<float>() : nullptr);
+      attention_detail::forward_fused<float>(
+          q, k, v, scale, out, save ? probs.mutable_data_ptr<float>() : nullptr, drop);
     } else {
-      attention_detail::forward_fused<uint16_t>(q, k, v, scale, out,
-                                                save ? probs.mutable_data_ptr<float>() : nullptr);
+      attention_detail::forward_fused<uint16_t>(
+          q, k, v, scale, out, save ? probs.mutable_data_ptr<float>() : nullptr, drop);
     }
     return probs;
   }
@@ -472,32 +528,37 @@ at::Tensor causal_attention_forward(const at::Tensor& q_in, const at::Tensor& k_
   const at::Tensor scores =
       at::baddbmm(mask.expand({B * H, T, T}), qb, kb.transpose(1, 2), /*beta=*/1.0, scale);
   const at::Tensor probs = at::_softmax(scores, -1, /*half_to_float=*/false);
-  out.copy_(at::bmm(probs, vb).view({B, H, T, D}));
+  const at::Tensor weights = drop == nullptr ? probs : probs * scaled_keep(*drop, B * H, T, probs);
+  out.copy_(at::bmm(weights, vb).view({B, H, T, D}));
   return save ? probs : at::Tensor();
 }
 
 void causal_attention_backward(const at::Tensor& grad_out, const at::Tensor& q,
                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& saved,
                                double scale, const at::Tensor& dq, const at::Tensor& dk,
-                               const at::Tensor& dv) {
+                               const at::Tensor& dv, const dropout::Params* drop) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   if (fused_path(q)) {
     TORCH_INTERNAL_ASSERT(dq.stride(3) == 1 && dk.stride(3) == 1 && dv.stride(3) == 1);
     const at::Tensor dout = unit_stride_d(grad_out), qu = unit_stride_d(q),
                      ku = unit_stride_d(k), vu = unit_stride_d(v);
     if (q.scalar_type() == at::kFloat) {
-      attention_detail::backward_fused<float>(dout, qu, ku, vu, saved, scale, dq, dk, dv);
+      attention_detail::backward_fused<float>(dout, qu, ku, vu, saved, scale, dq, dk, dv, drop);
     } else {
-      attention_detail::backward_fused<uint16_t>(dout, qu, ku, vu, saved, scale, dq, dk, dv);
+      attention_detail::backward_fused<uint16_t>(dout, qu, ku, vu, saved, scale, dq, dk, dv,
+                                                 drop);
     }
     return;
   }
   const at::Tensor dout = grad_out.reshape({B * H, T, D}), qb = q.reshape({B * H, T, D}),
                    kb = k.reshape({B * H, T, D}), vb = v.reshape({B * H, T, D});
-  dv.copy_(at::bmm(saved.transpose(1, 2), dout).view({B, H, T, D}));
+  const at::Tensor keep = drop == nullptr ? at::Tensor() : scaled_keep(*drop, B * H, T, saved);
+  const at::Tensor weights = drop == nullptr ? saved : saved * keep;   // after dropout
+  dv.copy_(at::bmm(weights.transpose(1, 2), dout).view({B, H, T, D}));
+  at::Tensor dprobs = at::bmm(dout, vb.transpose(1, 2));
+  if (drop != nullptr) dprobs.mul_(keep);
   // softmax backward; the masked probabilities are exactly 0, so their scores get 0 gradient
-  at::Tensor dscores = at::_softmax_backward_data(at::bmm(dout, vb.transpose(1, 2)), saved, -1,
-                                                  saved.scalar_type());
+  at::Tensor dscores = at::_softmax_backward_data(dprobs, saved, -1, saved.scalar_type());
   dscores.mul_(scale);
   dq.copy_(at::bmm(dscores, kb).view({B, H, T, D}));
   dk.copy_(at::bmm(dscores.transpose(1, 2), qb).view({B, H, T, D}));

@@ -11,13 +11,18 @@
 //   CUDA kernels' code run thread by thread on CPU tensors, for tests only
 //   (csrc/embedding_cuda_emulated.cpp).
 //
-// transformer_block(x, <the block's weights>, n_head) -> (B, T, C)
-//   One pre-LayerNorm GPT block (nanoGPT's Block without dropout):
-//   x1 = x + c_proj(attention(c_attn(ln_1(x)))), out = x1 + mlp_c_proj(gelu(c_fc(ln_2(x1)))).
+// transformer_block(x, <the block's weights>, n_head, dropout_p) -> (B, T, C)
+//   One pre-LayerNorm GPT block (nanoGPT's Block): x1 = x + dropout(c_proj(attention(
+//   c_attn(ln_1(x))))), out = x1 + dropout(mlp_c_proj(gelu(c_fc(ln_2(x1))))), the attention's
+//   probabilities dropped out too; dropout_p = 0: none. The masks are hashes of one seed per
+//   call drawn from torch's default CPU generator (csrc/dropout_cpu.h).
 //   Weights use nn.Linear's (out, in) layout; a missing bias is None. Autograd calls
-// transformer_block_train -> (out, saved activations) and
-// transformer_block_backward(grad_out, saved, x, <weights>, n_head) -> the gradients of x and
-//   of every weight that is not None, in argument order.
+// transformer_block_train -> (out, saved activations, the last being the seed) and
+// transformer_block_backward(grad_out, saved, x, <weights>, n_head, dropout_p) -> the
+//   gradients of x and of every weight that is not None, in argument order.
+// transformer_block_dropout_masks(seed, B, T, C, n_head, dropout_p) -> (attention (B, H, T, T),
+//   after attention (B, T, C), after the MLP (B, T, C)): the keep masks (bool) of a block
+//   call whose saved seed is `seed`, for tests.
 //
 // causal_attention(q, k, v (B, H, T, D), scale) -> (B, H, T, D)
 //   softmax(scale * q k^T + causal mask) v; the result is laid out as (B, T, H, D) (a transposed
@@ -63,11 +68,13 @@ TORCH_LIBRARY(fastgpt, m) {
   "Tensor x, Tensor ln_1_weight, Tensor? ln_1_bias, Tensor c_attn_weight, "             \
   "Tensor? c_attn_bias, Tensor attn_c_proj_weight, Tensor? attn_c_proj_bias, "          \
   "Tensor ln_2_weight, Tensor? ln_2_bias, Tensor c_fc_weight, Tensor? c_fc_bias, "      \
-  "Tensor mlp_c_proj_weight, Tensor? mlp_c_proj_bias, int n_head"
+  "Tensor mlp_c_proj_weight, Tensor? mlp_c_proj_bias, int n_head, float dropout_p=0.0"
   m.def("transformer_block(" FASTGPT_BLOCK_ARGS ") -> Tensor");
   m.def("transformer_block_train(" FASTGPT_BLOCK_ARGS ") -> (Tensor, Tensor[])");
   m.def("transformer_block_backward(Tensor grad_out, Tensor[] saved, " FASTGPT_BLOCK_ARGS
         ") -> Tensor[]");
+  m.def("transformer_block_dropout_masks(int seed, int B, int T, int C, int n_head, "
+        "float dropout_p) -> (Tensor, Tensor, Tensor)");
 #undef FASTGPT_BLOCK_ARGS
   m.def("flat_adamw_step_(Tensor(a!) master, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!) working, Tensor(e!) steps, Tensor?[] grads, int[] offsets, int[] group, "

@@ -35,7 +35,7 @@ inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t-
       const std::optional<at::Tensor>&attn_c_proj_bias, const at::Tensor &ln_2_weight,        \
       const std::optional<at::Tensor>&ln_2_bias, const at::Tensor &c_fc_weight,               \
       const std::optional<at::Tensor>&c_fc_bias, const at::Tensor &mlp_c_proj_weight,         \
-      const std::optional<at::Tensor>&mlp_c_proj_bias, int64_t n_head
+      const std::optional<at::Tensor>&mlp_c_proj_bias, int64_t n_head, double dropout_p
 #define BLOCK_WEIGHTS                                                                         \
   BlockWeights {                                                                              \
     ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, \
@@ -43,6 +43,7 @@ inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t-
   }
 #define BLOCK_ARGS                                                                            \
   x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight, attn_c_proj_bias, \
-      ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, n_head
+      ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias, mlp_c_proj_weight, mlp_c_proj_bias, n_head, \
+      dropout_p
 
 }  // namespace fastgpt

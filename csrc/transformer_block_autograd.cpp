@@ -22,10 +22,10 @@ using OptTensor = std::optional<at::Tensor>;
   const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,               \
       const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,            \
       const OptTensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,            \
-      const OptTensor&, int64_t
+      const OptTensor&, int64_t, double
 
 constexpr size_t kInputs = 13;  // x and the 12 weight slots (absent biases saved undefined)
-constexpr size_t kSaved = 12;   // activations transformer_block_train returns
+constexpr size_t kSaved = 13;   // what transformer_block_train returns: activations, seed
 
 c10::OperatorHandle find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
@@ -72,6 +72,7 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
     to_save.insert(to_save.end(), saved.begin(), saved.end());
     ctx->save_for_backward(to_save);
     ctx->saved_data["n_head"] = n_head;
+    ctx->saved_data["dropout_p"] = dropout_p;
     return out;
   }
 
@@ -81,8 +82,9 @@ class BlockFunction : public torch::autograd::Function<BlockFunction> {
     const std::vector<at::Tensor> grads = call_backward(
         grad_outputs[0], at::TensorList(s.data() + kInputs, kSaved), s[0], s[1],
         optional(s[2]), s[3], optional(s[4]), s[5], optional(s[6]), s[7], optional(s[8]), s[9],
-        optional(s[10]), s[11], optional(s[12]), ctx->saved_data["n_head"].toInt());
-    variable_list result(kInputs + 1);  // + n_head, which has no gradient
+        optional(s[10]), s[11], optional(s[12]), ctx->saved_data["n_head"].toInt(),
+        ctx->saved_data["dropout_p"].toDouble());
+    variable_list result(kInputs + 2);  // + n_head and dropout_p, which have no gradient
     size_t next = 0;
     for (size_t i = 0; i < kInputs; ++i) {
       if (s[i].defined()) result[i] = grads.at(next++);

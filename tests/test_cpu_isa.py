@@ -2,8 +2,8 @@
 with FASTGPT_CPU_ISA, passes the same float64-reference checks as the default.
 
 The default copy already runs through every other test file; here attention (fused path: both
-dtypes, every padded head size, tails), the C++ block (LayerNorm, GELU), the flat AdamW step and
-the embedding gather run once per copy. A copy this CPU lacks (AVX-512 on an AVX2-only machine)
+dtypes, every padded head size, tails), the C++ block (LayerNorm, GELU, dropout), the flat AdamW
+step and the embedding gather run once per copy. A copy this CPU lacks (AVX-512 on an AVX2-only machine)
 cannot run: forcing it is a clear error, tested instead, and its ids are not collected.
 """
 
@@ -15,6 +15,7 @@ from fastgpt.device import cpu_flags
 from fastgpt.ops.extension import available
 
 import test_attention_ext
+import test_block_dropout
 import test_embedding_ext
 import test_optim
 import test_transformer_block
@@ -91,6 +92,14 @@ def test_attention_matches_reference(isa, B, H, T, D, dtype):
                                           (2, 50, 24, 2, True)])
 def test_transformer_block_matches_reference(isa, dtype, B, T, C, H, bias):
     test_transformer_block.test_matches_float64_reference(dtype, B, T, C, H, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_dropout_matches_reference(isa, dtype):
+    test_block_dropout.test_matches_float64_reference_with_the_same_masks(
+        dtype, 1, 97, 64, 4, True, 0.5)
+    test_block_dropout.test_matches_float64_reference_with_the_same_masks(
+        dtype, 2, 70, 40, 5, False, 0.2)
 
 
 def test_the_copies_agree(monkeypatch):

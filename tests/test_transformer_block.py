@@ -3,8 +3,8 @@
 Forward and every gradient must meet the accuracy rule (fastgpt.tools.accuracy) against the
 ``torch`` backend in float64, in float32 and bfloat16, with and without biases, at odd lengths
 and with a non-contiguous input; the three custom ops pass opcheck; the op traces under
-torch.compile(fullgraph=True); dispatch sends dropout and user-named attention backends to
-``torch``; bad input gets a clear error. Incremental decoding (transformer_block_decode, the KV
+torch.compile(fullgraph=True); dispatch sends user-named attention backends to ``torch`` (dropout
+stays on ``ext``: tests/test_block_dropout.py); bad input gets a clear error. Incremental decoding (transformer_block_decode, the KV
 cache's path) gives the full block's rows and keys/values, and only ``torch`` runs it.
 """
 
@@ -205,7 +205,7 @@ def test_default_is_ext_on_cpu_in_every_dtype():
                            dtype=torch.float32).name == "ext"
 
 
-def test_dropout_and_named_attention_backends_go_to_torch():
+def test_named_attention_backends_go_to_torch_and_dropout_stays_on_ext():
     x, w = _f32()
     xb, wb = x.bfloat16(), _map(torch.Tensor.bfloat16, w)
 
@@ -213,14 +213,12 @@ def test_dropout_and_named_attention_backends_go_to_torch():
         return registry.choose("transformer_block", "cpu", (xb, wb, 2),
                                {"dropout_p": 0.0, "attention": None, **kwargs},
                                dtype=torch.bfloat16).name
-    assert auto(dropout_p=0.1) == "torch"
+    assert auto(dropout_p=0.1) == "ext"
     assert auto(attention="sdpa") == "torch"
     assert auto(attention="torch") == "torch"
     assert auto(attention="ext") == "ext"    # the kernel the C++ block runs
     with ops.use_backends(attention="tril"):
         assert auto() == "torch"
-    with pytest.raises(FastGPTError, match="no dropout"):
-        ops.transformer_block(xb, wb, 2, dropout_p=0.1, backend="ext")
 
 
 def test_torch_backend_with_dropout_is_random_and_without_is_not():

@@ -2,8 +2,9 @@
 
 The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transformer_block_train``
 and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
-kernels so torch.compile can trace them, and registers the backend. CPU only, no dropout, exact
-GELU only (GPT-2's tanh approximation takes the ``torch`` block), no incremental decoding (past
+kernels so torch.compile can trace them, and registers the backend. CPU only; dropout with its
+own masks (hashes of a seed drawn from torch's CPU generator, csrc/dropout_cpu.h), so not
+torch's random stream (``fastgpt train --exact`` keeps that); exact GELU only (GPT-2's tanh approximation takes the ``torch`` block), no incremental decoding (past
 keys and values: sampling takes the ``torch`` block), and attention is the ``ext`` attention
 backend's kernel (csrc/attention_cpu.cpp), so another attention backend named by the user sends
 the automatic choice to the ``torch`` block instead.
@@ -20,7 +21,8 @@ from fastgpt.ops.attention_ext import saved_fake as attention_saved_fake
 from fastgpt.ops.extension import available, on_load
 from fastgpt.ops.transformer_block import KV, BlockWeights
 
-_SAVED = 12   # activations transformer_block_train returns (see csrc/transformer_block_cpu.cpp)
+_SAVED = 13   # what transformer_block_train returns: activations and the dropout seed (see
+              # csrc/transformer_block_cpu.cpp)
 
 
 def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: float = 0.0,
@@ -31,8 +33,6 @@ def supports(x: torch.Tensor, weights: BlockWeights, n_head: int, *, dropout_p: 
                 "only); the torch backend has it")
     if x.device.type != "cpu":
         return f"fastgpt._C has a CPU transformer_block only; got {x.device.type}"
-    if dropout_p > 0:
-        return f"no dropout in the C++ block (dropout_p={dropout_p}); the torch backend has it"
     if torch.is_autocast_enabled("cpu"):
         # its matmuls would be autocast one by one inside the op, leaving mixed dtypes
         return "the C++ block does not run under torch.autocast; the torch backend does"
@@ -57,8 +57,6 @@ def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *
     reason = available()
     if reason is not None:
         raise RuntimeError(reason)
-    if dropout_p > 0:
-        raise ValueError(f"the ext transformer_block has no dropout; got dropout_p={dropout_p}")
     if gelu_approximate != "none":
         raise ValueError(f"the ext transformer_block's GELU is exact; got gelu_approximate="
                          f"{gelu_approximate!r}")
@@ -67,7 +65,7 @@ def transformer_block_ext(x: torch.Tensor, weights: BlockWeights, n_head: int, *
                          f"past={'given' if past is not None else None}, last_only={last_only}, "
                          f"return_kv={return_kv}")
     # the OpOverload, not the packet: skips overload resolution per call
-    return torch.ops.fastgpt.transformer_block.default(x, *weights, n_head)
+    return torch.ops.fastgpt.transformer_block.default(x, *weights, n_head, dropout_p)
 
 
 @on_load
@@ -82,7 +80,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("fastgpt::transformer_block_train")
     def _train_fake(x, ln_1_weight, ln_1_bias, c_attn_weight, c_attn_bias, attn_c_proj_weight,
                     attn_c_proj_bias, ln_2_weight, ln_2_bias, c_fc_weight, c_fc_bias,
-                    mlp_c_proj_weight, mlp_c_proj_bias, n_head):
+                    mlp_c_proj_weight, mlp_c_proj_bias, n_head, dropout_p=0.0):
         B, T, C = x.shape
         N, H, F = B * T, n_head, c_fc_weight.shape[0]
         new = x.new_empty
@@ -92,13 +90,14 @@ def _register_fake() -> None:
         saved = [new((N, C)), new((N, 1), dtype=stat), new((N, 1), dtype=stat), new((N, 3 * C)),
                  attention_saved_fake(x, B, H, T, C // H), new((N, C)), new((N, C)), new((N, C)),
                  new((N, 1), dtype=stat), new((N, 1), dtype=stat), new((N, F), dtype=acc),
-                 new((N, F))]
+                 new((N, F)), new((1,), dtype=torch.int64)]
         assert len(saved) == _SAVED
         return like(x), saved
 
     @torch.library.register_fake("fastgpt::transformer_block_backward")
-    def _backward_fake(grad_out, saved, x, *weights_and_n_head):
-        return [like(x)] + [like(t) for t in weights_and_n_head[:-1] if t is not None]
+    def _backward_fake(grad_out, saved, x, *weights_and_scalars):
+        weights = weights_and_scalars[:12]   # then n_head, dropout_p
+        return [like(x)] + [like(t) for t in weights if t is not None]
 
 
 registry.register("transformer_block", "ext", transformer_block_ext, supports=supports,

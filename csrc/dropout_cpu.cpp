@@ -1,0 +1,113 @@
+// The CPU block's residual dropouts and the keep masks; see dropout_cpu.h.
+
+#include "dropout_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+
+#include <mutex>
+
+#include "cpu_isa.h"
+#include "vec_cpu.h"
+
+namespace fastgpt {
+namespace dropout {
+namespace {
+using namespace vec;
+
+// rows per parallel task: about 32K elements
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cols, 1)); }
+
+// out[c] = (residual ? residual[c] : 0) + (kept ? y[c] * scale : 0) for one row of C columns
+template <class V, typename raw_t>
+__attribute__((always_inline)) inline void dropped_row(const raw_t* y, const raw_t* residual,
+                                                       raw_t* out, int64_t C, uint32_t key,
+                                                       const Params& d) {
+  typename V::u j;
+  for (int l = 0; l < V::lanes; ++l) j[l] = uint32_t(l);
+  int64_t c = 0;
+  for (; c + V::lanes <= C; c += V::lanes, j += uint32_t(V::lanes)) {
+    const typename V::i bits = (typename V::i)column_bits(key, j);
+    typename V::f v = bits >= d.threshold ? loadv<V>(y + c) * d.scale : typename V::f{};
+    if (residual != nullptr) v += loadv<V>(residual + c);
+    storev<V>(out + c, v);
+  }
+  for (; c < C; ++c) {
+    float v = keeps(d, key, uint32_t(c)) ? load(y, c) * d.scale : 0.0f;
+    if (residual != nullptr) v += load(residual, c);
+    store(out, c, v);
+  }
+}
+
+template <typename raw_t>
+void dropped_rows(const raw_t* y, const raw_t* residual, raw_t* out, int64_t N, int64_t C,
+                  const Params& d) {
+  at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
+    dispatch([&]<Isa I>() __attribute__((always_inline)) {
+      for (int64_t n = begin; n < end; ++n) {
+        dropped_row<NativeVec<I>>(y + n * C, residual == nullptr ? nullptr : residual + n * C,
+                                  out + n * C, C, row_key(d.seed, uint64_t(n)), d);
+      }
+    });
+  });
+}
+
+// the vectorised kernel for float32 / bfloat16, the mask as a tensor for other dtypes
+void apply(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& out,
+           const Params& d) {
+  TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.is_contiguous() && out.is_contiguous());
+  const int64_t N = y.size(0), C = y.size(1);
+  const auto rp = [&](auto* tag) {   // residual's pointer, or none
+    using raw_t = std::remove_pointer_t<decltype(tag)>;
+    return residual == nullptr ? nullptr : static_cast<const raw_t*>(residual->data_ptr());
+  };
+  if (y.scalar_type() == at::kFloat) {
+    dropped_rows(y.const_data_ptr<float>(), rp((float*)nullptr), out.mutable_data_ptr<float>(),
+                 N, C, d);
+  } else if (y.scalar_type() == at::kBFloat16) {
+    dropped_rows(static_cast<const uint16_t*>(y.data_ptr()), rp((uint16_t*)nullptr),
+                 static_cast<uint16_t*>(out.data_ptr()), N, C, d);
+  } else {
+    // 1 / (1 - p) in double: d.scale is its float32 rounding
+    at::Tensor v = y * keep_mask(d.seed, N, C, d.p).to(y.scalar_type()) * (1.0 / (1.0 - d.p));
+    if (residual != nullptr) v.add_(*residual);
+    out.copy_(v);
+  }
+}
+
+}  // namespace
+
+uint64_t draw_seed() {
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return at::check_generator<at::CPUGeneratorImpl>(gen)->random64();
+}
+
+at::Tensor keep_mask(uint64_t seed, int64_t rows, int64_t cols, double p) {
+  const Params d = Params::make(seed, p);
+  at::Tensor keep = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  bool* k = keep.mutable_data_ptr<bool>();
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint32_t key = row_key(seed, uint64_t(r));
+      for (int64_t c = 0; c < cols; ++c) k[r * cols + c] = keeps(d, key, uint32_t(c));
+    }
+  });
+  return keep;
+}
+
+void add_dropped_(at::Tensor& y, const at::Tensor& residual, const Params& d) {
+  TORCH_INTERNAL_ASSERT(residual.is_contiguous() && residual.sizes() == y.sizes() &&
+                        residual.scalar_type() == y.scalar_type());
+  apply(y, &residual, y, d);
+}
+
+at::Tensor scale_kept(const at::Tensor& grad, const Params& d) {
+  at::Tensor out = at::empty_like(grad, at::MemoryFormat::Contiguous);
+  apply(grad.contiguous(), nullptr, out, d);
+  return out;
+}
+
+}  // namespace dropout
+}  // namespace fastgpt
