@@ -66,10 +66,9 @@ def test_a_run_says_what_it_is(tmp_path, capsys):
     assert first["tokens_per_iter"] == TINY["batch_size"] * TINY["block_size"]
     assert first["params"] == sum(p.numel() for p in build_model(
         "gpt", GPTConfig(**load_checkpoint(tmp_path)["model_args"])).parameters())
-    # dropout 0.1: the torch block, whose attention is dispatched too
-    assert first["backends"].keys() == {"embedding", "transformer_block", "attention",
-                                        "linear_cross_entropy"}
-    assert first["backends"]["transformer_block"] == "torch"
+    # dropout 0.1 runs in the C++ block, which computes attention itself
+    assert first["backends"].keys() == {"embedding", "transformer_block", "linear_cross_entropy"}
+    assert first["backends"]["transformer_block"] == "ext"
     assert first["resumed_from"] is None
     assert again["resumed_from"] == 4 and again["checkpoint_time"]
     out = capsys.readouterr().out

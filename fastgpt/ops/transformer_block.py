@@ -10,12 +10,13 @@ Backends:
 
 * ``torch`` - the block written out with torch.nn.functional; attention goes through
               fastgpt.ops.causal_attention, which picks its own backend (``attention=`` is the
-              model config's preference for it). The reference, and the only one with dropout.
+              model config's preference for it). The reference; its dropout is torch's.
 * ``ext``   - fastgpt._C's C++ forward and backward (csrc/transformer_block_cpu.cpp): the same
               math as ``torch`` with the ``torch`` attention backend, as one op and one autograd
               node per block. At the baby preset's size this removes the per-op Python and
-              autograd cost, a large share of a CPU training step. CPU, no dropout, no
-              incremental decoding, exact GELU only.
+              autograd cost, a large share of a CPU training step. CPU, no incremental
+              decoding, exact GELU only; dropout with its own hashed masks, applied inside
+              the attention kernel and fused with the residual adds (csrc/dropout_cpu.h).
 
 Incremental decoding (sampling with a KV cache, fastgpt/generate.py) is the same op:
 ``transformer_block_decode`` runs the block on the positions after ``past``, the keys and values
