@@ -19,6 +19,9 @@
 //     dP = dout v^T (the same tiles as S), dS_ij = scale * P_ij (dP_ij - sum_j P_ij dP_ij),
 //     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j:
 //     dv_j = sum_{i >= j} P_ij dout_i and dk_j = sum_{i >= j} dS_ij q_i.
+//   dropout (the transformer block's; masks from dropout_cpu.h): the forward saves P and
+//     weights v by P' = P * keep / (1 - p); the backward recomputes keep per row, takes dv from
+//     P' and dS_ij = scale * (P'_ij dP'_ij - P_ij sum_j P'_ij dP'_ij), dP' = dout v^T.
 // Saved state: P in fp32, (B*H, T, Tp) with rows padded to Tp = T rounded up to 16; entries
 // with j > i are 0.
 // Limits: float32 and bfloat16 with D <= 128 take this path; other dtypes (float16, float64) or
@@ -294,9 +297,9 @@ inline int64_t backward_scratch(int64_t T, int64_t Dp) {
 }
 
 // dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time (P:
-// after dropout, if any). Reads P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the vectors the forward wrote for
-// row i (j0 is a multiple of 4, rows are written up to a multiple of the lanes past their
-// block).
+// after dropout, if any). Reads P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the
+// vectors the forward wrote for row i (j0 is a multiple of 4, rows are written up to a
+// multiple of the lanes past their block).
 template <Isa I, int Dp, typename raw_t>
 __attribute__((always_inline)) inline void key_grads(const float* probs, const float* ds,
                                                      const float* dos, const float* qs,

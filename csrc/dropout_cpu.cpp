@@ -17,7 +17,9 @@ namespace {
 using namespace vec;
 
 // rows per parallel task: about 32K elements
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(cols, 1)); }
+int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
+}
 
 // out[c] = (residual ? residual[c] : 0) + (kept ? y[c] * scale : 0) for one row of C columns
 template <class V, typename raw_t>
@@ -40,14 +42,19 @@ __attribute__((always_inline)) inline void dropped_row(const raw_t* y, const raw
   }
 }
 
+// out = residual + dropout(y) (no residual: dropout(y)) over (N, C) rows, raw_t the dtype's bits
 template <typename raw_t>
-void dropped_rows(const raw_t* y, const raw_t* residual, raw_t* out, int64_t N, int64_t C,
+void dropped_rows(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& out,
                   const Params& d) {
+  const int64_t N = y.size(0), C = y.size(1);
+  const raw_t* yp = static_cast<const raw_t*>(y.const_data_ptr());
+  const raw_t* rp = residual ? static_cast<const raw_t*>(residual->const_data_ptr()) : nullptr;
+  raw_t* op = static_cast<raw_t*>(out.data_ptr());
   at::parallel_for(0, N, row_grain(C), [&](int64_t begin, int64_t end) {
     dispatch([&]<Isa I>() __attribute__((always_inline)) {
       for (int64_t n = begin; n < end; ++n) {
-        dropped_row<NativeVec<I>>(y + n * C, residual == nullptr ? nullptr : residual + n * C,
-                                  out + n * C, C, row_key(d.seed, uint64_t(n)), d);
+        dropped_row<NativeVec<I>>(yp + n * C, rp ? rp + n * C : nullptr, op + n * C, C,
+                                  row_key(d.seed, uint64_t(n)), d);
       }
     });
   });
@@ -57,20 +64,14 @@ void dropped_rows(const raw_t* y, const raw_t* residual, raw_t* out, int64_t N, 
 void apply(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& out,
            const Params& d) {
   TORCH_INTERNAL_ASSERT(y.dim() == 2 && y.is_contiguous() && out.is_contiguous());
-  const int64_t N = y.size(0), C = y.size(1);
-  const auto rp = [&](auto* tag) {   // residual's pointer, or none
-    using raw_t = std::remove_pointer_t<decltype(tag)>;
-    return residual == nullptr ? nullptr : static_cast<const raw_t*>(residual->data_ptr());
-  };
   if (y.scalar_type() == at::kFloat) {
-    dropped_rows(y.const_data_ptr<float>(), rp((float*)nullptr), out.mutable_data_ptr<float>(),
-                 N, C, d);
+    dropped_rows<float>(y, residual, out, d);
   } else if (y.scalar_type() == at::kBFloat16) {
-    dropped_rows(static_cast<const uint16_t*>(y.data_ptr()), rp((uint16_t*)nullptr),
-                 static_cast<uint16_t*>(out.data_ptr()), N, C, d);
+    dropped_rows<uint16_t>(y, residual, out, d);
   } else {
     // 1 / (1 - p) in double: d.scale is its float32 rounding
-    at::Tensor v = y * keep_mask(d.seed, N, C, d.p).to(y.scalar_type()) * (1.0 / (1.0 - d.p));
+    at::Tensor v = y * keep_mask(d.seed, y.size(0), y.size(1), d.p).to(y.scalar_type()) *
+                   (1.0 / (1.0 - d.p));
     if (residual != nullptr) v.add_(*residual);
     out.copy_(v);
   }

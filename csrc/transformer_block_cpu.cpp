@@ -22,7 +22,8 @@
 // Dropout (dropout_p > 0), at nanoGPT's three places: the attention probabilities (inside the
 // attention kernels) and the two branches before their residual adds (dropout_cpu.h's
 // add_dropped_); the backward recomputes the masks from the seed.
-// Limits: CPU only; any float dtype, all inputs of one dtype. T is any length; attention is O(T^2) memory per head.
+// Limits: CPU only; any float dtype, all inputs of one dtype. T is any length; attention is
+// O(T^2) memory per head.
 // Precision: the dtype of the inputs throughout, like the eager module in that dtype: matmuls
 // accumulate in fp32 (oneDNN/BLAS), LayerNorm statistics and softmax are computed in fp32, and
 // for float32/bfloat16 the whole attention is computed in fp32 (attention_cpu.cpp).
