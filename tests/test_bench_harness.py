@@ -161,6 +161,8 @@ def test_train_config_specs():
     (["bench", "train", "--device", "cpu", "--iters", "5"], "--iters 5"),
     (["bench", "transformer-block", "--device", "cpu", "--C", "10", "--H", "4"],
      "--C 10 is not a multiple of --H 4"),
+    (["bench", "transformer-block", "--device", "cpu", "--dropout", "1.5"],
+     "--dropout must be in [0, 1); got 1.5"),
     (["bench", "attention", "--device", "cpu", "--dtype", "flaot32"],
      "--dtype 'flaot32' is not a dtype; dtypes: float32, bfloat16, float16"),
     (["bench", "cross-entropy", "--device", "cpu", "--providers", "tril"],
@@ -382,7 +384,10 @@ def test_free_memory_reads_the_machine():
     Case("cross-entropy", "cross_entropy", "torch", "fwd+bwd", dict(N=128, V=2000), "float32"),
     Case("embedding", "embedding", "ext", "fwd+bwd", dict(V=500, N=256, C=32), "float32"),
     Case("transformer-block", "transformer_block", "ext", "fwd+bwd",
-         dict(B=2, T=64, C=64, H=4), "float32")], ids=lambda c: f"{c.op}-{c.provider}-{c.mode}")
+         dict(B=2, T=64, C=64, H=4), "float32")] + [
+    Case("transformer-block", "transformer_block", p, "fwd+bwd",
+         dict(B=2, T=64, C=64, H=4, p=0.2), "float32") for p in ("torch", "ext")],
+    ids=lambda c: f"{c.op}-{c.provider}-{c.mode}" + ("-dropout" if "p" in c.shape else ""))
 def test_memory_estimates_cover_the_measured_peaks(case):
     harness.allow_repeated_backward()
     built = build(case, "cpu")

@@ -69,6 +69,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--C", type=int, nargs="+", default=None,
                    help="hidden / embedding / transformer-block width")
     p.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="transformer-block dropout probability (default: none)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the smallest sizes only")
     size.add_argument("--full", action="store_true", help="CPU: the full grid (the default is "

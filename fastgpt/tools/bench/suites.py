@@ -16,6 +16,7 @@ tool, not a fast path. Work per step, for TFLOP/s and GB/s:
 * transformer_block (B, T, C, H heads): matmul FLOPs only (LayerNorm, GELU, softmax left out):
   forward 2*N*12*C*C for the four linears (N = B*T) plus causal attention's 2*B*H*T*T*D;
   backward 2x the linears' and 2.5x the attention's; float32 and bfloat16; baseline ``torch``.
+  ``--dropout P`` adds dropout at the block's three places (shape key ``p``).
 
 Sizes. ``--quick``: the smallest. The CPU default is sized to finish in a few minutes on 2 cores
 (``--full`` is the larger grid); on CUDA the default is the full grid. Sizes given on the command
@@ -310,16 +311,21 @@ def transformer_block_cases(args) -> list[Case]:
         if C % H:
             raise FastGPTError(f"transformer-block: --C {C} is not a multiple of --H {H} "
                                f"(the block's heads)")
-    # both: float32 keeps the torch block by default on CPU, bfloat16 takes the C++ one
+    dropout = getattr(args, "dropout", None) or 0.0
+    if not 0.0 <= dropout < 1.0:
+        raise FastGPTError(f"transformer-block: --dropout must be in [0, 1); got {dropout}")
+    # the key only with dropout, so that the cases without keep their names
+    p = {"p": dropout} if dropout else {}
     dtypes = [args.dtype] if args.dtype else ["float32", "bfloat16"]
     # a CPU without native bfloat16 emulates it (the larger block's fwd+bwd took ~9x float32's
     # time on the AVX2 EPYC here): its default list has bfloat16 at the baby block only
     emulated = not (args.device.startswith("cuda") or args.full or cpu_has_native_bf16())
     trim = emulated and not (sweep or args.dtype)
-    return [Case("transformer-block", "transformer_block", p, mode, dict(B=B, T=T, C=C, H=H), dt)
+    return [Case("transformer-block", "transformer_block", prov, mode,
+                 dict(B=B, T=T, C=C, H=H, **p), dt)
             for dt in dtypes for mode in _modes(args) for B, T, C, H in shapes
             if not (trim and dt == "bfloat16" and (B, T, C, H) != shapes[0])
-            for p in _providers("transformer_block", args)]
+            for prov in _providers("transformer_block", args)]
 
 
 def transformer_block_memory(case: Case) -> float:
@@ -333,6 +339,7 @@ def transformer_block_memory(case: Case) -> float:
 
 def transformer_block_build(case: Case, device: str) -> Built:
     B, T, C, H = (case.shape[k] for k in "BTCH")
+    dropout = case.shape.get("p", 0.0)
     dtype = getattr(torch, case.dtype)
 
     def param(*shape, std=0.02):   # nanoGPT's init; LayerNorm weights are ones
@@ -343,7 +350,7 @@ def transformer_block_build(case: Case, device: str) -> Built:
     x = torch.randn(B, T, C, device=device).to(dtype).requires_grad_(True)
     w = BlockWeights(param(C, std=None), None, param(3 * C, C), None, param(C, C), None,
                      param(C, std=None), None, param(4 * C, C), None, param(C, 4 * C), None)
-    fn = _backend("transformer_block", case.provider, x, w, H)
+    fn = _backend("transformer_block", case.provider, x, w, H, dropout_p=dropout)
     grad = torch.randn(B, T, C, device=device).to(dtype)
 
     def zero():
@@ -355,7 +362,8 @@ def transformer_block_build(case: Case, device: str) -> Built:
     attention = 2.0 * B * H * T * T * (C // H)  # 4*B*H*T*T*D halved by the causal mask
     flops = {"fwd": linear + attention, "bwd": 2 * linear + 2.5 * attention,
              "fwd+bwd": 3 * linear + 3.5 * attention}[case.mode]
-    return Built(_step(lambda: fn(x, w, H), case.mode, grad, zero), flops=flops)
+    return Built(_step(lambda: fn(x, w, H, dropout_p=dropout), case.mode, grad, zero),
+                 flops=flops)
 
 
 # --- registry of suites ---------------------------------------------------------------------
