@@ -120,9 +120,8 @@ at::Tensor block_forward(const at::Tensor& x_in, const BlockWeights& w, int64_t 
   const int64_t H = n_head, D = C / H;
   const at::Tensor x = x_in.contiguous().view({N, C});
   const uint64_t seed = dropout_p > 0 ? dropout::draw_seed() : 0;
-  const std::optional<BlockDropout> drop_sites =
-      dropout_p > 0 ? std::optional<BlockDropout>(BlockDropout(seed, dropout_p)) : std::nullopt;
-  const BlockDropout* drop = drop_sites ? &*drop_sites : nullptr;
+  const BlockDropout drop_sites(seed, dropout_p);
+  const BlockDropout* drop = dropout_p > 0 ? &drop_sites : nullptr;
 
   auto [ln1, mean1, rstd1] = layer_norm_forward(x, w.ln_1_weight, w.ln_1_bias, kLayerNormEps);
   // q, k, v and the attention output stay in their (N, 3C) and (N, C) rows: the attention
@@ -189,11 +188,8 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                     "transformer_block_train returned for x of shape ", x.sizes());
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "fastgpt::transformer_block_backward: "
                     "dropout_p must be in [0, 1); got ", dropout_p);
-  const std::optional<BlockDropout> drop_sites =
-      dropout_p > 0 ? std::optional<BlockDropout>(BlockDropout(
-                          uint64_t(seed.const_data_ptr<int64_t>()[0]), dropout_p))
-                    : std::nullopt;
-  const BlockDropout* drop = drop_sites ? &*drop_sites : nullptr;
+  const BlockDropout drop_sites(uint64_t(seed.const_data_ptr<int64_t>()[0]), dropout_p);
+  const BlockDropout* drop = dropout_p > 0 ? &drop_sites : nullptr;
   // a branch's gradient: the residual's, through the branch's dropout
   const auto through_dropout = [&](const at::Tensor& grad, int site) {
     return drop == nullptr ? grad : dropout::scale_kept(grad, drop->site[site]);
