@@ -3,8 +3,9 @@
 With the masks a block call used (``transformer_block_dropout_masks`` of the seed it saved),
 its output and every gradient meet the accuracy rule against the same block written out in
 plain PyTorch with those masks, in float64 (the reference), float32 and bfloat16; the autograd
-node gives the ops' own results; torch.manual_seed repeats a call, under torch.compile too; the
-masks drop each site's elements at the rate asked, independently of their neighbours.
+node gives the ops' own results; torch.manual_seed repeats a call, under torch.compile too, and
+activation checkpointing replays the masks; the masks drop each site's elements at the rate
+asked, independently of their neighbours.
 """
 
 import math
@@ -13,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastgpt import ops
+from fastgpt import ops, recompute
+from fastgpt.config import GPTConfig
+from fastgpt.model import GPT
 from fastgpt.ops import transformer_block_ext
 from fastgpt.ops.transformer_block import BlockWeights
 from fastgpt.tools.accuracy import assert_matches_reference
@@ -154,6 +157,26 @@ def test_compiled_block_with_dropout_matches_eager_for_one_seed():
     (out, grads), (ref, ref_grads) = results
     assert torch.equal(out, ref)
     assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
+@pytest.mark.parametrize("mode", ["block", "selective"])
+def test_activation_checkpointing_replays_the_masks(mode):
+    # the recomputed forward draws its seed again from the CPU generator, whose state
+    # torch.utils.checkpoint restores: the same masks, so the same gradients to the bit
+    cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, dropout=0.2,
+                    transformer_block="ext")
+    idx, tgt = torch.randint(0, 11, (3, 16)), torch.randint(0, 11, (3, 16))
+    results = []
+    for m in ("none", mode):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        recompute.apply(model, m)
+        _, loss = model(idx, tgt)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
 def test_backward_with_dropout_passes_opcheck():
