@@ -17,8 +17,9 @@
 //     out_i = sum_j P_ij v_j (4 rows x a few vectors of accumulators per column tile).
 //   backward, with P saved by the forward:
 //     dP = dout v^T (the same tiles as S), dS_ij = scale * P_ij (dP_ij - sum_j P_ij dP_ij),
-//     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j:
-//     dv_j = sum_{i >= j} P_ij dout_i and dk_j = sum_{i >= j} dS_ij q_i.
+//     dq_i = sum_j dS_ij k_j; then for each block of 4 keys j, in two passes (each with the
+//     output tiles' width; one pass for both held half as many columns and ran 1.45x slower
+//     at T = 256, D = 64 on AVX2): dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i.
 //   dropout (the transformer block's; masks from dropout_cpu.h): the forward saves P and
 //     weights v by P' = P * keep / (1 - p); the backward recomputes keep per row, takes dv from
 //     P' and dS_ij = scale * (P'_ij dP'_ij - P_ij sum_j P'_ij dP'_ij), dP' = dout v^T.
@@ -59,18 +60,18 @@ constexpr int64_t kPad = 16;    // P's rows and the widened head rows pad to mul
 constexpr int64_t kMaxD = 128;
 
 // Register tiles per instruction set (cpu_isa.h): V, one register of the set (NativeVec); key
-// vectors per score tile (4 rows x key_vecs accumulators), value vectors per output tile
-// (4 rows x out_vecs) and per dk/dv tile (2 x 4 keys x grad_vecs): at most 16 of AVX-512's 32
-// registers, 8 of the 16 of AVX2 and SSE2, so that no tile spills.
+// vectors per score tile (4 rows x key_vecs accumulators), value vectors per output, dk and dv
+// tile (4 rows or keys x out_vecs): at most 16 of AVX-512's 32 registers, 8 of the 16 of AVX2
+// and SSE2, so that no tile spills.
 template <Isa I>
 struct Tiles {   // AVX2 and SSE2
   using V = NativeVec<I>;
-  static constexpr int key_vecs = 2, out_vecs = 2, grad_vecs = 1;
+  static constexpr int key_vecs = 2, out_vecs = 2;
 };
 template <>
 struct Tiles<Isa::kAvx512> {
   using V = NativeVec<Isa::kAvx512>;
-  static constexpr int key_vecs = 4, out_vecs = 4, grad_vecs = 2;
+  static constexpr int key_vecs = 4, out_vecs = 4;
 };
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -296,40 +297,32 @@ inline int64_t backward_scratch(int64_t T, int64_t Dp) {
   return Tr * Dp + Dp * Tp + 2 * T * Dp + 2 * Tr * Tp + kRows * Tp;
 }
 
-// dv_j = sum_{i >= j} P_ij dout_i, dk_j = sum_{i >= j} dS_ij q_i, for 4 keys at a time (P:
-// after dropout, if any). Reads P and dS at (i, j) with i >= j0 and j < j0 + 4: inside the
-// vectors the forward wrote for row i (j0 is a multiple of 4, rows are written up to a
-// multiple of the lanes past their block).
+// dst row j = sum_{i >= j} w[i * Tp + j] m_i (m: rows of Dp floats), for 4 keys j at a time:
+// dv from P (after dropout, if any) and dout, dk from dS and q. Reads w at (i, j) with i >= j0
+// and j < j0 + 4: inside the vectors the forward wrote for row i (j0 is a multiple of 4, rows
+// are written up to a multiple of the lanes past their block). One sum per pass, with
+// out_vecs-wide column tiles: half the accumulators of a joint dk/dv tile, so twice its width.
 template <Isa I, int Dp, typename raw_t>
-__attribute__((always_inline)) inline void key_grads(const float* probs, const float* ds,
-                                                     const float* dos, const float* qs,
-                                                     Rows<raw_t> dk, Rows<raw_t> dv, int64_t T,
-                                                     int64_t Tp, int64_t D) {
+__attribute__((always_inline)) inline void key_sums(const float* w, const float* m,
+                                                    Rows<raw_t> dst, int64_t T, int64_t Tp,
+                                                    int64_t D) {
   using V = typename Tiles<I>::V;
   constexpr int64_t L = V::lanes;
-  constexpr int Nv = std::min<int64_t>(Tiles<I>::grad_vecs, Dp / L);
+  constexpr int Nv = std::min<int64_t>(Tiles<I>::out_vecs, Dp / L);
   for (int64_t j0 = 0; j0 < T; j0 += kRows) {
     const int64_t nkeys = std::min(kRows, T - j0);
     for (int64_t c0 = 0; c0 * L < D; c0 += Nv) {
-      typename V::f acc_v[kRows][Nv] = {}, acc_k[kRows][Nv] = {};
+      typename V::f acc[kRows][Nv] = {};
       for (int64_t i = j0; i < T; ++i) {
-        typename V::f dov[Nv], qv[Nv];
-        for (int c = 0; c < Nv; ++c) {
-          dov[c] = loadv<V>(dos + i * Dp + (c0 + c) * L);
-          qv[c] = loadv<V>(qs + i * Dp + (c0 + c) * L);
-        }
+        typename V::f mv[Nv];
+        for (int c = 0; c < Nv; ++c) mv[c] = loadv<V>(m + i * Dp + (c0 + c) * L);
         for (int jj = 0; jj < kRows; ++jj) {
-          const float pij = probs[i * Tp + j0 + jj], dsij = ds[i * Tp + j0 + jj];
-          for (int c = 0; c < Nv; ++c) {
-            acc_v[jj][c] += pij * dov[c];
-            acc_k[jj][c] += dsij * qv[c];
-          }
+          const float wij = w[i * Tp + j0 + jj];
+          for (int c = 0; c < Nv; ++c) acc[jj][c] += wij * mv[c];
         }
       }
-      for (int64_t jj = 0; jj < nkeys; ++jj) {
-        store_row<V, Nv>(dv.p + (j0 + jj) * dv.row_stride, acc_v[jj], c0 * L, D);
-        store_row<V, Nv>(dk.p + (j0 + jj) * dk.row_stride, acc_k[jj], c0 * L, D);
-      }
+      for (int64_t jj = 0; jj < nkeys; ++jj)
+        store_row<V, Nv>(dst.p + (j0 + jj) * dst.row_stride, acc[jj], c0 * L, D);
     }
   }
 }
@@ -377,7 +370,8 @@ __attribute__((always_inline)) inline void backward_head(
     }
     weighted_rows<I, Dp>(ds + i0 * Tp, Tp, ks, keys, rows, dq, i0, D);
   }
-  key_grads<I, Dp>(drop != nullptr ? pd : probs, ds, dos, qs, dk, dv, T, Tp, D);
+  key_sums<I, Dp>(drop != nullptr ? pd : probs, dos, dv, T, Tp, D);
+  key_sums<I, Dp>(ds, qs, dk, T, Tp, D);
 }
 
 // Per-dtype entry points, dispatching on the instruction set (cpu_isa.h) and on Dp. A head's
