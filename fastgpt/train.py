@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from fastgpt import config as cfgmod
-from fastgpt import distributed, ops, profiling, recompute, sharding
+from fastgpt import distributed, host_memory, ops, profiling, recompute, sharding
 from fastgpt.checkpoint import (CHECKPOINT_NAME, SHARDED_NAME, checkpoint_in, load_checkpoint,
                                 save_checkpoint, write_atomically)
 from fastgpt.device import describe, resolve_device
@@ -347,6 +347,8 @@ def train(opts: RunOptions) -> RunResult:
 def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> RunResult:
     t_start = time.perf_counter()
     run = _setup(opts, world, device)
+    if device.type == "cpu":   # large activations come back each step without page faults
+        host_memory.keep_freed_memory(_largest_activation(run.mcfg, run.tcfg))
     # what MFU divides by: on a CPU a matmul probe, so measured before the run loads the machine
     rates = throughput(run.model, device, run.dtype, world.size) if world.is_main else None
     # its probe forward is collective when sharded: every rank runs it, rank 0 keeps it
@@ -375,6 +377,13 @@ def _train(opts: RunOptions, world: distributed.World, device: torch.device) -> 
                      val_loss=run.losses["val"], best_val_loss=run.best_val,
                      wall_time=time.perf_counter() - t_start, out_dir=str(run.out_dir),
                      sample=sample, rank=world.rank)
+
+
+def _largest_activation(m: cfgmod.GPTConfig, t: cfgmod.TrainConfig) -> int:
+    """Bytes of a step's largest activation, about: the MLP's hidden rows or the attention
+    probabilities (fp32) of one micro-batch."""
+    rows = t.batch_size * m.block_size
+    return rows * max(4 * m.n_embd, m.n_head * m.block_size) * 4
 
 
 def _loop(run: _Run, progress: _Progress,
@@ -722,6 +731,7 @@ def describe_run(run: "_Run", rates: Optional[Throughput] = None) -> dict:
         params=sum(p.numel() for p in run.model.parameters()),
         data=opts.data or "the bundled text", vocab_size=m.vocab_size, init_from=run.init_from,
         device=str(device), device_name=describe(device), threads=torch.get_num_threads(),
+        host_memory=host_memory.kept(),
         dtype=str(run.dtype).removeprefix("torch."), dtype_reason=run.dtype_reason,
         exact=run.exact, backends=backends,
         compile=opts.compile, world_size=run.world.size, fsdp=run.sharded,
@@ -744,7 +754,8 @@ def format_header(info: dict) -> str:
              f"preset {info['preset']}, data {info['data']} (vocabulary {info['vocab_size']})"
              + (f", weights from {info['init_from']}" if info.get("init_from") else ""),
              f"  device {info['device']}: {info['device_name']}, {info['threads']} threads"
-             + (f", {info['world_size']} processes" if info["world_size"] > 1 else ""),
+             + (f", {info['world_size']} processes" if info["world_size"] > 1 else "")
+             + (f"; host memory: {host_memory.KEPT}" if info.get("host_memory") else ""),
              f"  dtype {info['dtype']} ({info['dtype_reason']})"
              + (", torch.compile" if info["compile"] else ""),
              ("  FSDP: weights, gradients and optimizer state sharded over "
