@@ -20,24 +20,13 @@ from fastgpt.model import GPT
 from fastgpt.ops import transformer_block_ext
 from fastgpt.ops.transformer_block import BlockWeights
 from fastgpt.tools.accuracy import assert_matches_reference
+from test_transformer_block import _leaves, _map, _weights
 
 assert transformer_block_ext.available() is None, transformer_block_ext.available()
 
 
-def _weights(C, bias, gen):
-    def lin(o, i):
-        return torch.randn(o, i, generator=gen, dtype=torch.float64) * i ** -0.5
-
-    def vec(n, centre=0.0):
-        return centre + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64)
-
-    b = (lambda n: vec(n)) if bias else (lambda n: None)
-    return BlockWeights(vec(C, 1.0), b(C), lin(3 * C, C), b(3 * C), lin(C, C), b(C),
-                        vec(C, 1.0), b(C), lin(4 * C, C), b(4 * C), lin(C, 4 * C), b(C))
-
-
 def _cast(w, dtype):
-    return BlockWeights(*(None if t is None else t.to(dtype) for t in w))
+    return _map(lambda t: t.to(dtype), w)
 
 
 def _masked_block(x, w, n_head, p, masks):
@@ -58,10 +47,6 @@ def _masked_block(x, w, n_head, p, masks):
     return x + y * keep_2
 
 
-def _leaves(x, w):
-    return [x] + [t for t in w if t is not None]
-
-
 def _ext_ops(x, w, n_head, p, grad_out):
     """The C++ ops called directly: output, gradients (x, then weights present), seed."""
     args = (x, *w, n_head, p)
@@ -72,7 +57,7 @@ def _ext_ops(x, w, n_head, p, grad_out):
 
 def _reference(x, w, n_head, p, masks, grad_out):
     x = x.detach().requires_grad_(True)
-    w = BlockWeights(*(None if t is None else t.detach().requires_grad_(True) for t in w))
+    w = _map(lambda t: t.detach().requires_grad_(True), w)
     out = _masked_block(x, w, n_head, p, masks)
     return out, torch.autograd.grad(out, _leaves(x, w), grad_out)
 
