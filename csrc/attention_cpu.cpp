@@ -221,10 +221,8 @@ __attribute__((always_inline)) inline void drop_row(float* s, int64_t nv, uint32
                                                     const dropout::Params& d) {
   constexpr int64_t L = V::lanes;
   for (int64_t c = 0; c < nv; ++c) {
-    const typename V::i bits = (typename V::i)dropout::column_bits(
-        key, (typename V::u)lane_index<V>(int32_t(c * L)));
     const typename V::f v = loadv<V>(s + c * L) * d.scale;
-    storev<V>(s + c * L, bits >= d.threshold ? v : typename V::f{});
+    storev<V>(s + c * L, dropout::kept_lanes<V>(key, uint32_t(c * L), d) ? v : typename V::f{});
   }
 }
 
@@ -278,10 +276,9 @@ __attribute__((always_inline)) inline void dropped_softmax_grad_row(
   constexpr int64_t L = V::lanes;
   typename V::f vdot = {};
   for (int64_t c = 0; c < nv; ++c) {
-    const typename V::i bits = (typename V::i)dropout::column_bits(
-        key, (typename V::u)lane_index<V>(int32_t(c * L)));
     const typename V::f kept = loadv<V>(p + c * L) * d.scale;
-    const typename V::f pdv = bits >= d.threshold ? kept : typename V::f{};
+    const typename V::f pdv =
+        dropout::kept_lanes<V>(key, uint32_t(c * L), d) ? kept : typename V::f{};
     storev<V>(pd + c * L, pdv);
     vdot += pdv * loadv<V>(dpr + c * L);
   }

@@ -26,12 +26,10 @@ template <class V, typename raw_t>
 __attribute__((always_inline)) inline void dropped_row(const raw_t* y, const raw_t* residual,
                                                        raw_t* out, int64_t C, uint32_t key,
                                                        const Params& d) {
-  typename V::u j;
-  for (int l = 0; l < V::lanes; ++l) j[l] = uint32_t(l);
   int64_t c = 0;
-  for (; c + V::lanes <= C; c += V::lanes, j += uint32_t(V::lanes)) {
-    const typename V::i bits = (typename V::i)column_bits(key, j);
-    typename V::f v = bits >= d.threshold ? loadv<V>(y + c) * d.scale : typename V::f{};
+  for (; c + V::lanes <= C; c += V::lanes) {
+    typename V::f v = kept_lanes<V>(key, uint32_t(c), d) ? loadv<V>(y + c) * d.scale
+                                                          : typename V::f{};
     if (residual != nullptr) v += loadv<V>(residual + c);
     storev<V>(out + c, v);
   }

@@ -58,6 +58,16 @@ inline bool keeps(const Params& d, uint32_t key, uint32_t j) {
   return int32_t(column_bits(key, j)) >= d.threshold;
 }
 
+// keeps() for columns first, first + 1, ..., one per lane of V (a vec_cpu.h Vec): -1 in a
+// kept lane, 0 in a dropped one, as a vector comparison gives it
+template <class V>
+__attribute__((always_inline)) inline typename V::i kept_lanes(uint32_t key, uint32_t first,
+                                                                const Params& d) {
+  typename V::u lanes;
+  for (int l = 0; l < V::lanes; ++l) lanes[l] = uint32_t(l);   // a constant vector
+  return (typename V::i)column_bits(key, lanes + first) >= d.threshold;
+}
+
 // The seed of one of a block's dropout sites (0: attention probabilities, 1: after the
 // attention projection, 2: after the MLP) from the block call's seed.
 inline uint64_t site_seed(uint64_t seed, int site) {
