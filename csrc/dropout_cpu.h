@@ -74,6 +74,11 @@ inline uint64_t site_seed(uint64_t seed, int site) {
   return seed ^ (uint64_t(site) * 0xD1B54A32D192ED03ull);
 }
 
+// A clear error unless 0 <= p < 1, naming the op.
+inline void check_probability(const char* op, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": dropout_p must be in [0, 1); got ", p);
+}
+
 // A fresh seed from torch's default CPU generator.
 uint64_t draw_seed();
 

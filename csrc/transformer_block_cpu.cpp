@@ -81,8 +81,7 @@ void check_inputs(const at::Tensor& x, const BlockWeights& w, int64_t n_head, do
   const int64_t C = x.size(2);
   TORCH_CHECK_VALUE(n_head >= 1 && C % n_head == 0, OP_NAME ": n_head must be >= 1 and divide "
                     "the channel count ", C, "; got ", n_head);
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, OP_NAME ": dropout_p must be in "
-                    "[0, 1); got ", dropout_p);
+  dropout::check_probability(OP_NAME, dropout_p);
   const int64_t F = w.c_fc_weight.dim() == 2 ? w.c_fc_weight.size(0) : -1;
   const struct {
     const char* name;
@@ -186,8 +185,7 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
                         seed.scalar_type() == at::kLong,
                     "fastgpt::transformer_block_backward: `saved` is not what "
                     "transformer_block_train returned for x of shape ", x.sizes());
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "fastgpt::transformer_block_backward: "
-                    "dropout_p must be in [0, 1); got ", dropout_p);
+  dropout::check_probability("fastgpt::transformer_block_backward", dropout_p);
   const BlockDropout drop_sites(uint64_t(seed.const_data_ptr<int64_t>()[0]), dropout_p);
   const BlockDropout* drop = dropout_p > 0 ? &drop_sites : nullptr;
   // a branch's gradient: the residual's, through the branch's dropout

@@ -19,8 +19,7 @@ from fastgpt.config import GPTConfig
 from fastgpt.model import GPT
 from fastgpt.ops import transformer_block_ext
 from fastgpt.ops.transformer_block import BlockWeights
-from fastgpt.tools.accuracy import assert_matches_reference
-from test_transformer_block import _leaves, _map, _weights
+from test_transformer_block import _leaves, _map, _weights, assert_block_matches
 
 assert transformer_block_ext.available() is None, transformer_block_ext.available()
 
@@ -79,10 +78,7 @@ def test_matches_float64_reference_with_the_same_masks(dtype, B, T, C, H, bias, 
                                 grad_out.double())
     plain, plain_grads = _reference(x, w, H, p, masks, grad_out)
     assert fast.dtype == dtype and fast.shape == (B, T, C)
-    assert_matches_reference(fast, plain, ref, "output")
-    names = ["x"] + [n for n, t in zip(BlockWeights._fields, w) if t is not None]
-    for name, f, pl, r in zip(names, fast_grads, plain_grads, ref_grads):
-        assert_matches_reference(f, pl, r, f"grad of {name}")
+    assert_block_matches(w, fast, fast_grads, plain, plain_grads, ref, ref_grads)
 
 
 def test_float64_takes_the_same_masks_exactly():

@@ -58,6 +58,14 @@ def _run(fn, x, w, n_head, grad_out):
     return out, grads
 
 
+def assert_block_matches(w, fast, fast_grads, plain, plain_grads, ref, ref_grads):
+    """The accuracy rule for a block's output and the gradients of x and each weight present."""
+    assert_matches_reference(fast, plain, ref, "output")
+    names = ["x"] + [n for n, t in zip(BlockWeights._fields, w) if t is not None]
+    for name, f, p, r in zip(names, fast_grads, plain_grads, ref_grads):
+        assert_matches_reference(f, p, r, f"grad of {name}")
+
+
 def _ext(x, w, n_head):
     return ops.transformer_block(x, w, n_head, backend="ext")
 
@@ -84,10 +92,7 @@ def test_matches_float64_reference(dtype, B, T, C, H, bias):
     plain, plain_grads = _run(_torch, x_low, w_low, H, grad_out)
     fast, fast_grads = _run(_ext, x_low, w_low, H, grad_out)
     assert fast.dtype == dtype and fast.shape == (B, T, C)
-    assert_matches_reference(fast, plain, ref, "output")
-    names = ["x"] + [n for n, t in zip(BlockWeights._fields, w) if t is not None]
-    for name, f, p, r in zip(names, fast_grads, plain_grads, ref_grads):
-        assert_matches_reference(f, p, r, f"grad of {name}")
+    assert_block_matches(w, fast, fast_grads, plain, plain_grads, ref, ref_grads)
 
 
 def test_float64_matches_reference_closely_and_non_contiguous_input():

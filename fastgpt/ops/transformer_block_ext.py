@@ -4,8 +4,9 @@ The ops ``fastgpt::transformer_block`` (autograd registered in C++), ``transform
 and ``transformer_block_backward`` are declared in csrc/library.cpp; this module adds their fake
 kernels so torch.compile can trace them, and registers the backend. CPU only; dropout with its
 own masks (hashes of a seed drawn from torch's CPU generator, csrc/dropout_cpu.h), so not
-torch's random stream (``fastgpt train --exact`` keeps that); exact GELU only (GPT-2's tanh approximation takes the ``torch`` block), no incremental decoding (past
-keys and values: sampling takes the ``torch`` block), and attention is the ``ext`` attention
+torch's random stream (``fastgpt train --exact`` keeps that); exact GELU only (GPT-2's tanh
+approximation takes the ``torch`` block), no incremental decoding (past keys and values:
+sampling takes the ``torch`` block), and attention is the ``ext`` attention
 backend's kernel (csrc/attention_cpu.cpp), so another attention backend named by the user sends
 the automatic choice to the ``torch`` block instead.
 """
