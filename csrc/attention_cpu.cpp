@@ -200,8 +200,7 @@ __attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t 
     const F v = keep ? loadv<V>(s + c * L) : neg_inf;
     vmax = vmax > v ? vmax : v;
   }
-  float m = vmax[0];
-  for (int l = 1; l < L; ++l) m = std::max(m, vmax[l]);
+  const float m = hmax<V>(vmax);
   F vsum = {};
   for (int64_t c = 0; c < nv; ++c) {
     const typename V::i keep = lane_index<V>(int32_t(c * L)) <= int32_t(i);
