@@ -180,37 +180,36 @@ __attribute__((always_inline)) inline void weighted_rows(const float* w, int64_t
   }
 }
 
-// lanes 0, 1, ..., L - 1 plus `first`
+// row s (scores of keys 0..i, nv vectors) -> softmax probabilities, 0 for keys j > i; also
+// written to `saved` (when not null) in the same pass
 template <class V>
-__attribute__((always_inline)) inline typename V::i lane_index(int32_t first) {
-  typename V::i idx;
-  for (int l = 0; l < V::lanes; ++l) idx[l] = first + l;
-  return idx;
-}
-
-// row s (scores of keys 0..i, nv vectors) -> softmax probabilities, 0 for keys j > i
-template <class V>
-__attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t i, int64_t nv) {
+__attribute__((always_inline)) inline void causal_softmax_row(float* s, int64_t i, int64_t nv,
+                                                              float* saved) {
   using F = typename V::f;
   constexpr int64_t L = V::lanes;
   const F neg_inf = F{} - std::numeric_limits<float>::infinity();
+  const typename V::i lanes = lane_numbers<V>();
   F vmax = neg_inf;
   for (int64_t c = 0; c < nv; ++c) {
-    const typename V::i keep = lane_index<V>(int32_t(c * L)) <= int32_t(i);
+    const typename V::i keep = lanes <= int32_t(i - c * L);
     const F v = keep ? loadv<V>(s + c * L) : neg_inf;
     vmax = vmax > v ? vmax : v;
   }
   const float m = hmax<V>(vmax);
   F vsum = {};
   for (int64_t c = 0; c < nv; ++c) {
-    const typename V::i keep = lane_index<V>(int32_t(c * L)) <= int32_t(i);
+    const typename V::i keep = lanes <= int32_t(i - c * L);
     const F e = exp_nonpositive<F, typename V::u, typename V::i>(loadv<V>(s + c * L) - m);
     const F p = keep ? e : F{};
     vsum += p;
     storev<V>(s + c * L, p);
   }
   const float inv = 1.0f / hsum<V>(vsum);
-  for (int64_t c = 0; c < nv; ++c) storev<V>(s + c * L, loadv<V>(s + c * L) * inv);
+  for (int64_t c = 0; c < nv; ++c) {
+    const F p = loadv<V>(s + c * L) * inv;
+    storev<V>(s + c * L, p);
+    if (saved != nullptr) storev<V>(saved + c * L, p);
+  }
 }
 
 // dropout of one row of probabilities (nv vectors, in place): P' = P * keep / (1 - p), the
@@ -252,12 +251,10 @@ __attribute__((always_inline)) inline void forward_head(Rows<const raw_t> q, Row
     const int64_t nv = (keys + L - 1) / L;
     scores<I>(qs + i0 * Dp, Dp, kt, Tp, D, nv, s);
     for (int64_t r = 0; r < rows; ++r) {
-      causal_softmax_row<V>(s + r * Tp, i0 + r, nv);
-      if (probs != nullptr) {   // the rest of the row as 0, so the saved tensor is all defined
-        float* row = probs + (i0 + r) * Tp;
-        std::copy(s + r * Tp, s + r * Tp + nv * L, row);
-        std::fill(row + nv * L, row + Tp, 0.0f);
-      }
+      float* saved = probs == nullptr ? nullptr : probs + (i0 + r) * Tp;
+      causal_softmax_row<V>(s + r * Tp, i0 + r, nv, saved);
+      // the rest of the saved row as 0, so the saved tensor is all defined
+      if (saved != nullptr) std::fill(saved + nv * L, saved + Tp, 0.0f);
       if (drop != nullptr)   // P' for the output; the saved P stays undropped
         drop_row<V>(s + r * Tp, nv, dropout::row_key(drop->seed, row0 + i0 + r), *drop);
     }

@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec_cpu.h"
+
 namespace fastgpt {
 namespace dropout {
 
@@ -63,8 +65,7 @@ inline bool keeps(const Params& d, uint32_t key, uint32_t j) {
 template <class V>
 __attribute__((always_inline)) inline typename V::i kept_lanes(uint32_t key, uint32_t first,
                                                                 const Params& d) {
-  typename V::u lanes;
-  for (int l = 0; l < V::lanes; ++l) lanes[l] = uint32_t(l);   // a constant vector
+  const typename V::u lanes = (typename V::u)vec::lane_numbers<V>();
   return (typename V::i)column_bits(key, lanes + first) >= d.threshold;
 }
 

@@ -140,6 +140,15 @@ __attribute__((always_inline)) inline float hmax(typename V::f v) {
   return reduce_lanes<V::lanes>(v, [](auto a, auto b) { return a > b ? a : b; });
 }
 
+// the constant vector 0, 1, ..., lanes - 1 (written as a loop over constants, which GCC folds;
+// a loop over a variable start becomes one insert instruction per lane)
+template <class V>
+__attribute__((always_inline)) inline typename V::i lane_numbers() {
+  typename V::i lanes;
+  for (int l = 0; l < V::lanes; ++l) lanes[l] = l;
+  return lanes;
+}
+
 // one register of instruction set I (cpu_isa.h). Kernels that compare or select lanes use it:
 // GCC lowers a comparison of wider vectors lane by lane (16 scalar compares for 16 lanes on
 // AVX2), while arithmetic on them splits into whole registers.
