@@ -36,9 +36,10 @@ def _extension():
     cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
     sources = [os.path.join(CSRC, f) for f in (
         "library.cpp", "adamw_cpu.cpp", "attention_autograd.cpp", "attention_cpu.cpp",
-        "cpu_isa.cpp", "dropout_cpu.cpp", "embedding_autograd.cpp", "embedding_cpu.cpp",
-        "embedding_cuda_emulated.cpp", "embedding_run_plan.cpp", "gelu_cpu.cpp", "layer_norm_cpu.cpp",
-        "transformer_block_autograd.cpp", "transformer_block_cpu.cpp")]
+        "column_sums_cpu.cpp", "cpu_isa.cpp", "dropout_cpu.cpp", "embedding_autograd.cpp",
+        "embedding_cpu.cpp", "embedding_cuda_emulated.cpp", "embedding_run_plan.cpp",
+        "gelu_cpu.cpp", "layer_norm_cpu.cpp", "transformer_block_autograd.cpp",
+        "transformer_block_cpu.cpp")]
     kwargs = dict(extra_link_args=["-fopenmp"])
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:

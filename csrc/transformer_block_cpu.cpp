@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "column_sums_cpu.h"
 #include "dropout_cpu.h"
 #include "gelu_cpu.h"
 #include "layer_norm_cpu.h"
@@ -226,15 +227,15 @@ std::vector<at::Tensor> transformer_block_backward_cpu(const at::Tensor& grad_ou
   std::vector<at::Tensor> grads{dx.view({B, T, C}), d_ln1_w};
   if (has(w.ln_1_bias)) grads.push_back(d_ln1_b);
   grads.push_back(d_attn_w);
-  if (has(w.c_attn_bias)) grads.push_back(dqkv_rows.sum(0));
+  if (has(w.c_attn_bias)) grads.push_back(column_sums(dqkv_rows));
   grads.push_back(d_attn_proj_w);
-  if (has(w.attn_c_proj_bias)) grads.push_back(dproj.sum(0));
+  if (has(w.attn_c_proj_bias)) grads.push_back(column_sums(dproj));
   grads.push_back(d_ln2_w);
   if (has(w.ln_2_bias)) grads.push_back(d_ln2_b);
   grads.push_back(d_fc_w);
-  if (has(w.c_fc_bias)) grads.push_back(dh.sum(0));
+  if (has(w.c_fc_bias)) grads.push_back(column_sums(dh));
   grads.push_back(d_mlp_proj_w);
-  if (has(w.mlp_c_proj_bias)) grads.push_back(dmlp.sum(0));
+  if (has(w.mlp_c_proj_bias)) grads.push_back(column_sums(dmlp));
   return grads;
 }
 
