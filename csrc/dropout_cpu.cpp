@@ -27,6 +27,13 @@ __attribute__((always_inline)) inline void dropped_row(const raw_t* y, const raw
                                                        raw_t* out, int64_t C, uint32_t key,
                                                        const Params& d) {
   int64_t c = 0;
+  if (d.threshold == 0) {   // every lane kept (p = 0 or below 2^-25): no hashing
+    for (; c + V::lanes <= C; c += V::lanes) {
+      typename V::f v = loadv<V>(y + c) * d.scale;
+      if (residual != nullptr) v += loadv<V>(residual + c);
+      storev<V>(out + c, v);
+    }
+  }
   for (; c + V::lanes <= C; c += V::lanes) {
     typename V::f v = kept_lanes<V>(key, uint32_t(c), d) ? loadv<V>(y + c) * d.scale
                                                           : typename V::f{};
@@ -66,6 +73,12 @@ void apply(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& ou
     dropped_rows<float>(y, residual, out, d);
   } else if (y.scalar_type() == at::kBFloat16) {
     dropped_rows<uint16_t>(y, residual, out, d);
+  } else if (d.p == 0.0) {
+    if (residual != nullptr) {
+      at::add_out(const_cast<at::Tensor&>(out), y, *residual);
+    } else {
+      out.copy_(y);
+    }
   } else {
     // 1 / (1 - p) in double: d.scale is its float32 rounding
     at::Tensor v = y * keep_mask(d.seed, y.size(0), y.size(1), d.p).to(y.scalar_type()) *

@@ -35,6 +35,7 @@ struct Params {
   static Params make(uint64_t seed, double p) {
     return {seed, p, int32_t(std::lround(p * double(1 << 24))), float(1.0 / (1.0 - p))};
   }
+  static Params none() { return make(0, 0.0); }   // keeps everything: add_dropped_ adds
 };
 
 inline uint32_t row_key(uint64_t seed, uint64_t row) {
