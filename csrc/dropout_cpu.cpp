@@ -74,10 +74,11 @@ void apply(const at::Tensor& y, const at::Tensor* residual, const at::Tensor& ou
   } else if (y.scalar_type() == at::kBFloat16) {
     dropped_rows<uint16_t>(y, residual, out, d);
   } else if (d.p == 0.0) {
+    at::Tensor o = out;   // a handle to the same storage (add_out takes a non-const one)
     if (residual != nullptr) {
-      at::add_out(const_cast<at::Tensor&>(out), y, *residual);
+      at::add_out(o, y, *residual);
     } else {
-      out.copy_(y);
+      o.copy_(y);
     }
   } else {
     // 1 / (1 - p) in double: d.scale is its float32 rounding
