@@ -49,12 +49,7 @@ void column_sums_typed(const at::Tensor& t, const at::Tensor& out) {
   at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
     block_sums_range(tp, N, C, pp, first, last);
   });
-  raw_t* op = static_cast<raw_t*>(out.mutable_data_ptr());
-  for (int64_t c = 0; c < C; ++c) {
-    float s = 0.0f;
-    for (int64_t blk = 0; blk < blocks; ++blk) s += pp[blk * C + c];
-    store(op, c, s);
-  }
+  sum_block_parts(pp, blocks, C, static_cast<raw_t*>(out.mutable_data_ptr()));
 }
 
 }  // namespace column_sums_detail

@@ -11,9 +11,25 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+
+#include "vec_cpu.h"
+
 namespace fastgpt {
 
 // t.sum(0) for a 2-D t, in t's dtype
 at::Tensor column_sums(const at::Tensor& t);
+
+// out[c] = the sum over blocks of parts[blk * C + c], added in block order (so the result does
+// not depend on which thread summed which block), rounded once to raw_t (float or bf16 bits);
+// also the LayerNorm backward's weight and bias gradients from its per-block partial sums
+template <typename raw_t>
+void sum_block_parts(const float* parts, int64_t blocks, int64_t C, raw_t* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    float s = 0.0f;
+    for (int64_t blk = 0; blk < blocks; ++blk) s += parts[blk * C + c];
+    vec::store(out, c, s);
+  }
+}
 
 }  // namespace fastgpt

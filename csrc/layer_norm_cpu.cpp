@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "column_sums_cpu.h"
 #include "cpu_isa.h"
 #include "vec_cpu.h"
 
@@ -167,16 +168,8 @@ template <typename raw_t>
 void sum_blocks(const at::Tensor& dw_parts, const at::Tensor& db_parts, const at::Tensor& dw,
                 const at::Tensor& db) {
   const int64_t blocks = dw_parts.size(0), C = dw_parts.size(1);
-  const float *pw = dw_parts.const_data_ptr<float>(), *pb = db_parts.const_data_ptr<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    float sw = 0.0f, sb = 0.0f;
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      sw += pw[blk * C + c];
-      sb += pb[blk * C + c];
-    }
-    store(raw<raw_t>(dw), c, sw);
-    if (db.defined()) store(raw<raw_t>(db), c, sb);
-  }
+  sum_block_parts(dw_parts.const_data_ptr<float>(), blocks, C, raw<raw_t>(dw));
+  if (db.defined()) sum_block_parts(db_parts.const_data_ptr<float>(), blocks, C, raw<raw_t>(db));
 }
 
 }  // namespace layer_norm_detail

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from fastgpt import cli
+from fastgpt.device import cpu_has_native_bf16
 from fastgpt.tools.bench import harness
 from fastgpt.tools.bench.suites import SUITES, build, check_providers, memory
-from fastgpt.device import cpu_has_native_bf16
 from fastgpt.tools.bench.train_steps import parse_config
 from fastgpt.tools.bench.harness import (CSV_FIELDS, Built, Case, Row, TableStream, format_table,
                                          run_cases, summarize)
