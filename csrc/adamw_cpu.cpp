@@ -364,12 +364,13 @@ void update_pass(const std::vector<Segment>& segs, const std::vector<Block>& blo
       const Block& k = blocks[b];
       const Segment& s = segs[k.segment];
       const int64_t o = s.offset;
+      uint16_t* w = work ? work + o : nullptr;
       if (s.grad_bf16) {
-        update(s, static_cast<const uint16_t*>(s.grad), clip, clips, param + o, m + o, v + o,
-               work ? work + o : nullptr, k.begin, k.end);
+        update(s, static_cast<const uint16_t*>(s.grad), clip, clips, param + o, m + o, v + o, w,
+               k.begin, k.end);
       } else {
-        update(s, static_cast<const float*>(s.grad), clip, clips, param + o, m + o, v + o,
-               work ? work + o : nullptr, k.begin, k.end);
+        update(s, static_cast<const float*>(s.grad), clip, clips, param + o, m + o, v + o, w,
+               k.begin, k.end);
       }
     }
   });
